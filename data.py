@@ -1,0 +1,190 @@
+"""Images in, tensors out: the one place pictures are read, transformed and batched.
+
+- `load_rgb()` opens any PIL-readable picture as upright 8-bit RGB (EXIF
+  orientation applied; greyscale, palette, CMYK, 16-bit and transparent
+  images converted) and refuses decompression bombs.
+- `train_transform()` / `eval_transform()` are the transforms of every stage.
+- `ImageFolder` reads `<root>/<class>/<image>`; `make_loader()` batches it.
+"""
+import os
+import warnings
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+from torchvision import transforms
+
+from utils import UserError
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+# A 16k x 16k photo is the most we accept; PIL's own limit is about 179M pixels,
+# which decodes to over 500 MB per image.
+MAX_IMAGE_PIXELS = 16384 * 16384
+MEAN = STD = (0.5, 0.5, 0.5)
+
+
+def load_rgb(path, draft_size=None):
+    """Open `path` as an upright RGB PIL image; raises OSError/ValueError if unreadable.
+
+    `draft_size` lets JPEGs decode at a reduced scale (still reading every byte).
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        with Image.open(path) as image:
+            if image.width * image.height > MAX_IMAGE_PIXELS:
+                raise ValueError(f"{image.width}x{image.height} pixels is too large "
+                                 f"(at most {MAX_IMAGE_PIXELS // 1_000_000}M pixels)")
+            if draft_size:
+                image.draft("RGB", (draft_size, draft_size))
+            image.load()
+            image = ImageOps.exif_transpose(image)
+    return to_rgb(image)
+
+
+def check_image(path):
+    """None if `path` decodes completely, else a short reason (for the split's report)."""
+    if os.path.getsize(path) == 0:
+        return "empty file"
+    try:
+        load_rgb(path, draft_size=256)
+    except Exception as error:  # PIL raises many types for broken files
+        return f"cannot be decoded ({str(error) or type(error).__name__})"
+    return None
+
+
+def to_rgb(image):
+    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        # 16-bit or float greyscale: scale the real range into 0..255
+        array = np.asarray(image, dtype=np.float64)
+        low, high = float(array.min()), float(array.max())
+        array = (array - low) * (255.0 / (high - low)) if high > low else np.zeros_like(array)
+        image = Image.fromarray(array.astype(np.uint8), "L")
+    if image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "PA"):
+        background = Image.new("RGBA", image.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(background, image.convert("RGBA"))
+    return image.convert("RGB")
+
+
+def is_image_name(name):
+    return name.lower().endswith(IMAGE_EXTENSIONS) and not name.startswith(".")
+
+
+def train_transform(image_size, crop_scale=0.08):
+    """`crop_scale`: the smallest crop, as a fraction of the picture (torchvision's 0.08)."""
+    return transforms.Compose([
+        transforms.RandomResizedCrop(image_size, scale=(crop_scale, 1.0)),
+        transforms.RandomHorizontalFlip(),
+        transforms.ToTensor(),
+        transforms.Normalize(MEAN, STD),
+    ])
+
+
+def eval_transform(image_size):
+    return transforms.Compose([
+        transforms.Resize((image_size, image_size)),
+        transforms.ToTensor(),
+        transforms.Normalize(MEAN, STD),
+    ])
+
+
+def find_classes(root):
+    """Sorted class names: the sub-folders of `root` that hold at least one image."""
+    if not os.path.isdir(root):
+        raise UserError(f"{root}: folder not found (expected {root}/<class>/<images>; "
+                        "run split_dataset.py first)")
+    return sorted(entry.name for entry in os.scandir(root)
+                  if entry.is_dir() and not entry.name.startswith("."))
+
+
+class ImageFolder(torch.utils.data.Dataset):
+    """`<root>/<class>/<image>` as (tensor, class index) pairs.
+
+    Random augmentation is seeded per (seed, epoch, index), so an epoch gives the
+    same pictures whatever the number of workers or processes, and a run resumed
+    in the middle of an epoch continues exactly where it stopped.
+    """
+
+    def __init__(self, root, transform, class_names=None, seed=0):
+        found = find_classes(root)
+        if class_names is None:
+            class_names = found
+        elif found != list(class_names):
+            raise UserError(f"{root}: has classes {found}, but the model was trained on "
+                            f"{list(class_names)}")
+        self.root, self.transform, self.seed = root, transform, seed
+        self.class_names = list(class_names)
+        self.samples = []
+        for index, name in enumerate(self.class_names):
+            folder = os.path.join(root, name)
+            files = sorted(f for f in os.listdir(folder) if is_image_name(f))
+            self.samples += [(os.path.join(folder, f), index) for f in files]
+        if not self.samples:
+            raise UserError(f"{root}: no images found in {self.class_names or 'any class folder'}")
+        self.bad_files = set()
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, key):
+        epoch, index = key if isinstance(key, tuple) else (0, key)
+        path, label = self.samples[index]
+        try:
+            image = load_rgb(path)
+        except (OSError, ValueError) as error:
+            # One unreadable file must not end a long run: use a neighbour instead.
+            if path not in self.bad_files:
+                self.bad_files.add(path)
+                warnings.warn(f"skipping unreadable image {path}: {error}")
+            return self[epoch, (index + 1) % len(self)]
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(hash((self.seed, epoch, index)) & 0xFFFF_FFFF)
+            return self.transform(image), label
+
+    def labels(self):
+        return [label for _, label in self.samples]
+
+
+class EpochSampler(torch.utils.data.Sampler):
+    """Yields (epoch, index) keys in an order fixed by (seed, epoch).
+
+    With several processes each rank takes every world-th index of the same
+    order (padded so all ranks see as many batches). `set_epoch(epoch, skip)`
+    starts an epoch, skipping the first `skip` samples of a resumed one.
+    """
+
+    def __init__(self, size, seed, shuffle=True, rank=0, world=1):
+        self.size, self.seed, self.shuffle, self.rank, self.world = size, seed, shuffle, rank, world
+        self.epoch, self.skip = 0, 0
+
+    def set_epoch(self, epoch, skip=0):
+        self.epoch, self.skip = epoch, skip
+
+    def _order(self):
+        if self.shuffle:
+            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+            order = torch.randperm(self.size, generator=generator).tolist()
+        else:
+            order = list(range(self.size))
+        order += order[:(-len(order)) % self.world]
+        return order[self.rank::self.world]
+
+    def __iter__(self):
+        return iter([(self.epoch, index) for index in self._order()[self.skip:]])
+
+    def __len__(self):
+        return len(self._order()) - self.skip
+
+
+def make_loader(dataset, batch_size, workers, device, sampler):
+    """Batches of `dataset`; with no sampler, in order (each process its share under torchrun)."""
+    if sampler is None and torch.distributed.is_available() and torch.distributed.is_initialized():
+        sampler = range(torch.distributed.get_rank(), len(dataset),
+                        torch.distributed.get_world_size())
+    # its own generator: creating an iterator must not draw from the global RNG that
+    # dropout uses, or a resumed run would not continue exactly
+    return torch.utils.data.DataLoader(
+        dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
+        pin_memory=device.type == "cuda", persistent_workers=workers > 0,
+        generator=torch.Generator().manual_seed(0))

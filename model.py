@@ -1,0 +1,130 @@
+"""The one VGG definition every stage uses.
+
+A VGG is described by plain data -- its architecture dict:
+
+    {"arch": "vgg16", "batch_norm": False, "num_classes": 2,
+     "features": [64, 64, "M", 128, ...],   # conv widths, "M" = max-pool
+     "classifier": [4096, 4096]}             # hidden Linear widths
+
+A pruned VGG is the same class built from narrower widths, so every checkpoint
+stores this dict beside its state dict and is rebuilt with `from_architecture()`;
+no module is ever pickled. Parameter names match torchvision's VGG
+(`features.N.*`, `classifier.0/3/6.*`), so ImageNet weights saved by torchvision
+load from a local file with `load_pretrained()`.
+"""
+import torch
+from torch import nn
+
+CONV_WIDTHS = {
+    "vgg11": [64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"],
+    "vgg13": [64, 64, "M", 128, 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"],
+    "vgg16": [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M",
+              512, 512, 512, "M"],
+    "vgg19": [64, 64, "M", 128, 128, "M", 256, 256, 256, 256, "M", 512, 512, 512, 512, "M",
+              512, 512, 512, 512, "M"],
+}
+CLASSIFIER_WIDTHS = [4096, 4096]
+POOLED_SIZE = 7  # adaptive pooling to 7x7 lets any input size reach the classifier
+
+
+class VGG(nn.Module):
+    def __init__(self, features, classifier, num_classes, batch_norm=False, dropout=0.5):
+        super().__init__()
+        layers, in_channels = [], 3
+        for width in features:
+            if width == "M":
+                layers.append(nn.MaxPool2d(kernel_size=2, stride=2))
+                continue
+            layers.append(nn.Conv2d(in_channels, width, kernel_size=3, padding=1))
+            if batch_norm:
+                layers.append(nn.BatchNorm2d(width))
+            layers.append(nn.ReLU(inplace=True))
+            in_channels = width
+        self.features = nn.Sequential(*layers)
+        self.avgpool = nn.AdaptiveAvgPool2d((POOLED_SIZE, POOLED_SIZE))
+        hidden1, hidden2 = classifier
+        self.classifier = nn.Sequential(
+            nn.Linear(in_channels * POOLED_SIZE * POOLED_SIZE, hidden1),
+            nn.ReLU(True),
+            nn.Dropout(p=dropout),
+            nn.Linear(hidden1, hidden2),
+            nn.ReLU(True),
+            nn.Dropout(p=dropout),
+            nn.Linear(hidden2, num_classes),
+        )
+        self._init_weights()
+
+    def _init_weights(self):
+        # torchvision's initialisation, so a model trained here behaves like theirs
+        for module in self.modules():
+            if isinstance(module, nn.Conv2d):
+                nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+                nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.BatchNorm2d):
+                nn.init.ones_(module.weight)
+                nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.Linear):
+                nn.init.normal_(module.weight, 0, 0.01)
+                nn.init.zeros_(module.bias)
+
+    def forward(self, x):
+        x = self.avgpool(self.features(x))
+        return self.classifier(torch.flatten(x, 1))
+
+
+def build_model(arch="vgg16", num_classes=2, batch_norm=False):
+    """A dense VGG of the standard widths."""
+    if arch not in CONV_WIDTHS:
+        raise ValueError(f"unknown architecture {arch!r}; choose from {', '.join(CONV_WIDTHS)}")
+    return from_architecture({"arch": arch, "batch_norm": batch_norm, "num_classes": num_classes,
+                              "features": CONV_WIDTHS[arch], "classifier": CLASSIFIER_WIDTHS})
+
+
+def from_architecture(architecture):
+    return VGG(list(architecture["features"]), list(architecture["classifier"]),
+               architecture["num_classes"], architecture["batch_norm"])
+
+
+def architecture_of(model, arch):
+    """Read the widths a (possibly pruned) model really has, as plain data."""
+    features = []
+    for module in model.features:
+        if isinstance(module, nn.MaxPool2d):
+            features.append("M")
+        elif isinstance(module, nn.Conv2d):
+            features.append(module.out_channels)
+    linears = [m for m in model.classifier if isinstance(m, nn.Linear)]
+    return {"arch": arch,
+            "batch_norm": any(isinstance(m, nn.BatchNorm2d) for m in model.features),
+            "num_classes": linears[-1].out_features,
+            "features": features,
+            "classifier": [linears[0].out_features, linears[1].out_features]}
+
+
+def is_pruned(architecture):
+    """True when any layer is narrower than the standard VGG of that name."""
+    return (list(architecture["features"]) != CONV_WIDTHS[architecture["arch"]]
+            or list(architecture["classifier"]) != CLASSIFIER_WIDTHS)
+
+
+def count_parameters(model):
+    return sum(p.numel() for p in model.parameters())
+
+
+def load_pretrained(model, state_dict):
+    """Load torchvision VGG weights (e.g. ImageNet) into `model`.
+
+    The final Linear layer is kept from `model` when its class count differs
+    (1000 ImageNet classes vs ours); every other tensor must match in shape.
+    Returns the names of the tensors that were not loaded.
+    """
+    own = model.state_dict()
+    missing = [k for k in own if k not in state_dict]
+    mismatched = [k for k in own if k in state_dict and state_dict[k].shape != own[k].shape]
+    final = [k for k in own if k.startswith("classifier.6.")]
+    if missing or set(mismatched) - set(final):
+        bad = (missing + mismatched)[:3]
+        raise ValueError(f"weights do not fit this {len(own)}-tensor model (e.g. {', '.join(bad)})")
+    own.update({k: v for k, v in state_dict.items() if k in own and k not in mismatched})
+    model.load_state_dict(own)
+    return mismatched

@@ -1,0 +1,216 @@
+"""Stage 5: measure a model -- its accuracy, one picture's prediction, or dense vs pruned.
+
+Reads  vgg16Net.pth (prune_test = False) or finetuned_vgg16_net.pth (prune_test = True,
+       or --pruned), or --weights PATH; DATA/val/<class>/ for accuracy
+Writes <weights>.confusion.png            (accuracy mode)
+       <image name>.prediction.png        (--image: the picture with its predicted class)
+       compare.json, compare.png, <weights>.confusion.png for each model   (--compare)
+
+    python test.py                         # accuracy of vgg16Net.pth on dataset/val
+    python test.py --pruned                # ... of finetuned_vgg16_net.pth
+    python test.py --image cat.jpg         # classify one picture
+    python test.py --compare               # dense vs pruned vs distilled, measured side by side
+"""
+import os
+
+import torch
+
+from data import ImageFolder, eval_transform, load_rgb, make_loader
+from utils import (UserError, add_data_args, evaluate, load_checkpoint,
+                   make_parser, measure_latency, model_from_checkpoint, output_path, pyplot,
+                   resolve_device, run_cli, write_json)
+
+prune_test = False  # False: test the dense vgg16Net.pth; True: the distilled pruned model
+
+WEIGHTS = {False: "vgg16Net.pth", True: "finetuned_vgg16_net.pth"}
+COMPARED = [("dense", "vgg16Net.pth"), ("pruned", "pruned_vgg16_net.pth"),
+            ("distilled", "finetuned_vgg16_net.pth")]
+
+
+def get_args_parser():
+    parser = make_parser(__doc__)
+    add_data_args(parser)
+    parser.add_argument("--pruned", action="store_true",
+                        help=f"test {WEIGHTS[True]} (same as prune_test = True)")
+    parser.add_argument("--weights", metavar="PATH", help="test this checkpoint instead")
+    parser.add_argument("--image", metavar="PATH", help="classify this one picture")
+    parser.add_argument("--show", action="store_true", help="also open figures in a window")
+    parser.add_argument("--compare", nargs="*", metavar="PATH",
+                        help="measure these checkpoints side by side (default: "
+                             + ", ".join(p for _, p in COMPARED) + ", those that exist)")
+    parser.add_argument("--report", default="compare.json", help="JSON report of --compare")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed runs before timing")
+    parser.add_argument("--repeats", type=int, default=10, help="timed runs (median reported)")
+    parser.add_argument("--verbose", action="store_true", help="show NNI's warnings and logs")
+    return parser
+
+
+def load_model(path, args, device):
+    checkpoint = load_checkpoint(path)
+    if args.image_size and args.image_size != checkpoint["image_size"]:
+        raise UserError(f"{path}: trained at {checkpoint['image_size']} px, but --image-size "
+                        f"{args.image_size} was given; leave --image-size out to use it")
+    return checkpoint, model_from_checkpoint(checkpoint, path).to(device).eval()
+
+
+def val_loader(args, checkpoint, device):
+    dataset = ImageFolder(os.path.join(args.data, "val"), eval_transform(checkpoint["image_size"]),
+                          checkpoint["class_names"])
+    return make_loader(dataset, args.batch_size, args.workers, device, sampler=None)
+
+
+def plot_confusion(metrics, class_names, path, title, show):
+    plt = pyplot(show)
+    size = max(4, 0.6 * len(class_names) + 2)
+    figure, axis = plt.subplots(figsize=(size, size))
+    confusion = metrics["confusion"]
+    axis.imshow(confusion, cmap="Blues")
+    for row, counts in enumerate(confusion):
+        for column, count in enumerate(counts):
+            axis.text(column, row, count, ha="center", va="center")
+    axis.set_xticks(range(len(class_names)), class_names, rotation=45)
+    axis.set_yticks(range(len(class_names)), class_names)
+    axis.set(xlabel="predicted", ylabel="true", title=f"{title}: {metrics['accuracy']:.1%}")
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.show() if show else plt.close(figure)
+
+
+def test_accuracy(path, args, device):
+    checkpoint, model = load_model(path, args, device)
+    class_names = checkpoint["class_names"]
+    metrics = evaluate(model, val_loader(args, checkpoint, device), device, len(class_names),
+                       progress="evaluating")
+    print(f"{path}: accuracy {metrics['accuracy']:.2%} on {metrics['count']} images of "
+          f"{os.path.join(args.data, 'val')}")
+    for name, accuracy in zip(class_names, metrics["per_class_accuracy"]):
+        print(f"  {name:<20} {accuracy:.2%}")
+    figure = output_path(path, "confusion.png")
+    plot_confusion(metrics, class_names, figure, os.path.basename(path), args.show)
+    print(f"Confusion matrix: {figure}")
+
+
+def classify(path, image_path, args, device):
+    checkpoint, model = load_model(path, args, device)
+    try:
+        image = load_rgb(image_path)
+    except FileNotFoundError:
+        raise UserError(f"{image_path}: file not found") from None
+    except (OSError, ValueError) as error:
+        raise UserError(f"{image_path}: not a readable image ({error})") from None
+    batch = eval_transform(checkpoint["image_size"])(image).unsqueeze(0).to(device)
+    with torch.inference_mode():
+        probabilities = torch.softmax(model(batch).float(), dim=1)[0].cpu()
+    class_names = checkpoint["class_names"]
+    for name, probability in sorted(zip(class_names, probabilities.tolist()), key=lambda p: -p[1]):
+        print(f"  {name:<20} {probability:.1%}")
+    best = int(probabilities.argmax())
+    label = f"{class_names[best]}  {probabilities[best]:.1%}"
+    print(f"{image_path}: {label}")
+    plt = pyplot(args.show)
+    figure, axis = plt.subplots(figsize=(5, 5.4))
+    axis.imshow(image)
+    axis.set_title(f"{label}  ({os.path.basename(path)})")
+    axis.axis("off")
+    saved = os.path.splitext(os.path.basename(image_path))[0] + ".prediction.png"
+    figure.savefig(saved, dpi=100, bbox_inches="tight")
+    plt.show() if args.show else plt.close(figure)
+    print(f"Saved {saved}")
+
+
+def measure(name, path, args, device, inputs):
+    """Accuracy, size, FLOPs, latency and throughput of one checkpoint."""
+    from pruner import count_flops
+
+    checkpoint, model = load_model(path, args, device)
+    image_size = checkpoint["image_size"]
+    metrics = evaluate(model, val_loader(args, checkpoint, device), device,
+                       len(checkpoint["class_names"]), progress=f"evaluating {name}")
+    flops, params = count_flops(model.cpu(), image_size, args.verbose)
+    model.to(device)
+    single, batch = inputs[image_size]
+    latency = measure_latency(model, single, device, args.warmup, args.repeats)
+    batch_seconds = measure_latency(model, batch, device, args.warmup, args.repeats)
+    plot_confusion(metrics, checkpoint["class_names"], output_path(path, "confusion.png"),
+                   name, show=False)
+    return {"name": name, "path": path, "kind": checkpoint["kind"],
+            "accuracy": metrics["accuracy"], "per_class_accuracy": metrics["per_class_accuracy"],
+            "params": params, "flops": flops, "file_bytes": os.path.getsize(path),
+            "latency_ms": latency * 1000, "throughput_ips": len(batch) / batch_seconds,
+            "batch_size": len(batch), "device": str(device), "threads": torch.get_num_threads(),
+            "image_size": image_size, "val_images": metrics["count"]}
+
+
+def compare(args, device):
+    paths = args.compare or [path for _, path in COMPARED if os.path.exists(path)]
+    if not paths:
+        raise UserError("no checkpoint to compare: none of "
+                        + ", ".join(p for _, p in COMPARED) + " exists here")
+    names = {path: name for name, path in COMPARED}
+    generator = torch.Generator().manual_seed(args.seed)
+    inputs = {}
+    rows = []
+    for path in paths:
+        size = load_checkpoint(path)["image_size"]
+        if size not in inputs:  # the very same inputs for every model of that size
+            inputs[size] = (torch.randn(1, 3, size, size, generator=generator),
+                            torch.randn(32, 3, size, size, generator=generator))
+        rows.append(measure(names.get(path, os.path.basename(path)), path, args, device, inputs))
+        print(f"measured {path}", flush=True)
+    print_table(rows)
+    write_json(rows, args.report)
+    figure = os.path.splitext(args.report)[0] + ".png"
+    plot_comparison(rows, figure, args.show)
+    print(f"Saved {args.report}, {figure} and a confusion matrix beside each checkpoint")
+
+
+def print_table(rows):
+    base = rows[0]
+    header = (f"{'model':<10} {'val acc':>8} {'params':>14} {'FLOPs':>14} {'file size':>14} "
+              f"{'latency b=1':>16} {'throughput b=32':>18}")
+    print(f"\nMeasured on {base['device']} with {base['threads']} threads; ratios against "
+          f"{base['name']}\n{header}\n{'-' * len(header)}")
+    for row in rows:
+        print(f"{row['name']:<10} {row['accuracy']:>8.1%} "
+              f"{row['params'] / 1e6:>6.1f}M {row['params'] / base['params']:>5.2f}x "
+              f"{row['flops'] / 1e9:>6.2f}G {row['flops'] / base['flops']:>5.2f}x "
+              f"{row['file_bytes'] / 2**20:>6.1f}MB {row['file_bytes'] / base['file_bytes']:>5.2f}x "
+              f"{row['latency_ms']:>7.1f}ms {base['latency_ms'] / row['latency_ms']:>5.2f}x↑ "
+              f"{row['throughput_ips']:>7.1f}img/s {row['throughput_ips'] / base['throughput_ips']:>5.2f}x↑")
+    print("(x: model / first model; x↑: speed-up over the first model)\n")
+
+
+def plot_comparison(rows, path, show):
+    plt = pyplot(show)
+    names = [row["name"] for row in rows]
+    panels = [("val accuracy (%)", [100 * r["accuracy"] for r in rows]),
+              ("parameters (M)", [r["params"] / 1e6 for r in rows]),
+              ("file size (MB)", [r["file_bytes"] / 2**20 for r in rows]),
+              ("latency, batch 1 (ms)", [r["latency_ms"] for r in rows]),
+              ("throughput, batch 32 (img/s)", [r["throughput_ips"] for r in rows])]
+    figure, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 4))
+    for axis, (title, values) in zip(axes, panels):
+        bars = axis.bar(names, values, color=["tab:blue", "tab:orange", "tab:green"][:len(rows)])
+        axis.bar_label(bars, fmt="%.3g")
+        axis.set_title(title)
+    figure.suptitle(f"Measured on {rows[0]['device']}, {rows[0]['threads']} threads, "
+                    f"{rows[0]['image_size']} px")
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.show() if show else plt.close(figure)
+
+
+def main(args):
+    device = resolve_device(args.device)
+    if args.compare is not None:
+        compare(args, device)
+        return
+    weights = args.weights or WEIGHTS[prune_test or args.pruned]
+    if args.image:
+        classify(weights, args.image, args, device)
+    else:
+        test_accuracy(weights, args, device)
+
+
+if __name__ == "__main__":
+    raise SystemExit(run_cli(main, get_args_parser()))

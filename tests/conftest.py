@@ -1,0 +1,159 @@
+"""Shared helpers and fixtures of the pipeline's test suite.
+
+- `run_script(name, *args, cwd=...)` runs one pipeline script through its real
+  command line and returns the CompletedProcess (text stdout/stderr).
+- `demo_animals` makes a tiny `<class>/*.jpg` folder of synthetic cats and dogs.
+- `tree_digest(folder)` hashes every file's bytes, for "left unchanged" checks.
+- `pipeline` (session-scoped) splits, trains (1 epoch, 32 px), prunes and
+  distills once; later tests reuse its checkpoints instead of training again.
+"""
+import contextlib
+import hashlib
+import importlib.util
+import io
+import os
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+TOOLS = REPO / "tools"
+for folder in (str(REPO), str(TOOLS)):
+    if folder not in sys.path:
+        sys.path.insert(0, folder)
+
+import make_demo_data  # noqa: E402
+
+IMAGE_SIZE = 32  # the smallest size VGG's five 2x2 max-pools accept
+
+
+def run_script(name, *args, cwd, timeout=600):
+    """Run REPO/<name> (e.g. 'train.py') with `args` in `cwd`; never raises on failure."""
+    env = dict(os.environ)
+    env.pop("PYTHONWARNINGS", None)  # see the warnings a user would see
+    return subprocess.run([sys.executable, str(REPO / name), *map(str, args)], cwd=cwd,
+                          capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def run_in_process(module, *args, cwd):
+    """Run a loaded script's `main` through its real CLI edge (`run_cli`) in this process.
+
+    Saves the ~4 s a fresh interpreter spends importing torch; returns an object
+    with returncode/stdout/stderr like subprocess.run's.
+    """
+    out, err = io.StringIO(), io.StringIO()
+    previous = os.getcwd()
+    os.chdir(cwd)
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            code = module.run_cli(module.main, module.get_args_parser(), [str(a) for a in args])
+    finally:
+        os.chdir(previous)
+    return types.SimpleNamespace(returncode=code, stdout=out.getvalue(), stderr=err.getvalue())
+
+
+def load_script(name):
+    """Import REPO/<name>.py as a module (test.py clashes with the stdlib `test` package)."""
+    spec = importlib.util.spec_from_file_location(f"pipeline_{name}", REPO / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def generate_demo(dest, per_class=10, size=IMAGE_SIZE, seed=0):
+    """Synthetic cats and dogs: dest/cat/cat_0000.jpg ..., dest/dog/dog_0000.jpg ..."""
+    make_demo_data.generate(dest, per_class=per_class, size=size, seed=seed)
+    return Path(dest)
+
+
+# A narrow VGG16 (as a pruner could leave it): real pipeline checkpoints of a few MB.
+NARROW = {"arch": "vgg16", "batch_norm": False, "num_classes": 2,
+          "features": [8, 8, "M", 16, 16, "M", 32, 32, 32, "M", 32, 32, 32, "M",
+                       32, 32, 32, "M"],
+          "classifier": [64, 64]}
+
+
+def small_checkpoint(path, kind="dense", class_names=("cat", "dog"), image_size=IMAGE_SIZE):
+    """A pipeline checkpoint (utils.make_checkpoint + atomic_save) of the NARROW model."""
+    import torch
+
+    import model as vgg
+    import utils
+
+    torch.manual_seed(0)
+    model = vgg.from_architecture(NARROW)
+    utils.atomic_save(utils.make_checkpoint(model, kind, "vgg16", class_names, image_size,
+                                            {"val_accuracy": 0.5}), str(path))
+    return Path(path)
+
+
+def tree_digest(folder):
+    """{relative path: sha256 of the bytes} of every file, plus every folder as '<dir>'."""
+    folder = Path(folder)
+    digest = {}
+    for path in sorted(folder.rglob("*")):
+        key = path.relative_to(folder).as_posix()
+        digest[key] = "<dir>" if path.is_dir() else hashlib.sha256(path.read_bytes()).hexdigest()
+    return digest
+
+
+def files_under(folder):
+    """Relative paths of the files under `folder`, as a sorted list."""
+    folder = Path(folder)
+    return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
+
+
+def assert_clean_error(proc, *names):
+    """Exit status 2, one line on stderr naming each of `names`, and no traceback."""
+    assert proc.returncode == 2, (proc.returncode, proc.stdout, proc.stderr)
+    assert "Traceback" not in proc.stderr, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, f"expected a one-line error, got:\n{proc.stderr}"
+    assert "error" in lines[0], lines[0]
+    for name in names:
+        assert str(name) in lines[0], f"{name!r} not named in: {lines[0]}"
+    return lines[0]
+
+
+@pytest.fixture
+def demo_animals(tmp_path):
+    """tmp_path/photos/{cat,dog}/*.jpg: 10 synthetic 32 px pictures per class."""
+    return generate_demo(tmp_path / "photos", per_class=10)
+
+
+class Pipeline:
+    """The folder of one pipeline run and the CompletedProcess of each stage."""
+
+    def __init__(self, root):
+        self.root = Path(root)
+        self.procs = {}
+
+    def path(self, name):
+        return self.root / name
+
+    def run(self, stage, script, *args):
+        proc = run_script(script, *args, cwd=self.root)
+        self.procs[stage] = proc
+        assert proc.returncode == 0, f"{stage} failed:\n{proc.stdout}\n{proc.stderr}"
+        return proc
+
+
+@pytest.fixture(scope="session")
+def pipeline(tmp_path_factory):
+    """Demo data -> split -> train (1 epoch, 32 px) -> prune -> distill (1 epoch), once.
+
+    Tests may read its files but must not change them; test.py runs that write
+    beside the checkpoints belong to test_end_to_end.py.
+    """
+    run = Pipeline(tmp_path_factory.mktemp("pipeline"))
+    generate_demo(run.path("photos"), per_class=12)
+    run.run("split", "split_dataset.py", "--source", "photos")
+    run.run("train", "train.py", "--image-size", IMAGE_SIZE, "--epochs", 1, "--batch-size", 8,
+            "--workers", 0)
+    run.run("prune", "pruner.py")
+    run.run("distill", "knowledge_distillation.py", "--epochs", 1, "--batch-size", 8,
+            "--workers", 0)
+    return run

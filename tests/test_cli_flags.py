@@ -1,0 +1,82 @@
+"""Specification of flag values the pipeline cannot work with: each is a user mistake,
+so it must end in a one-line error (exit 2, no traceback) before any work is done.
+
+These run the scripts' real CLI edge (`run_cli`) in this process, on tiny data and
+a narrow model, so they take a second or two each.
+"""
+import pytest
+
+from conftest import assert_clean_error, generate_demo, load_script, run_in_process, small_checkpoint
+
+
+@pytest.fixture
+def tiny_dataset(tmp_path):
+    """tmp_path/dataset/{train,val}/{cat,dog}/: 2 pictures per class and part."""
+    for part in ("train", "val"):
+        generate_demo(tmp_path / "dataset" / part, per_class=2)
+    return tmp_path / "dataset"
+
+
+# --- image sizes VGG cannot take ----------------------------------------------
+# Five 2x2 max-pools need at least 32 px.
+
+SMALL_SIZE_REASON = (
+    "--image-size is only checked to be positive (utils.add_data_args: positive_int; "
+    "pruner.py: plain int), so a size below 32 px reaches VGG's fifth max-pool and dies there "
+    "with 'RuntimeError: ... Output size is too small' and a traceback (exit 1); train.py has "
+    "already written class_indices.json by then")
+
+
+@pytest.mark.xfail(strict=True, reason=SMALL_SIZE_REASON)
+def test_training_at_an_image_size_below_32_is_a_one_line_error(tmp_path, tiny_dataset):
+    proc = run_in_process(load_script("train"), "--image-size", 16, "--epochs", 1,
+                          "--batch-size", 4, "--workers", 0, cwd=tmp_path)
+    assert_clean_error(proc, "16")
+    assert not (tmp_path / "class_indices.json").exists()
+
+
+@pytest.mark.xfail(strict=True, reason=SMALL_SIZE_REASON)
+def test_pruning_at_an_image_size_below_32_is_a_one_line_error(tmp_path):
+    weights = small_checkpoint(tmp_path / "dense.pth")
+    proc = run_in_process(load_script("pruner"), "--weights", weights, "--image-size", 16,
+                          cwd=tmp_path)
+    assert_clean_error(proc, "16")
+    assert not (tmp_path / "pruned_vgg16_net.pth").exists()
+
+
+def test_pruning_at_32_px_is_accepted(tmp_path):
+    """The control: the same narrow checkpoint prunes fine at the smallest valid size."""
+    weights = small_checkpoint(tmp_path / "dense.pth")
+    proc = run_in_process(load_script("pruner"), "--weights", weights, "--image-size", 32,
+                          cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "pruned_vgg16_net.pth").exists()
+
+
+# --- epoch counts ------------------------------------------------------------------
+
+EPOCHS_REASON = (
+    "--epochs is a plain int: with 0 the loop trains nothing, and the final report "
+    "`max(history, key=...)` (train.py and knowledge_distillation.py, last lines of main) "
+    "fails with 'ValueError: max() arg is an empty sequence' and a traceback (exit 1)")
+
+
+@pytest.mark.xfail(strict=True, reason=EPOCHS_REASON)
+def test_training_for_zero_epochs_is_a_one_line_error(tmp_path, tiny_dataset):
+    proc = run_in_process(load_script("train"), "--image-size", 32, "--epochs", 0,
+                          "--workers", 0, cwd=tmp_path)
+    assert_clean_error(proc, "--epochs")
+
+
+@pytest.mark.xfail(strict=True, reason=EPOCHS_REASON)
+def test_distilling_for_zero_epochs_is_a_one_line_error(tmp_path, tiny_dataset):
+    proc = run_in_process(load_script("knowledge_distillation"),
+                          "--teacher", small_checkpoint(tmp_path / "t.pth"),
+                          "--student", small_checkpoint(tmp_path / "s.pth", kind="pruned"),
+                          "--epochs", 0, "--workers", 0, cwd=tmp_path)
+    assert_clean_error(proc, "--epochs")
+
+
+def test_distillation_refuses_alpha_outside_0_to_1(tmp_path):
+    proc = run_in_process(load_script("knowledge_distillation"), "--alpha", 1.5, cwd=tmp_path)
+    assert_clean_error(proc, "--alpha")

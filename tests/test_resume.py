@@ -1,0 +1,126 @@
+"""Specification of Ctrl-C and --resume: a run stopped by SIGINT saves a resumable
+state, and resuming it ends exactly where an uninterrupted run with the same seed
+and flags ends.
+"""
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from conftest import IMAGE_SIZE, REPO, assert_clean_error, generate_demo, run_script
+
+FLAGS = ["--data", "../dataset", "--image-size", IMAGE_SIZE, "--epochs", 2, "--batch-size", 2,
+         "--workers", 0, "--seed", 3]
+
+
+def train_command(*extra):
+    return [sys.executable, str(REPO / "train.py"), *map(str, FLAGS), *extra]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """An uninterrupted 2-epoch run, and one stopped by SIGINT early in epoch 2 and resumed.
+
+    2 training pictures per class and batches of 2: 2 batches per epoch.
+    """
+    root = tmp_path_factory.mktemp("resume")
+    generate_demo(root / "photos", per_class=3)
+    split = run_script("split_dataset.py", "--source", "photos", "--ratio", "0.67", cwd=root)
+    assert split.returncode == 0, split.stderr
+    straight, stopped = root / "straight", root / "stopped"
+    straight.mkdir()
+    stopped.mkdir()
+    result = {"straight_dir": straight, "stopped_dir": stopped}
+
+    result["straight"] = subprocess.run(train_command(), cwd=straight, capture_output=True,
+                                        text=True, timeout=600)
+
+    proc = subprocess.Popen(train_command(), cwd=stopped, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    history = stopped / "vgg16Net.history.json"
+    deadline = time.monotonic() + 300
+    while not history.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    epochs_done = len(json.loads(history.read_text())) if history.exists() else None
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=300)
+    result["interrupted"] = subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+    result["epochs_done_at_signal"] = epochs_done
+    state_path = stopped / "vgg16Net.state.pth"
+    result["state"] = (torch.load(state_path, map_location="cpu", weights_only=True)
+                       if state_path.exists() else None)
+
+    result["resumed"] = subprocess.run(train_command("--resume", "vgg16Net.state.pth"),
+                                       cwd=stopped, capture_output=True, text=True, timeout=600)
+    return result
+
+
+def test_uninterrupted_run_succeeds(runs):
+    assert runs["straight"].returncode == 0, runs["straight"].stderr
+    assert "train epoch 2/2" in runs["straight"].stdout
+
+
+def test_ctrl_c_exits_130_and_says_how_to_resume(runs):
+    proc = runs["interrupted"]
+    assert runs["epochs_done_at_signal"] == 1
+    assert proc.returncode == 130, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert "--resume vgg16Net.state.pth" in proc.stderr
+    assert "train epoch 2/2" not in proc.stdout
+
+
+def test_ctrl_c_saves_a_plain_data_training_state_mid_epoch(runs):
+    state = runs["state"]
+    assert state is not None, "vgg16Net.state.pth was not written"
+    assert state["format"] == "vgg-prune-distill-state/1"
+    assert state["epoch"] == 1  # 0-based: the second epoch
+    assert state["samples_done"] == 2  # stopped after the first of two batches
+    assert len(state["history"]) == 1
+    assert set(state["model"]) >= {"features.0.weight", "classifier.6.bias"}
+
+
+def test_resumed_run_finishes_and_removes_its_state(runs):
+    proc = runs["resumed"]
+    assert proc.returncode == 0, proc.stderr
+    done = runs["state"]["samples_done"]
+    assert f"Resuming from vgg16Net.state.pth: epoch 2, {done} images done" in proc.stdout
+    assert "train epoch 2/2" in proc.stdout and "train epoch 1/2" not in proc.stdout
+    assert not (runs["stopped_dir"] / "vgg16Net.state.pth").exists()
+
+
+def without_timing(history):
+    return [{k: v for k, v in record.items() if k != "seconds"} for record in history]
+
+
+def test_resumed_run_saves_the_same_best_checkpoint_as_an_uninterrupted_run(runs):
+    straight = torch.load(runs["straight_dir"] / "vgg16Net.pth", weights_only=True)
+    resumed = torch.load(runs["stopped_dir"] / "vgg16Net.pth", weights_only=True)
+    assert straight["state_dict"].keys() == resumed["state_dict"].keys()
+    for name, tensor in straight["state_dict"].items():
+        assert torch.equal(tensor, resumed["state_dict"][name]), name
+    drop = ("seconds",)
+    assert ({k: v for k, v in straight["metrics"].items() if k not in drop}
+            == {k: v for k, v in resumed["metrics"].items() if k not in drop})
+
+
+def test_resumed_run_ends_exactly_where_an_uninterrupted_run_ends(runs):
+    """The last epoch's losses are computed from the final weights: equal to the last bit.
+
+    (Guards against, e.g., the DataLoader drawing its base seed from the global RNG
+    that dropout uses: a resumed run would then draw once more after restoring it.)
+    """
+    straight = json.loads((runs["straight_dir"] / "vgg16Net.history.json").read_text())
+    resumed = json.loads((runs["stopped_dir"] / "vgg16Net.history.json").read_text())
+    assert len(straight) == len(resumed) == 2
+    assert without_timing(resumed) == without_timing(straight)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_cuda_device_without_cuda_is_a_one_line_error(tmp_path):
+    proc = run_script("train.py", "--device", "cuda", cwd=tmp_path)
+    assert_clean_error(proc, "--device cuda", "CUDA")
+    assert list(tmp_path.iterdir()) == []
