@@ -8,18 +8,21 @@
 """
 import os
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
 from PIL import Image, ImageOps
 from torchvision import transforms
+from tqdm import tqdm
 
 from utils import UserError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
-# A 16k x 16k photo is the most we accept; PIL's own limit is about 179M pixels,
-# which decodes to over 500 MB per image.
-MAX_IMAGE_PIXELS = 16384 * 16384
+# The largest picture accepted: 2**27 pixels (e.g. 16384 x 8192), about 400 MB decoded.
+# Larger ones are refused before decoding, so a decompression bomb cannot exhaust memory.
+MAX_IMAGE_PIXELS = 2 ** 27
+Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS  # PIL's own guard, at the same limit
 MEAN = STD = (0.5, 0.5, 0.5)
 
 
@@ -29,8 +32,12 @@ def load_rgb(path, draft_size=None):
     `draft_size` lets JPEGs decode at a reduced scale (still reading every byte).
     """
     with warnings.catch_warnings():
-        warnings.simplefilter("error", Image.DecompressionBombWarning)
-        with Image.open(path) as image:
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own limit below
+        try:
+            image = Image.open(path)
+        except Image.DecompressionBombError as error:
+            raise ValueError(str(error)) from None
+        with image:
             if image.width * image.height > MAX_IMAGE_PIXELS:
                 raise ValueError(f"{image.width}x{image.height} pixels is too large "
                                  f"(at most {MAX_IMAGE_PIXELS // 1_000_000}M pixels)")
@@ -106,7 +113,7 @@ class ImageFolder(torch.utils.data.Dataset):
     in the middle of an epoch continues exactly where it stopped.
     """
 
-    def __init__(self, root, transform, class_names=None, seed=0):
+    def __init__(self, root, transform, class_names=None, seed=0, cache_size=None):
         found = find_classes(root)
         if class_names is None:
             class_names = found
@@ -123,6 +130,33 @@ class ImageFolder(torch.utils.data.Dataset):
         if not self.samples:
             raise UserError(f"{root}: no images found in {self.class_names or 'any class folder'}")
         self.bad_files = set()
+        self.cache = self._decode_all(cache_size) if cache_size else None
+
+    def _decode_all(self, size):
+        """Every picture decoded and resized once, kept as uint8 arrays (--cache).
+
+        `size` as for transforms.Resize: an int resizes the shorter side, (h, w)
+        exactly. Later epochs then skip JPEG decoding; augmentation stays random.
+        """
+        resize = transforms.Resize(size)
+
+        def decode(path):
+            try:
+                return np.asarray(resize(load_rgb(path)))
+            except (OSError, ValueError):
+                return None  # reported when the sample is first used
+
+        paths = [path for path, _ in self.samples]
+        with ThreadPoolExecutor(os.cpu_count() or 1) as pool:  # PIL decodes without the GIL
+            return list(tqdm(pool.map(decode, paths), total=len(paths), leave=False,
+                             desc=f"caching {self.root}", disable=None))
+
+    def _load(self, index):
+        if self.cache is None:
+            return load_rgb(self.samples[index][0])
+        if self.cache[index] is None:
+            return load_rgb(self.samples[index][0])  # raises the reason it failed
+        return Image.fromarray(self.cache[index])
 
     def __len__(self):
         return len(self.samples)
@@ -131,12 +165,14 @@ class ImageFolder(torch.utils.data.Dataset):
         epoch, index = key if isinstance(key, tuple) else (0, key)
         path, label = self.samples[index]
         try:
-            image = load_rgb(path)
+            image = self._load(index)
         except (OSError, ValueError) as error:
             # One unreadable file must not end a long run: use a neighbour instead.
             if path not in self.bad_files:
                 self.bad_files.add(path)
                 warnings.warn(f"skipping unreadable image {path}: {error}")
+            if len(self.bad_files) == len(self.samples):
+                raise UserError(f"{self.root}: none of the {len(self)} images can be read") from None
             return self[epoch, (index + 1) % len(self)]
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(hash((self.seed, epoch, index)) & 0xFFFF_FFFF)
@@ -144,6 +180,22 @@ class ImageFolder(torch.utils.data.Dataset):
 
     def labels(self):
         return [label for _, label in self.samples]
+
+
+def training_sets(args, image_size):
+    """(train set, val set) of the split in args.data, as both training scripts use them.
+
+    With --cache, training pictures are kept a little above the training size, so
+    random crops still have room; validation pictures exactly at the size the
+    evaluation transform resizes them to, so results equal those without a cache.
+    """
+    train_set = ImageFolder(os.path.join(args.data, "train"),
+                            train_transform(image_size, args.crop_scale), seed=args.seed,
+                            cache_size=round(image_size * 1.15) if args.cache else None)
+    val_set = ImageFolder(os.path.join(args.data, "val"), eval_transform(image_size),
+                          train_set.class_names,
+                          cache_size=(image_size, image_size) if args.cache else None)
+    return train_set, val_set
 
 
 class EpochSampler(torch.utils.data.Sampler):

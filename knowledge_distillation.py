@@ -13,15 +13,14 @@ The student learns from the teacher's softened predictions and from the labels:
 
     python knowledge_distillation.py             # T=8, alpha=0.99, Adam 1e-4, 20 epochs
 """
-import os
 
 import torch
 import torch.nn.functional as F
 
-from data import ImageFolder, eval_transform, make_loader, train_transform
+from data import make_loader, training_sets
 from utils import (UserError, add_data_args, atomic_save, check_classes, evaluate, fit,
                    init_distributed, load_checkpoint, make_checkpoint, make_parser,
-                   model_from_checkpoint, output_path, run_cli)
+                   model_from_checkpoint, positive_int, run_cli)
 
 
 def get_args_parser():
@@ -29,7 +28,7 @@ def get_args_parser():
     add_data_args(parser, training=True)
     parser.add_argument("--teacher", default="vgg16Net.pth", help="dense checkpoint")
     parser.add_argument("--student", default="pruned_vgg16_net.pth", help="pruned checkpoint")
-    parser.add_argument("--epochs", type=int, default=20)
+    parser.add_argument("--epochs", type=positive_int, default=20)
     parser.add_argument("--temperature", type=float, default=8.0, help="softening temperature T")
     parser.add_argument("--alpha", type=float, default=0.99,
                         help="weight of the distillation term (1 - alpha: the label term)")
@@ -60,10 +59,8 @@ def main(args):
                             f"{args.image_size or image_size} px were asked for")
     class_names = teacher_checkpoint["class_names"]
     check_classes(student_checkpoint, args.student, class_names)
-    train_set = ImageFolder(os.path.join(args.data, "train"),
-                            train_transform(image_size, args.crop_scale), seed=args.seed)
+    train_set, val_set = training_sets(args, image_size)
     check_classes(teacher_checkpoint, args.teacher, train_set.class_names)
-    val_set = ImageFolder(os.path.join(args.data, "val"), eval_transform(image_size), class_names)
     val_loader = make_loader(val_set, args.batch_size, args.workers, device, sampler=None)
 
     teacher = model_from_checkpoint(teacher_checkpoint, args.teacher).to(device).eval()
@@ -93,11 +90,8 @@ def main(args):
         atomic_save(make_checkpoint(student, "finetuned", student_checkpoint["architecture"]["arch"],
                                     class_names, image_size, metrics), args.output)
 
-    history = fit(student, optimizer, compute_loss, train_set, val_loader, epochs=args.epochs,
-                  batch_size=args.batch_size, workers=args.workers, seed=args.seed,
-                  device=device, amp=args.amp, state_path=output_path(args.output, "state.pth"),
-                  resume=args.resume, on_best=save_best,
-                  history_path=output_path(args.output, "history.json"), title="distill")
+    history = fit(student, optimizer, compute_loss, train_set, val_loader, args, device,
+                  on_best=save_best, title="distill")
     best = max(history, key=lambda r: r["val_accuracy"])
     print(f"Student validation accuracy {before['accuracy']:.1%} -> {best['val_accuracy']:.1%} "
           f"(epoch {best['epoch']}); teacher {teacher_accuracy:.1%}; saved {args.output}")

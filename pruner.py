@@ -22,7 +22,7 @@ import warnings
 import torch
 
 from model import architecture_of
-from utils import (atomic_save, load_checkpoint, make_checkpoint, make_parser,
+from utils import (atomic_save, fraction, image_size_type, load_checkpoint, make_checkpoint, make_parser,
                    model_from_checkpoint, output_path, pyplot, run_cli)
 
 
@@ -34,22 +34,15 @@ def config_list(sparsity):
 def get_args_parser():
     parser = make_parser(__doc__)
     parser.add_argument("--weights", default="vgg16Net.pth", help="dense checkpoint to prune")
-    parser.add_argument("--sparsity", type=sparsity, default=0.5,
+    parser.add_argument("--sparsity", type=fraction, default=0.5,
                         help="fraction of channels removed from each pruned layer")
     parser.add_argument("--output", default="pruned_vgg16_net.pth", help="pruned checkpoint")
-    parser.add_argument("--image-size", type=int, default=None,
+    parser.add_argument("--image-size", type=image_size_type, default=None,
                         help="input size used to trace the model and count FLOPs "
                              "(default: the one stored in the checkpoint)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the check batch")
     parser.add_argument("--verbose", action="store_true", help="show NNI's warnings and logs")
     return parser
-
-
-def sparsity(text):
-    value = float(text)
-    if not 0 < value < 1:
-        raise ValueError(text)
-    return value
 
 
 @contextlib.contextmanager

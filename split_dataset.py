@@ -22,7 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 from tqdm import tqdm
 
 from data import check_image, is_image_name
-from utils import UserError, make_parser, run_cli
+from utils import UserError, fraction, make_parser, run_cli
 
 MARKER = ".split_dataset.json"  # marks a folder this script made and may replace
 
@@ -31,19 +31,12 @@ def get_args_parser():
     parser = make_parser(__doc__)
     parser.add_argument("--source", default="animals", help="folder with one sub-folder per class")
     parser.add_argument("--dest", default="dataset", help="output folder (train/ and val/ inside)")
-    parser.add_argument("--ratio", type=ratio, default=0.7,
+    parser.add_argument("--ratio", type=fraction, default=0.7,
                         help="fraction of each class that goes to train/")
     parser.add_argument("--seed", type=int, default=0, help="random seed of the split")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1,
                         help="threads used to check that images decode")
     return parser
-
-
-def ratio(text):
-    value = float(text)
-    if not 0 < value < 1:
-        raise ValueError(text)
-    return value
 
 
 def scan(source, workers):

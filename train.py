@@ -9,15 +9,15 @@ Writes OUTPUT (vgg16Net.pth)      the checkpoint with the best validation accura
     python train.py                                   # VGG16, 224 px, Adam 1e-4, 30 epochs
     python train.py --image-size 64 --epochs 5 --batch-norm
 """
-import os
 
 import torch
 import torch.nn.functional as F
 
 import model as vgg
-from data import ImageFolder, eval_transform, make_loader, train_transform
+from data import make_loader, training_sets
 from utils import (UserError, add_data_args, atomic_save, distributed, fit, init_distributed,
-                   make_checkpoint, make_parser, output_path, run_cli, safe_load, write_json)
+                   make_checkpoint, make_parser, positive_int, run_cli, safe_load,
+                   write_json)
 
 
 def get_args_parser():
@@ -25,7 +25,7 @@ def get_args_parser():
     add_data_args(parser, image_size=224, training=True)
     parser.add_argument("--arch", default="vgg16", choices=sorted(vgg.CONV_WIDTHS))
     parser.add_argument("--batch-norm", action="store_true", help="VGG with batch normalisation")
-    parser.add_argument("--epochs", type=int, default=30)
+    parser.add_argument("--epochs", type=positive_int, default=30)
     parser.add_argument("--lr", type=float, default=1e-4, help="Adam learning rate")
     parser.add_argument("--pretrained", metavar="PATH",
                         help="torchvision VGG weights (a state dict .pth) to start from, "
@@ -52,11 +52,8 @@ def load_pretrained_weights(model, path):
 def main(args):
     torch.manual_seed(args.seed)
     device = init_distributed(args.device)
-    train_set = ImageFolder(os.path.join(args.data, "train"),
-                            train_transform(args.image_size, args.crop_scale), seed=args.seed)
+    train_set, val_set = training_sets(args, args.image_size)
     class_names = train_set.class_names
-    val_set = ImageFolder(os.path.join(args.data, "val"), eval_transform(args.image_size),
-                          class_names)
     val_loader = make_loader(val_set, args.batch_size, args.workers, device, sampler=None)
     print(f"Training {args.arch}{' with batch norm' if args.batch_norm else ''} on {device}: "
           f"{len(train_set)} train / {len(val_set)} val images, classes {class_names}, "
@@ -80,11 +77,8 @@ def main(args):
         atomic_save(make_checkpoint(model, "dense", args.arch, class_names, args.image_size,
                                     metrics), args.output)
 
-    history = fit(model, optimizer, compute_loss, train_set, val_loader, epochs=args.epochs,
-                  batch_size=args.batch_size, workers=args.workers, seed=args.seed,
-                  device=device, amp=args.amp, state_path=output_path(args.output, "state.pth"),
-                  resume=args.resume, on_best=save_best,
-                  history_path=output_path(args.output, "history.json"), title="train")
+    history = fit(model, optimizer, compute_loss, train_set, val_loader, args, device,
+                  on_best=save_best, title="train")
     best = max(history, key=lambda r: r["val_accuracy"])
     print(f"Best validation accuracy {best['val_accuracy']:.1%} at epoch {best['epoch']}; "
           f"saved {args.output}")

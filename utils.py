@@ -11,7 +11,6 @@ import signal
 import statistics
 import sys
 import time
-import zipfile
 
 import torch
 import torch.nn.functional as F
@@ -55,16 +54,22 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescript
     pass
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    def error(self, message):
+        """A bad flag is one line too (argparse would print the whole usage first)."""
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
 def make_parser(doc):
     """A parser whose --help starts with the script's docstring and shows defaults."""
-    return argparse.ArgumentParser(description=doc, formatter_class=HelpFormatter)
+    return ArgumentParser(description=doc, formatter_class=HelpFormatter)
 
 
 def add_data_args(parser, image_size=None, batch_size=32, training=False):
     """The flags every image-reading script shares, with one meaning everywhere."""
     parser.add_argument("--data", default="dataset",
                         help="split dataset folder holding train/<class>/ and val/<class>/")
-    parser.add_argument("--image-size", type=positive_int, default=image_size,
+    parser.add_argument("--image-size", type=image_size_type, default=image_size,
                         help="square input size in pixels"
                         + ("" if image_size else " (default: the one stored in the checkpoint)"))
     parser.add_argument("--batch-size", type=positive_int, default=batch_size,
@@ -77,8 +82,27 @@ def add_data_args(parser, image_size=None, batch_size=32, training=False):
     if training:
         parser.add_argument("--crop-scale", type=float, default=0.08,
                             help="smallest random crop, as a fraction of the picture's area")
+        parser.add_argument("--cache", action="store_true",
+                            help="decode and resize every picture once and keep it in memory "
+                                 "(uint8, about 3*(1.15*size)^2 bytes a picture): later epochs "
+                                 "skip JPEG decoding; augmentation stays random")
         parser.add_argument("--amp", action="store_true",
                             help="mixed precision on CUDA (bf16 where supported, else fp16)")
+
+
+def fraction(text):
+    """A number strictly between 0 and 1 (a split ratio, a sparsity)."""
+    value = float(text)
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {text}")
+    return value
+
+
+def image_size_type(text):
+    value = int(text)
+    if value < 32:
+        raise argparse.ArgumentTypeError(f"must be at least 32 (VGG halves it five times), got {text}")
+    return value
 
 
 def positive_int(text):
@@ -149,12 +173,13 @@ def safe_load(path, what):
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
-        detail = str(error).split("\n")[0] if "Unsupported global" not in str(error) else \
-            "it holds pickled Python objects (for example a whole saved nn.Module)"
-        raise UserError(f"{path}: refused to load: {detail}. Only plain tensors and data are "
-                        "loaded (weights_only=True), because unpickling objects can run code; "
+        if "Unsupported global" in str(error) or "GLOBAL" in str(error):
+            raise UserError(f"{path}: refused to load: it holds pickled Python objects (for "
+                            "example a whole saved nn.Module), and unpickling them can run code; "
+                            f"only plain tensors and data are loaded (weights_only=True); {what} expected") from None
+        raise UserError(f"{path}: not a readable PyTorch file, truncated or corrupt; "
                         f"{what} expected") from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as error:
+    except Exception as error:  # torch's unpickler raises many types on garbage bytes
         raise UserError(f"{path}: not a readable PyTorch file, truncated or corrupt "
                         f"({type(error).__name__}); {what} expected") from None
 
@@ -289,27 +314,32 @@ def all_reduce_sum(values, device):
     return tensor.tolist()
 
 
-def fit(model, optimizer, compute_loss, train_set, val_loader, *, epochs, batch_size, workers,
-        seed, device, amp, state_path, resume, on_best, history_path, title):
-    """Train for `epochs`, validating after each, and call `on_best(metrics)` on a new best.
+def fit(model, optimizer, compute_loss, train_set, val_loader, args, device, on_best, title):
+    """Train for `args.epochs`, validating after each, and call `on_best(metrics)` on a new best.
 
-    `compute_loss(model, images, labels)` returns (loss, logits). Ctrl-C saves the
-    model, optimizer, position in the epoch and RNG state to `state_path` and raises
-    Interrupted; `resume` continues from such a file exactly as if never stopped.
+    `compute_loss(model, images, labels)` returns (loss, logits). The flags the
+    training scripts share are read from `args` (epochs, batch_size, workers, seed,
+    amp, output, resume). Ctrl-C saves the model, optimizer, position in the epoch
+    and RNG state to <output>.state.pth and raises Interrupted; `--resume` continues
+    from such a file exactly as if never stopped.
     Under torchrun the model is wrapped in DistributedDataParallel, each process
     takes its share of every batch order, and rank 0 alone writes files.
-    Returns the per-epoch history (also written to `history_path` as JSON and
-    drawn beside it as a PNG).
+    Returns the per-epoch history (also written to <output>.history.json and drawn
+    as <output>.history.png).
     """
     from data import EpochSampler, make_loader
 
+    epochs, resume = args.epochs, args.resume
+    state_path = output_path(args.output, "state.pth")
+    history_path = output_path(args.output, "history.json")
     rank, world = distributed()
     num_classes = len(train_set.class_names)
-    sampler = EpochSampler(len(train_set), seed, rank=rank, world=world)
-    loader = make_loader(train_set, batch_size, workers, device, sampler)
+    sampler = EpochSampler(len(train_set), args.seed, rank=rank, world=world)
+    loader = make_loader(train_set, args.batch_size, args.workers, device, sampler)
     network = model if world == 1 else torch.nn.parallel.DistributedDataParallel(
         model, device_ids=[device.index] if device.type == "cuda" else None)
-    autocast, scaler = amp_context(device, amp)
+    autocast, scaler = amp_context(device, args.amp)
+    torch.backends.cudnn.benchmark = device.type == "cuda"  # fixed input size: pick fastest kernels
     start_epoch, skip, history, best, sums = 0, 0, [], -1.0, [0.0, 0, 0]
     if resume:
         state = safe_load(resume, "a training state saved by Ctrl-C")
@@ -436,8 +466,8 @@ def plot_history(history, path, title):
     plt = pyplot()
     epochs = [r["epoch"] for r in history]
     figure, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
-    left.plot(epochs, [r["train_loss"] for r in history], "o-", label="train")
-    left.plot(epochs, [r["val_loss"] for r in history], "o-", label="validation")
+    left.plot(epochs, [r["train_loss"] for r in history], "o-", label="train (objective)")
+    left.plot(epochs, [r["val_loss"] for r in history], "o-", label="validation (cross-entropy)")
     left.set(title=f"{title}: loss", xlabel="epoch", ylabel="loss")
     right.plot(epochs, [100 * r["train_accuracy"] for r in history], "o-", label="train")
     right.plot(epochs, [100 * r["val_accuracy"] for r in history], "o-", label="validation")
@@ -453,21 +483,30 @@ def plot_history(history, path, title):
 # --- timing ----------------------------------------------------------------
 
 def measure_latency(model, inputs, device, warmup=3, repeats=10):
-    """Median seconds of one forward pass on `inputs`, after warm-up runs.
+    """Median seconds of one forward pass of `model` on `inputs`, after warm-up runs.
 
-    Same inputs every run, under inference_mode, CUDA synchronised before each
-    clock read so queued kernels are counted.
+    The same inputs every run, under inference_mode, CUDA synchronised before
+    each clock read so queued kernels are counted.
     """
     model.eval()
     inputs = inputs.to(device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    times = []
     with torch.inference_mode():
-        for run in range(warmup + repeats):
-            sync()
-            started = time.perf_counter()
-            model(inputs)
-            sync()
-            if run >= warmup:
-                times.append(time.perf_counter() - started)
+        return median_seconds(lambda: model(inputs), sync, warmup, repeats)
+
+
+def median_seconds(run, sync, warmup, repeats):
+    """Call `run` warmup + repeats times; the median wall time of the timed calls.
+
+    `sync()` is called before starting and before stopping each clock, so work
+    queued on an accelerator is finished inside the measured interval.
+    """
+    times = []
+    for index in range(warmup + repeats):
+        sync()
+        started = time.perf_counter()
+        run()
+        sync()
+        if index >= warmup:
+            times.append(time.perf_counter() - started)
     return statistics.median(times)

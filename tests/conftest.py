@@ -49,7 +49,10 @@ def run_in_process(module, *args, cwd):
     os.chdir(cwd)
     try:
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            code = module.run_cli(module.main, module.get_args_parser(), [str(a) for a in args])
+            try:
+                code = module.run_cli(module.main, module.get_args_parser(), [str(a) for a in args])
+            except SystemExit as exit:  # argparse rejecting a flag
+                code = exit.code
     finally:
         os.chdir(previous)
     return types.SimpleNamespace(returncode=code, stdout=out.getvalue(), stderr=err.getvalue())

@@ -108,13 +108,6 @@ def test_every_stage_turns_a_wrong_checkpoint_into_a_one_line_error(tmp_path, ki
 # in 12 of them escaped as IndexError, KeyError or struct.error).
 GARBAGE = {"struct_error": b"M\x1a", "index_error": b"\x80\x02\x86.",
            "key_error": b"\x80\x02h\x05."}
-GARBAGE_REASON = (
-    "utils.safe_load catches UnpicklingError, RuntimeError, EOFError, BadZipFile, ValueError "
-    "and OSError only; torch's weights-only unpickler (torch/_weights_only_unpickler.py) raises "
-    "IndexError, KeyError or struct.error on some corrupt files, which escape as a traceback")
-
-
-@pytest.mark.xfail(strict=True, reason=GARBAGE_REASON)
 @pytest.mark.parametrize("kind", GARBAGE)
 def test_load_checkpoint_refuses_garbage_that_confuses_the_unpickler(tmp_path, kind):
     path = tmp_path / f"{kind}.pth"
@@ -123,7 +116,6 @@ def test_load_checkpoint_refuses_garbage_that_confuses_the_unpickler(tmp_path, k
         utils.load_checkpoint(str(path))
 
 
-@pytest.mark.xfail(strict=True, reason=GARBAGE_REASON)
 def test_test_py_reports_a_garbage_checkpoint_in_one_line(tmp_path):
     path = tmp_path / "garbage.pth"
     path.write_bytes(GARBAGE["index_error"])

@@ -20,14 +20,6 @@ def tiny_dataset(tmp_path):
 # --- image sizes VGG cannot take ----------------------------------------------
 # Five 2x2 max-pools need at least 32 px.
 
-SMALL_SIZE_REASON = (
-    "--image-size is only checked to be positive (utils.add_data_args: positive_int; "
-    "pruner.py: plain int), so a size below 32 px reaches VGG's fifth max-pool and dies there "
-    "with 'RuntimeError: ... Output size is too small' and a traceback (exit 1); train.py has "
-    "already written class_indices.json by then")
-
-
-@pytest.mark.xfail(strict=True, reason=SMALL_SIZE_REASON)
 def test_training_at_an_image_size_below_32_is_a_one_line_error(tmp_path, tiny_dataset):
     proc = run_in_process(load_script("train"), "--image-size", 16, "--epochs", 1,
                           "--batch-size", 4, "--workers", 0, cwd=tmp_path)
@@ -35,7 +27,6 @@ def test_training_at_an_image_size_below_32_is_a_one_line_error(tmp_path, tiny_d
     assert not (tmp_path / "class_indices.json").exists()
 
 
-@pytest.mark.xfail(strict=True, reason=SMALL_SIZE_REASON)
 def test_pruning_at_an_image_size_below_32_is_a_one_line_error(tmp_path):
     weights = small_checkpoint(tmp_path / "dense.pth")
     proc = run_in_process(load_script("pruner"), "--weights", weights, "--image-size", 16,
@@ -55,20 +46,12 @@ def test_pruning_at_32_px_is_accepted(tmp_path):
 
 # --- epoch counts ------------------------------------------------------------------
 
-EPOCHS_REASON = (
-    "--epochs is a plain int: with 0 the loop trains nothing, and the final report "
-    "`max(history, key=...)` (train.py and knowledge_distillation.py, last lines of main) "
-    "fails with 'ValueError: max() arg is an empty sequence' and a traceback (exit 1)")
-
-
-@pytest.mark.xfail(strict=True, reason=EPOCHS_REASON)
 def test_training_for_zero_epochs_is_a_one_line_error(tmp_path, tiny_dataset):
     proc = run_in_process(load_script("train"), "--image-size", 32, "--epochs", 0,
                           "--workers", 0, cwd=tmp_path)
     assert_clean_error(proc, "--epochs")
 
 
-@pytest.mark.xfail(strict=True, reason=EPOCHS_REASON)
 def test_distilling_for_zero_epochs_is_a_one_line_error(tmp_path, tiny_dataset):
     proc = run_in_process(load_script("knowledge_distillation"),
                           "--teacher", small_checkpoint(tmp_path / "t.pth"),

@@ -222,45 +222,56 @@ def test_two_ranks_together_cover_every_index_with_equal_lengths(size):
 # (raised as an error inside load_rgb) or DecompressionBombError: neither is the
 # OSError/ValueError that load_rgb documents and its callers catch.
 
-PIL_BOMB_REASON = (
-    "data.load_rgb lets PIL's DecompressionBombWarning/DecompressionBombError escape for "
-    "photos over PIL's own limit (Image.MAX_IMAGE_PIXELS, 89.5M px; data.MAX_IMAGE_PIXELS is "
-    "268M): they are not OSError/ValueError, so callers that catch those crash")
-
-
 @pytest.fixture(scope="module")
-def photo_108m(tmp_path_factory):
-    """A 12000 x 9000 (108M pixel) PNG: a large but real camera size, only 13 kB on disk."""
+def photo_over_limit(tmp_path_factory):
+    """A 13000 x 11000 (143M pixel) PNG, over data.MAX_IMAGE_PIXELS, only kB on disk."""
+    assert 13000 * 11000 > data.MAX_IMAGE_PIXELS
     path = tmp_path_factory.mktemp("big") / "panorama.png"
-    Image.new("1", (12000, 9000)).save(path)
+    Image.new("1", (13000, 11000)).save(path)
     return path
 
 
-@pytest.mark.xfail(strict=True, reason=PIL_BOMB_REASON)
-def test_photo_over_pils_limit_is_refused_with_value_error(photo_108m):
+def test_photo_over_the_pixel_limit_is_refused_with_value_error(photo_over_limit):
     with pytest.raises((OSError, ValueError)):
-        data.load_rgb(photo_108m)
+        data.load_rgb(photo_over_limit)
 
 
-def test_split_check_names_a_photo_over_pils_limit(photo_108m):
-    assert data.check_image(photo_108m).startswith("cannot be decoded")
+def test_split_check_names_a_photo_over_the_pixel_limit(photo_over_limit):
+    assert data.check_image(photo_over_limit).startswith("cannot be decoded")
 
 
-@pytest.mark.xfail(strict=True, reason=PIL_BOMB_REASON + " (ImageFolder.__getitem__ catches "
-                   "only OSError/ValueError: one such photo in dataset/ ends a training run)")
-def test_image_folder_skips_a_photo_over_pils_limit_instead_of_crashing(tmp_path, photo_108m):
+def test_image_folder_skips_a_photo_over_the_pixel_limit_instead_of_crashing(
+        tmp_path, photo_over_limit):
     root = generate_demo(tmp_path / "demo", per_class=2)
-    shutil.copy(photo_108m, root / "cat" / "cat_0000_panorama.png")  # sorts second in cat/
+    shutil.copy(photo_over_limit, root / "cat" / "cat_0000_panorama.png")  # sorts second in cat/
     dataset = data.ImageFolder(root, data.eval_transform(IMAGE_SIZE))
     with pytest.warns(UserWarning, match="skipping unreadable image"):
         image, label = dataset[1]
     assert image.shape == (3, IMAGE_SIZE, IMAGE_SIZE) and label == 0  # its neighbour instead
 
 
-@pytest.mark.xfail(strict=True, reason=PIL_BOMB_REASON + " (test.py classify() catches only "
-                   "OSError/ValueError: `test.py --image big.png` dies with a traceback)")
-def test_classifying_a_photo_over_pils_limit_is_a_one_line_error(tmp_path, photo_108m):
+def test_classifying_a_photo_over_the_pixel_limit_is_a_one_line_error(tmp_path, photo_over_limit):
     weights = small_checkpoint(tmp_path / "model.pth")
-    proc = run_in_process(load_script("test"), "--weights", weights, "--image", photo_108m,
+    proc = run_in_process(load_script("test"), "--weights", weights, "--image", photo_over_limit,
                           cwd=tmp_path)
-    assert_clean_error(proc, photo_108m)
+    assert_clean_error(proc, photo_over_limit)
+
+
+def test_cached_validation_pictures_equal_uncached_ones(tmp_path):
+    root = generate_demo(tmp_path / "demo", per_class=3, size=64)
+    plain = data.ImageFolder(root, data.eval_transform(IMAGE_SIZE))
+    cached = data.ImageFolder(root, data.eval_transform(IMAGE_SIZE),
+                              cache_size=(IMAGE_SIZE, IMAGE_SIZE))
+    assert cached.cache is not None and len(cached.cache) == len(plain) == 6
+    assert all(array.shape == (IMAGE_SIZE, IMAGE_SIZE, 3) for array in cached.cache)
+    for index in range(len(plain)):
+        (a, label_a), (b, label_b) = plain[index], cached[index]
+        assert label_a == label_b and torch.equal(a, b), index
+
+
+def test_cached_training_pictures_keep_room_for_random_crops(tmp_path):
+    root = generate_demo(tmp_path / "demo", per_class=2, size=64)
+    cached = data.ImageFolder(root, data.train_transform(IMAGE_SIZE), cache_size=37)
+    assert all(min(array.shape[:2]) == 37 for array in cached.cache)
+    first, second = cached[0, 0][0], cached[1, 0][0]  # same picture, two epochs
+    assert first.shape == (3, IMAGE_SIZE, IMAGE_SIZE) and not torch.equal(first, second)

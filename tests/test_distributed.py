@@ -20,7 +20,7 @@ def test_two_process_training_writes_one_checkpoint_with_whole_split_accuracy(tm
 
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-         str(REPO / "train.py"), "--image-size", IMAGE_SIZE, "--epochs", "2", "--batch-size", "4",
+         str(REPO / "train.py"), "--image-size", str(IMAGE_SIZE), "--epochs", "2", "--batch-size", "4",
          "--workers", "0", "--device", "cpu"],
         cwd=tmp_path, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout + proc.stderr

@@ -27,8 +27,8 @@ IMAGE_SIZE = 48        # px the network sees
 # than the default 1e-4 (which oscillates here), small batches for more steps and
 # milder crops than torchvision's 8% minimum.
 COMMON = ["--batch-size", "16", "--lr", "3e-5", "--crop-scale", "0.5"]
-TRAIN = ["--image-size", str(IMAGE_SIZE), "--batch-norm", "--epochs", "6", *COMMON]
-DISTILL = ["--epochs", "3", *COMMON]
+TRAIN = ["--image-size", str(IMAGE_SIZE), "--batch-norm", "--epochs", "8", *COMMON]
+DISTILL = ["--epochs", "6", *COMMON]
 
 STAGES = [
     ("tools/make_demo_data.py", ["--dest", "demo_animals", "--per-class", str(PER_CLASS),
