@@ -28,7 +28,8 @@ def get_args_parser():
     add_data_args(parser, training=True)
     parser.add_argument("--teacher", default="vgg16Net.pth", help="dense checkpoint")
     parser.add_argument("--student", default="pruned_vgg16_net.pth", help="pruned checkpoint")
-    parser.add_argument("--epochs", type=positive_int, default=20)
+    parser.add_argument("--epochs", type=positive_int, default=20,
+                        help="passes over the training set")
     parser.add_argument("--temperature", type=float, default=8.0, help="softening temperature T")
     parser.add_argument("--alpha", type=float, default=0.99,
                         help="weight of the distillation term (1 - alpha: the label term)")

@@ -124,15 +124,17 @@ def write_split(source, dest, plan, summary):
 
 
 def describe_skipped(skipped, shown=5):
-    lines = [f"Skipped {len(skipped)} file(s) that are not usable images:"]
+    """How many files were skipped for each reason, and the first few of them."""
+    reasons = {}
+    for _, reason in skipped:
+        key = reason.split(" (")[0]
+        reasons[key] = reasons.get(key, 0) + 1
+    lines = [f"Skipped {len(skipped)} file(s) that are not usable images ("
+             + ", ".join(f"{count} {reason}" for reason, count in sorted(reasons.items())) + "):"]
     lines += [f"  {path}: {reason}" for path, reason in skipped[:shown]]
     if len(skipped) > shown:
-        reasons = {}
-        for _, reason in skipped[shown:]:
-            key = reason.split(":")[0]
-            reasons[key] = reasons.get(key, 0) + 1
-        lines.append(f"  ... and {len(skipped) - shown} more ("
-                     + ", ".join(f"{n} {r}" for r, n in sorted(reasons.items())) + ")")
+        lines.append(f"  ... and {len(skipped) - shown} more (all listed in {MARKER} in the "
+                     "destination)")
     return "\n".join(lines)
 
 

@@ -179,7 +179,8 @@ def print_table(rows):
               f"{row['flops'] / 1e9:>6.2f}G {row['flops'] / base['flops']:>5.2f}x "
               f"{row['file_bytes'] / 2**20:>6.1f}MB {row['file_bytes'] / base['file_bytes']:>5.2f}x "
               f"{row['latency_ms']:>7.1f}ms {base['latency_ms'] / row['latency_ms']:>5.2f}x↑ "
-              f"{row['throughput_ips']:>7.1f}img/s {row['throughput_ips'] / base['throughput_ips']:>5.2f}x↑")
+              f"{row['throughput_ips']:>7.1f}img/s "
+              f"{row['throughput_ips'] / base['throughput_ips']:>5.2f}x↑")
     print("(x: model / first model; x↑: speed-up over the first model)\n")
 
 

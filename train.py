@@ -25,7 +25,8 @@ def get_args_parser():
     add_data_args(parser, image_size=224, training=True)
     parser.add_argument("--arch", default="vgg16", choices=sorted(vgg.CONV_WIDTHS))
     parser.add_argument("--batch-norm", action="store_true", help="VGG with batch normalisation")
-    parser.add_argument("--epochs", type=positive_int, default=30)
+    parser.add_argument("--epochs", type=positive_int, default=30,
+                        help="passes over the training set")
     parser.add_argument("--lr", type=float, default=1e-4, help="Adam learning rate")
     parser.add_argument("--pretrained", metavar="PATH",
                         help="torchvision VGG weights (a state dict .pth) to start from, "

@@ -51,7 +51,11 @@ def run_cli(main, parser, argv=None):
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    pass
+    def _get_help_string(self, action):
+        """Show a flag's default, unless it is 'off' or the help already says it."""
+        if action.default is None or action.default is False or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -98,25 +102,19 @@ def fraction(text):
     return value
 
 
-def image_size_type(text):
-    value = int(text)
-    if value < 32:
-        raise argparse.ArgumentTypeError(f"must be at least 32 (VGG halves it five times), got {text}")
-    return value
+def int_at_least(minimum, requirement):
+    """An argparse type: an integer of at least `minimum`, else a one-line reason."""
+    def integer(text):
+        value = int(text)
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be {requirement}, got {text}")
+        return value
+    return integer
 
 
-def positive_int(text):
-    value = int(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
-
-
-def non_negative_int(text):
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
-    return value
+positive_int = int_at_least(1, "a positive integer")
+non_negative_int = int_at_least(0, "0 or more")
+image_size_type = int_at_least(32, "at least 32 (VGG halves it five times)")
 
 
 def resolve_device(name):
@@ -176,7 +174,8 @@ def safe_load(path, what):
         if "Unsupported global" in str(error) or "GLOBAL" in str(error):
             raise UserError(f"{path}: refused to load: it holds pickled Python objects (for "
                             "example a whole saved nn.Module), and unpickling them can run code; "
-                            f"only plain tensors and data are loaded (weights_only=True); {what} expected") from None
+                            "only plain tensors and data are loaded (weights_only=True); "
+                            f"{what} expected") from None
         raise UserError(f"{path}: not a readable PyTorch file, truncated or corrupt; "
                         f"{what} expected") from None
     except Exception as error:  # torch's unpickler raises many types on garbage bytes
@@ -257,10 +256,13 @@ class StopRequest:
         self.requested = False
 
     def __enter__(self):
+        self.pid = os.getpid()
         self.previous = signal.signal(signal.SIGINT, self._handle)
         return self
 
     def _handle(self, signum, frame):
+        if os.getpid() != self.pid:  # a data-loader worker: the main process decides
+            return
         if self.requested:
             raise KeyboardInterrupt
         self.requested = True

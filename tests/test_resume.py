@@ -3,6 +3,7 @@ state, and resuming it ends exactly where an uninterrupted run with the same see
 and flags ends.
 """
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -124,3 +125,31 @@ def test_cuda_device_without_cuda_is_a_one_line_error(tmp_path):
     proc = run_script("train.py", "--device", "cuda", cwd=tmp_path)
     assert_clean_error(proc, "--device cuda", "CUDA")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_ctrl_c_during_distillation_saves_a_state_that_resumes(pipeline, tmp_path):
+    shutil.copytree(pipeline.path("dataset"), tmp_path / "dataset")
+    for name in ("vgg16Net.pth", "pruned_vgg16_net.pth"):
+        shutil.copy(pipeline.path(name), tmp_path / name)
+    command = [sys.executable, str(REPO / "knowledge_distillation.py"), "--epochs", "2",
+               "--batch-size", "2", "--workers", "0"]
+    proc = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    history = tmp_path / "finetuned_vgg16_net.history.json"
+    deadline = time.monotonic() + 300
+    while not history.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err
+    assert "--resume finetuned_vgg16_net.state.pth" in err
+    state = torch.load(tmp_path / "finetuned_vgg16_net.state.pth", weights_only=True)
+    assert state["epoch"] == 1 and 0 < state["samples_done"] < 16
+
+    resumed = subprocess.run(command + ["--resume", "finetuned_vgg16_net.state.pth"],
+                             cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "distill epoch 2/2" in resumed.stdout and "distill epoch 1/2" not in resumed.stdout
+    assert len(json.loads(history.read_text())) == 2
+    assert not (tmp_path / "finetuned_vgg16_net.state.pth").exists()

@@ -220,3 +220,23 @@ def test_split_refuses_dest_inside_source_real_cli(tmp_path, demo_animals):
                       "--dest", demo_animals / "split", cwd=tmp_path)
     assert_clean_error(proc, demo_animals / "split", "overlaps")
     assert tree_digest(demo_animals) == before
+
+
+def test_empty_class_folder_is_a_one_line_error_naming_the_class(tmp_path, demo_animals):
+    (demo_animals / "bird").mkdir()
+    proc = split_here("--source", demo_animals, cwd=tmp_path)
+    assert_clean_error(proc, "'bird'", "0 usable image")
+    assert not (tmp_path / "dataset").exists()
+
+
+def test_thousands_of_bad_files_are_summarised_not_listed(tmp_path, demo_animals):
+    for index in range(300):
+        (demo_animals / "cat" / f"broken_{index:03d}.jpg").write_bytes(b"\xff\xd8 not a jpeg")
+        (demo_animals / "dog" / f"note_{index:03d}.txt").write_text("hello")
+    proc = split_here("--source", demo_animals, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert ("Skipped 600 file(s) that are not usable images (300 cannot be decoded, "
+            "300 not an image)") in proc.stdout
+    assert "... and 595 more" in proc.stdout
+    assert len(proc.stdout.splitlines()) < 15
+    assert len(list((tmp_path / "dataset").rglob("*.jpg"))) == 20

@@ -90,7 +90,8 @@ def main(args):
             unit, gain = "ms", dense_row[key] / pruned_row[key]
         else:
             label = f"throughput, batch {args.batch_size}" + key[len("batch"):]
-            dense_value, pruned_value = args.batch_size / dense_row[key], args.batch_size / pruned_row[key]
+            dense_value = args.batch_size / dense_row[key]
+            pruned_value = args.batch_size / pruned_row[key]
             unit, gain = "/s", dense_row[key] / pruned_row[key]
         print(f"{label:<36}{dense_value:>10.1f}{unit:<2}{pruned_value:>10.1f}{unit:<2}"
               f"{gain:>9.2f}x faster")
