@@ -358,7 +358,8 @@ def fit(model, optimizer, compute_loss, train_set, val_loader, args, device, on_
         if device.type == "cuda" and state.get("cuda_rng") is not None:
             torch.cuda.set_rng_state(state["cuda_rng"], device)
         start_epoch, skip, history = state["epoch"], state["samples_done"], state["history"]
-        best, sums = state["best"], state["sums"] if rank == 0 else [0.0, 0, 0]
+        best = state["best"]
+        sums = state["sums"] if rank == 0 else [0.0, 0, 0]  # added up over ranks at epoch end
         if rank == 0:
             print(f"Resuming from {resume}: epoch {start_epoch + 1}, {skip * world} images done")
 
