@@ -7,6 +7,7 @@
 - `ImageFolder` reads `<root>/<class>/<image>`; `make_loader()` batches it.
 """
 import os
+import signal
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 
@@ -163,17 +164,18 @@ class ImageFolder(torch.utils.data.Dataset):
 
     def __getitem__(self, key):
         epoch, index = key if isinstance(key, tuple) else (0, key)
-        path, label = self.samples[index]
-        try:
-            image = self._load(index)
-        except (OSError, ValueError) as error:
-            # One unreadable file must not end a long run: use a neighbour instead.
-            if path not in self.bad_files:
-                self.bad_files.add(path)
-                warnings.warn(f"skipping unreadable image {path}: {error}")
-            if len(self.bad_files) == len(self.samples):
-                raise UserError(f"{self.root}: none of the {len(self)} images can be read") from None
-            return self[epoch, (index + 1) % len(self)]
+        # One unreadable file must not end a long run: use the next readable one instead.
+        for offset in range(len(self)):
+            path, label = self.samples[(index + offset) % len(self)]
+            try:
+                image = self._load((index + offset) % len(self))
+                break
+            except (OSError, ValueError) as error:
+                if path not in self.bad_files:
+                    self.bad_files.add(path)
+                    warnings.warn(f"skipping unreadable image {path}: {error}")
+        else:
+            raise UserError(f"{self.root}: none of the {len(self)} images can be read")
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(hash((self.seed, epoch, index)) & 0xFFFF_FFFF)
             return self.transform(image), label
@@ -239,4 +241,9 @@ def make_loader(dataset, batch_size, workers, device, sampler):
     return torch.utils.data.DataLoader(
         dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
         pin_memory=device.type == "cuda", persistent_workers=workers > 0,
-        generator=torch.Generator().manual_seed(0))
+        generator=torch.Generator().manual_seed(0), worker_init_fn=ignore_ctrl_c)
+
+
+def ignore_ctrl_c(worker_id):
+    """Ctrl-C reaches every process of the terminal; the main process alone handles it."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from data import make_loader, training_sets
 from utils import (UserError, add_data_args, atomic_save, check_classes, evaluate, fit,
                    init_distributed, load_checkpoint, make_checkpoint, make_parser,
-                   model_from_checkpoint, positive_int, run_cli)
+                   model_from_checkpoint, positive_float, positive_int, run_cli)
 
 
 def get_args_parser():
@@ -30,10 +30,11 @@ def get_args_parser():
     parser.add_argument("--student", default="pruned_vgg16_net.pth", help="pruned checkpoint")
     parser.add_argument("--epochs", type=positive_int, default=20,
                         help="passes over the training set")
-    parser.add_argument("--temperature", type=float, default=8.0, help="softening temperature T")
+    parser.add_argument("--temperature", type=positive_float, default=8.0,
+                        help="softening temperature T")
     parser.add_argument("--alpha", type=float, default=0.99,
                         help="weight of the distillation term (1 - alpha: the label term)")
-    parser.add_argument("--lr", type=float, default=1e-4, help="Adam learning rate")
+    parser.add_argument("--lr", type=positive_float, default=1e-4, help="Adam learning rate")
     parser.add_argument("--output", default="finetuned_vgg16_net.pth", help="best student")
     parser.add_argument("--resume", metavar="STATE", help="continue an interrupted run")
     return parser
@@ -47,8 +48,8 @@ def distillation_loss(student_logits, teacher_logits, labels, temperature, alpha
 
 
 def main(args):
-    if not 0 <= args.alpha <= 1 or args.temperature <= 0:
-        raise UserError("--alpha must be within 0..1 and --temperature above 0")
+    if not 0 <= args.alpha <= 1:
+        raise UserError(f"--alpha {args.alpha}: must be within 0..1")
     torch.manual_seed(args.seed)
     device = init_distributed(args.device)
     teacher_checkpoint = load_checkpoint(args.teacher, kinds=("dense",))

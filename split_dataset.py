@@ -93,14 +93,26 @@ def check_destination(source, dest):
         raise UserError(f"--dest {dest} overlaps --source {source}; choose a separate folder")
     if os.path.exists(dest) and not os.path.isdir(dest):
         raise UserError(f"{dest}: exists and is not a folder")
-    if os.path.isdir(dest) and os.listdir(dest) and not os.path.exists(os.path.join(dest, MARKER)):
+    if not os.path.isdir(dest) or not os.listdir(dest):
+        return
+    try:
+        with open(os.path.join(dest, MARKER)) as marker:
+            written = set(json.load(marker)["files"])
+    except (OSError, ValueError, KeyError, TypeError):
         raise UserError(f"{dest}: exists and was not made by split_dataset.py; refusing to "
-                        "replace it (remove it yourself or choose another --dest)")
+                        "replace it (remove it yourself or choose another --dest)") from None
+    present = {os.path.relpath(os.path.join(folder, name), dest)
+               for folder, _, names in os.walk(dest) for name in names} - {MARKER}
+    added = sorted(present - written)
+    if added:
+        raise UserError(f"{dest}: holds {len(added)} file(s) that split_dataset.py did not write "
+                        f"(e.g. {added[0]}); refusing to replace it (move them elsewhere first)")
 
 
 def write_split(source, dest, plan, summary):
     """Build the split in a sibling folder, then swap it in; DEST is intact until the swap."""
-    parent = os.path.dirname(os.path.abspath(dest))
+    dest = os.path.realpath(dest)  # through a link: replace the folder it points to
+    parent = os.path.dirname(dest)
     building = os.path.join(parent, f".{os.path.basename(dest)}.building-{os.getpid()}")
     retired = os.path.join(parent, f".{os.path.basename(dest)}.old-{os.getpid()}")
     total = sum(len(t) + len(v) for t, v in plan.values())
@@ -113,11 +125,18 @@ def write_split(source, dest, plan, summary):
                     for file in files:
                         shutil.copy2(os.path.join(source, name, file), os.path.join(folder, file))
                         bar.update()
+        files = [os.path.join(part, name, file) for name, (train, val) in plan.items()
+                 for part, files in (("train", train), ("val", val)) for file in files]
         with open(os.path.join(building, MARKER), "w") as marker:
-            json.dump(summary, marker, indent=1)
+            json.dump(dict(summary, files=files), marker, indent=1)
         if os.path.exists(dest):
             os.rename(dest, retired)
-        os.rename(building, dest)
+        try:
+            os.rename(building, dest)
+        except OSError:
+            if os.path.exists(retired):
+                os.rename(retired, dest)  # put the previous split back
+            raise
     finally:
         shutil.rmtree(building, ignore_errors=True)
     shutil.rmtree(retired, ignore_errors=True)

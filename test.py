@@ -17,8 +17,8 @@ import torch
 
 from data import ImageFolder, eval_transform, load_rgb, make_loader
 from utils import (UserError, add_data_args, evaluate, load_checkpoint,
-                   make_parser, measure_latency, model_from_checkpoint, output_path, pyplot,
-                   resolve_device, run_cli, write_json)
+                   make_parser, measure_latency, model_from_checkpoint, non_negative_int,
+                   output_path, positive_int, pyplot, resolve_device, run_cli, write_json)
 
 prune_test = False  # False: test the dense vgg16Net.pth; True: the distilled pruned model
 
@@ -39,8 +39,10 @@ def get_args_parser():
                         help="measure these checkpoints side by side (default: "
                              + ", ".join(p for _, p in COMPARED) + ", those that exist)")
     parser.add_argument("--report", default="compare.json", help="JSON report of --compare")
-    parser.add_argument("--warmup", type=int, default=3, help="untimed runs before timing")
-    parser.add_argument("--repeats", type=int, default=10, help="timed runs (median reported)")
+    parser.add_argument("--warmup", type=non_negative_int, default=3,
+                        help="untimed runs before timing")
+    parser.add_argument("--repeats", type=positive_int, default=10,
+                        help="timed runs (median reported)")
     parser.add_argument("--verbose", action="store_true", help="show NNI's warnings and logs")
     return parser
 
@@ -134,7 +136,7 @@ def measure(name, path, args, device, inputs):
     latency = measure_latency(model, single, device, args.warmup, args.repeats)
     batch_seconds = measure_latency(model, batch, device, args.warmup, args.repeats)
     plot_confusion(metrics, checkpoint["class_names"], output_path(path, "confusion.png"),
-                   name, show=False)
+                   name, args.show)
     return {"name": name, "path": path, "kind": checkpoint["kind"],
             "accuracy": metrics["accuracy"], "per_class_accuracy": metrics["per_class_accuracy"],
             "params": params, "flops": flops, "file_bytes": os.path.getsize(path),

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 import model as vgg
 from data import make_loader, training_sets
 from utils import (UserError, add_data_args, atomic_save, distributed, fit, init_distributed,
-                   make_checkpoint, make_parser, positive_int, run_cli, safe_load,
+                   make_checkpoint, make_parser, positive_float, positive_int, run_cli, safe_load,
                    write_json)
 
 
@@ -27,7 +27,7 @@ def get_args_parser():
     parser.add_argument("--batch-norm", action="store_true", help="VGG with batch normalisation")
     parser.add_argument("--epochs", type=positive_int, default=30,
                         help="passes over the training set")
-    parser.add_argument("--lr", type=float, default=1e-4, help="Adam learning rate")
+    parser.add_argument("--lr", type=positive_float, default=1e-4, help="Adam learning rate")
     parser.add_argument("--pretrained", metavar="PATH",
                         help="torchvision VGG weights (a state dict .pth) to start from, "
                              "e.g. vgg16-397923af.pth downloaded beforehand")

@@ -39,7 +39,10 @@ def run_cli(main, parser, argv=None):
     try:
         main(args)
     except UserError as error:
-        print(f"{prog}: error: {error}", file=sys.stderr)
+        # raised in a data-loader worker, it arrives with that worker's traceback: keep the
+        # last line, which is the message
+        message = str(error).strip().splitlines()[-1].split("UserError: ", 1)[-1]
+        print(f"{prog}: error: {message}", file=sys.stderr)
         return 2
     except Interrupted as stop:
         print(f"{prog}: interrupted. {stop}", file=sys.stderr)
@@ -84,7 +87,7 @@ def add_data_args(parser, image_size=None, batch_size=32, training=False):
                         help="data-loading worker processes (0: load in the main process)")
     parser.add_argument("--seed", type=int, default=0, help="random seed")
     if training:
-        parser.add_argument("--crop-scale", type=float, default=0.08,
+        parser.add_argument("--crop-scale", type=crop_fraction, default=0.08,
                             help="smallest random crop, as a fraction of the picture's area")
         parser.add_argument("--cache", action="store_true",
                             help="decode and resize every picture once and keep it in memory "
@@ -110,6 +113,20 @@ def int_at_least(minimum, requirement):
             raise argparse.ArgumentTypeError(f"must be {requirement}, got {text}")
         return value
     return integer
+
+
+def positive_float(text):
+    value = float(text)
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+    return value
+
+
+def crop_fraction(text):
+    value = float(text)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be above 0 and at most 1, got {text}")
+    return value
 
 
 positive_int = int_at_least(1, "a positive integer")
@@ -343,12 +360,26 @@ def fit(model, optimizer, compute_loss, train_set, val_loader, args, device, on_
     autocast, scaler = amp_context(device, args.amp)
     torch.backends.cudnn.benchmark = device.type == "cuda"  # fixed input size: pick fastest kernels
     start_epoch, skip, history, best, sums = 0, 0, [], -1.0, [0.0, 0, 0]
+    # what must not change between a run and its resumption, or it would not continue exactly
+    settings = {"batch_size": args.batch_size, "seed": args.seed, "crop_scale": args.crop_scale,
+                "cache": args.cache, "lr": args.lr, "image_size": args.image_size}
+    if not resume and rank == 0 and os.path.exists(state_path):
+        raise UserError(f"{state_path}: an interrupted run left this; add --resume {state_path} "
+                        "to continue it, or delete it to start over")
     if resume:
         state = safe_load(resume, "a training state saved by Ctrl-C")
         if not isinstance(state, dict) or state.get("format") != TRAINING_STATE_FORMAT:
             raise UserError(f"{resume}: not a training state saved by this pipeline")
         if state["world"] != world:
             raise UserError(f"{resume}: saved by {state['world']} process(es), resumed by {world}")
+        changed = [f"--{k.replace('_', '-')} {state['settings'][k]}" for k in settings
+                   if state["settings"].get(k) != settings[k]]
+        if changed:
+            raise UserError(f"{resume}: was saved with {', '.join(changed)}; resume with the "
+                            "same flags")
+        if state["epoch"] >= args.epochs:
+            raise UserError(f"{resume}: stopped in epoch {state['epoch'] + 1}, but --epochs is "
+                            f"{args.epochs}")
         try:
             model.load_state_dict(state["model"])
         except RuntimeError:
@@ -369,6 +400,7 @@ def fit(model, optimizer, compute_loss, train_set, val_loader, args, device, on_
                          "optimizer": optimizer.state_dict(), "rng": torch.get_rng_state(),
                          "cuda_rng": torch.cuda.get_rng_state(device)
                          if device.type == "cuda" else None, "world": world,
+                         "settings": settings,
                          "epoch": epoch, "samples_done": samples_done, "history": history,
                          "best": best, "sums": sums}, state_path)
 
@@ -380,7 +412,7 @@ def fit(model, optimizer, compute_loss, train_set, val_loader, args, device, on_
             done = skip
             bar = tqdm(loader, desc=f"{title} epoch {epoch + 1}/{epochs}", leave=False,
                        disable=True if rank else None)
-            try:
+            with bar:
                 for images, labels in bar:
                     images, labels = images.to(device, non_blocking=True), labels.to(device)
                     optimizer.zero_grad(set_to_none=True)
@@ -402,12 +434,8 @@ def fit(model, optimizer, compute_loss, train_set, val_loader, args, device, on_
                     if all_reduce_sum([float(stop.requested)], device)[0]:
                         stop.requested = True
                         break
-            except Exception:
-                if not stop.requested:  # a loader worker hit by the same Ctrl-C
-                    raise
-            finally:
-                bar.close()
             if stop.requested:
+                sums = all_reduce_sum(sums, device)  # the state holds every process's share
                 save_state(epoch, done)
                 raise Interrupted(f"Saved the state after {done * world} images of epoch "
                                   f"{epoch + 1} to {state_path}; add --resume {state_path} to "
@@ -449,6 +477,7 @@ def save_history(history, path, title):
 
 def write_json(obj, path):
     """Write JSON through a temporary file, so readers never see half of it."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path + ".tmp", "w") as file:
         json.dump(obj, file, indent=1)
     os.replace(path + ".tmp", path)

@@ -36,4 +36,4 @@ def test_two_process_training_writes_one_checkpoint_with_whole_split_accuracy(tm
     assert single.returncode == 0, single.stderr
     measured = re.search(r"accuracy ([\d.]+)% on (\d+) images", single.stdout)
     assert measured and int(measured.group(2)) == 6
-    assert abs(float(measured.group(1)) / 100 - best) < 1e-9, (single.stdout, history)
+    assert abs(float(measured.group(1)) / 100 - best) < 5e-5, (single.stdout, history)  # 2 decimals

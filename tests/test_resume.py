@@ -132,7 +132,7 @@ def test_ctrl_c_during_distillation_saves_a_state_that_resumes(pipeline, tmp_pat
     for name in ("vgg16Net.pth", "pruned_vgg16_net.pth"):
         shutil.copy(pipeline.path(name), tmp_path / name)
     command = [sys.executable, str(REPO / "knowledge_distillation.py"), "--epochs", "2",
-               "--batch-size", "2", "--workers", "0"]
+               "--batch-size", "2", "--workers", "2"]  # loader workers see Ctrl-C too
     proc = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     history = tmp_path / "finetuned_vgg16_net.history.json"
@@ -153,3 +153,23 @@ def test_ctrl_c_during_distillation_saves_a_state_that_resumes(pipeline, tmp_pat
     assert "distill epoch 2/2" in resumed.stdout and "distill epoch 1/2" not in resumed.stdout
     assert len(json.loads(history.read_text())) == 2
     assert not (tmp_path / "finetuned_vgg16_net.state.pth").exists()
+
+
+def test_fresh_run_refuses_to_overwrite_a_pending_interrupted_state(tmp_path):
+    generate_demo(tmp_path / "photos", per_class=3)
+    assert run_script("split_dataset.py", "--source", "photos", cwd=tmp_path).returncode == 0
+    (tmp_path / "vgg16Net.state.pth").write_bytes(b"state of an interrupted run")
+    proc = run_script("train.py", "--image-size", IMAGE_SIZE, "--epochs", 1, "--workers", 0,
+                      cwd=tmp_path)
+    assert_clean_error(proc, "vgg16Net.state.pth", "--resume")
+    assert (tmp_path / "vgg16Net.state.pth").read_bytes() == b"state of an interrupted run"
+    assert not (tmp_path / "vgg16Net.pth").exists()
+
+
+def test_resume_with_other_flags_is_refused(runs, tmp_path):
+    state = tmp_path / "copy.state.pth"
+    torch.save(runs["state"], state)
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "train.py"), *map(str, FLAGS[:-2]), "--seed", "4",
+         "--resume", str(state)], cwd=runs["stopped_dir"], capture_output=True, text=True)
+    assert_clean_error(proc, "--seed 3", "same flags")

@@ -240,3 +240,14 @@ def test_thousands_of_bad_files_are_summarised_not_listed(tmp_path, demo_animals
     assert "... and 595 more" in proc.stdout
     assert len(proc.stdout.splitlines()) < 15
     assert len(list((tmp_path / "dataset").rglob("*.jpg"))) == 20
+
+
+def test_rerun_refuses_to_delete_files_added_to_its_own_split(tmp_path, demo_animals):
+    assert split_here("--source", demo_animals, cwd=tmp_path).returncode == 0
+    holdout = tmp_path / "dataset" / "test" / "cat" / "holdout.jpg"
+    holdout.parent.mkdir(parents=True)
+    holdout.write_bytes(b"my own test picture")
+    before = tree_digest(tmp_path / "dataset")
+    proc = split_here("--source", demo_animals, cwd=tmp_path)
+    assert_clean_error(proc, "dataset", "test/cat/holdout.jpg", "did not write")
+    assert tree_digest(tmp_path / "dataset") == before

@@ -20,20 +20,22 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from model import build_model  # noqa: E402
 from pruner import count_flops, prune  # noqa: E402
-from utils import make_parser, measure_latency, resolve_device, run_cli  # noqa: E402
+from utils import (fraction, image_size_type, make_parser, measure_latency,  # noqa: E402
+                   non_negative_int, positive_int, resolve_device, run_cli)
 
 
 def get_args_parser():
     parser = make_parser(__doc__)
-    parser.add_argument("--image-size", type=int, default=224)
-    parser.add_argument("--sparsity", type=float, default=0.5)
+    parser.add_argument("--image-size", type=image_size_type, default=224)
+    parser.add_argument("--sparsity", type=fraction, default=0.5)
     parser.add_argument("--batch-norm", action="store_true")
-    parser.add_argument("--batch-size", type=int, default=32, help="batch of the throughput test")
+    parser.add_argument("--batch-size", type=positive_int, default=32,
+                        help="batch of the throughput test")
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
-    parser.add_argument("--threads", type=int, default=None,
+    parser.add_argument("--threads", type=positive_int, default=None,
                         help="CPU threads (default: PyTorch's choice)")
-    parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--warmup", type=non_negative_int, default=3)
+    parser.add_argument("--repeats", type=positive_int, default=10)
     parser.add_argument("--verbose", action="store_true")
     return parser
 
