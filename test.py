@@ -67,9 +67,11 @@ def plot_confusion(metrics, class_names, path, title, show):
     figure, axis = plt.subplots(figsize=(size, size))
     confusion = metrics["confusion"]
     axis.imshow(confusion, cmap="Blues")
+    darkest = max(max(counts) for counts in confusion)
     for row, counts in enumerate(confusion):
         for column, count in enumerate(counts):
-            axis.text(column, row, count, ha="center", va="center")
+            axis.text(column, row, count, ha="center", va="center",
+                      color="white" if count > darkest / 2 else "black")
     axis.set_xticks(range(len(class_names)), class_names, rotation=45)
     axis.set_yticks(range(len(class_names)), class_names)
     axis.set(xlabel="predicted", ylabel="true", title=f"{title}: {metrics['accuracy']:.1%}")
