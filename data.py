@@ -98,7 +98,7 @@ def eval_transform(image_size):
 
 
 def find_classes(root):
-    """Sorted class names: the sub-folders of `root` that hold at least one image."""
+    """Sorted class names: the sub-folders of `root` (hidden ones left out)."""
     if not os.path.isdir(root):
         raise UserError(f"{root}: folder not found (expected {root}/<class>/<images>; "
                         "run split_dataset.py first)")
@@ -153,10 +153,8 @@ class ImageFolder(torch.utils.data.Dataset):
                              desc=f"caching {self.root}", disable=None))
 
     def _load(self, index):
-        if self.cache is None:
+        if self.cache is None or self.cache[index] is None:  # uncached, or raise why it failed
             return load_rgb(self.samples[index][0])
-        if self.cache[index] is None:
-            return load_rgb(self.samples[index][0])  # raises the reason it failed
         return Image.fromarray(self.cache[index])
 
     def __len__(self):

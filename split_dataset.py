@@ -21,7 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from tqdm import tqdm
 
-from data import check_image, is_image_name
+from data import check_image, find_classes, is_image_name
 from utils import UserError, fraction, make_parser, run_cli
 
 MARKER = ".split_dataset.json"  # marks a folder this script made and may replace
@@ -44,7 +44,7 @@ def scan(source, workers):
     if not os.path.isdir(source):
         raise UserError(f"{source}: folder not found (expected {source}/<class>/<images>, "
                         "one sub-folder per class)")
-    classes = sorted(e.name for e in os.scandir(source) if e.is_dir() and not e.name.startswith("."))
+    classes = find_classes(source)
     if len(classes) < 2:
         found = f"only {classes[0]!r}" if classes else "none"
         raise UserError(f"{source}: needs at least two class sub-folders "

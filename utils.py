@@ -97,14 +97,6 @@ def add_data_args(parser, image_size=None, batch_size=32, training=False):
                             help="mixed precision on CUDA (bf16 where supported, else fp16)")
 
 
-def fraction(text):
-    """A number strictly between 0 and 1 (a split ratio, a sparsity)."""
-    value = float(text)
-    if not 0 < value < 1:
-        raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {text}")
-    return value
-
-
 def int_at_least(minimum, requirement):
     """An argparse type: an integer of at least `minimum`, else a one-line reason."""
     def integer(text):
@@ -115,23 +107,22 @@ def int_at_least(minimum, requirement):
     return integer
 
 
-def positive_float(text):
-    value = float(text)
-    if not 0 < value < float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
-    return value
-
-
-def crop_fraction(text):
-    value = float(text)
-    if not 0 < value <= 1:
-        raise argparse.ArgumentTypeError(f"must be above 0 and at most 1, got {text}")
-    return value
+def float_within(low, high, requirement, include_high=False):
+    """An argparse type: a number above `low` and below `high` (or equal to it)."""
+    def number(text):
+        value = float(text)
+        if not (low < value < high or include_high and value == high):
+            raise argparse.ArgumentTypeError(f"must be {requirement}, got {text}")
+        return value
+    return number
 
 
 positive_int = int_at_least(1, "a positive integer")
 non_negative_int = int_at_least(0, "0 or more")
 image_size_type = int_at_least(32, "at least 32 (VGG halves it five times)")
+fraction = float_within(0, 1, "between 0 and 1")  # a split ratio, a sparsity
+crop_fraction = float_within(0, 1, "above 0 and at most 1", include_high=True)
+positive_float = float_within(0, float("inf"), "a positive number")
 
 
 def resolve_device(name):
