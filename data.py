@@ -186,16 +186,22 @@ def training_sets(args, image_size):
     """(train set, val set) of the split in args.data, as both training scripts use them.
 
     With --cache, training pictures are kept a little above the training size, so
-    random crops still have room; validation pictures exactly at the size the
-    evaluation transform resizes them to, so results equal those without a cache.
+    random crops still have room.
     """
     train_set = ImageFolder(os.path.join(args.data, "train"),
                             train_transform(image_size, args.crop_scale), seed=args.seed,
                             cache_size=round(image_size * 1.15) if args.cache else None)
-    val_set = ImageFolder(os.path.join(args.data, "val"), eval_transform(image_size),
-                          train_set.class_names,
-                          cache_size=(image_size, image_size) if args.cache else None)
-    return train_set, val_set
+    return train_set, val_set(args.data, image_size, train_set.class_names, args.cache)
+
+
+def val_set(data, image_size, class_names=None, cache=False):
+    """DATA/val as every stage evaluates it.
+
+    With `cache`, pictures are kept at exactly the size the evaluation transform
+    resizes them to, so results equal those without a cache.
+    """
+    return ImageFolder(os.path.join(data, "val"), eval_transform(image_size), class_names,
+                       cache_size=(image_size, image_size) if cache else None)
 
 
 class EpochSampler(torch.utils.data.Sampler):
@@ -229,8 +235,23 @@ class EpochSampler(torch.utils.data.Sampler):
         return len(self._order()) - self.skip
 
 
+def default_workers(device):
+    """No workers on the CPU: training VGG16 on 2 cores with 2 loader workers measured 1.25x
+    slower at 224 px and no faster at 48 px; they take the cores the model computes on.
+    On a GPU up to 8 for each process, the machine's cores shared between them.
+    """
+    if device.type == "cpu":
+        return 0
+    return min(8, max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
+
+
 def make_loader(dataset, batch_size, workers, device, sampler):
-    """Batches of `dataset`; with no sampler, in order (each process its share under torchrun)."""
+    """Batches of `dataset`; with no sampler, in order (each process its share under torchrun).
+
+    `workers` None: `default_workers(device)`.
+    """
+    if workers is None:
+        workers = default_workers(device)
     if sampler is None and torch.distributed.is_available() and torch.distributed.is_initialized():
         sampler = range(torch.distributed.get_rank(), len(dataset),
                         torch.distributed.get_world_size())

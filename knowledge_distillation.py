@@ -18,8 +18,8 @@ import torch
 import torch.nn.functional as F
 
 from data import make_loader, training_sets
-from utils import (UserError, add_data_args, atomic_save, check_classes, evaluate, fit,
-                   init_distributed, load_checkpoint, make_checkpoint, make_parser,
+from utils import (UserError, add_data_args, atomic_save, check_classes, check_image_size,
+                   evaluate, fit, init_distributed, load_checkpoint, make_checkpoint, make_parser,
                    model_from_checkpoint, positive_float, positive_int, run_cli)
 
 
@@ -55,17 +55,17 @@ def main(args):
     teacher_checkpoint = load_checkpoint(args.teacher, kinds=("dense",))
     student_checkpoint = load_checkpoint(args.student, kinds=("pruned", "finetuned"))
     image_size = student_checkpoint["image_size"]
-    for path, checkpoint in ((args.teacher, teacher_checkpoint), (args.student, student_checkpoint)):
-        if checkpoint["image_size"] != (args.image_size or image_size):
-            raise UserError(f"{path}: made for {checkpoint['image_size']} px images, but "
-                            f"{args.image_size or image_size} px were asked for")
+    check_image_size(student_checkpoint, args.student, args.image_size, "--image-size")
+    check_image_size(teacher_checkpoint, args.teacher, image_size, f"the student {args.student}")
     class_names = teacher_checkpoint["class_names"]
     check_classes(student_checkpoint, args.student, class_names)
     train_set, val_set = training_sets(args, image_size)
     check_classes(teacher_checkpoint, args.teacher, train_set.class_names)
     val_loader = make_loader(val_set, args.batch_size, args.workers, device, sampler=None)
 
-    teacher = model_from_checkpoint(teacher_checkpoint, args.teacher).to(device).eval()
+    # channels-last, as fit() makes the student: the batches arrive in that layout
+    teacher = model_from_checkpoint(teacher_checkpoint, args.teacher).eval()
+    teacher.to(device, memory_format=torch.channels_last)
     student = model_from_checkpoint(student_checkpoint, args.student).to(device)
     before = evaluate(student, val_loader, device, len(class_names), progress="student before")
     teacher_accuracy = teacher_checkpoint["metrics"].get("val_accuracy")

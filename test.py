@@ -15,8 +15,8 @@ import os
 
 import torch
 
-from data import ImageFolder, eval_transform, load_rgb, make_loader
-from utils import (UserError, add_data_args, evaluate, load_checkpoint,
+from data import eval_transform, load_rgb, make_loader, val_set
+from utils import (UserError, add_data_args, check_image_size, evaluate, load_checkpoint,
                    make_parser, measure_latency, model_from_checkpoint, non_negative_int,
                    output_path, positive_int, pyplot, resolve_device, run_cli, write_json)
 
@@ -49,15 +49,12 @@ def get_args_parser():
 
 def load_model(path, args, device):
     checkpoint = load_checkpoint(path)
-    if args.image_size and args.image_size != checkpoint["image_size"]:
-        raise UserError(f"{path}: trained at {checkpoint['image_size']} px, but --image-size "
-                        f"{args.image_size} was given; leave --image-size out to use it")
+    check_image_size(checkpoint, path, args.image_size, "--image-size")
     return checkpoint, model_from_checkpoint(checkpoint, path).to(device).eval()
 
 
 def val_loader(args, checkpoint, device):
-    dataset = ImageFolder(os.path.join(args.data, "val"), eval_transform(checkpoint["image_size"]),
-                          checkpoint["class_names"])
+    dataset = val_set(args.data, checkpoint["image_size"], checkpoint["class_names"])
     return make_loader(dataset, args.batch_size, args.workers, device, sampler=None)
 
 

@@ -19,7 +19,8 @@ from tqdm import tqdm
 import model as vgg
 
 CHECKPOINT_FORMAT = "vgg-prune-distill/1"
-TRAINING_STATE_FORMAT = "vgg-prune-distill-state/1"
+# /2: the model and Adam's moments in the channels-last layout
+TRAINING_STATE_FORMAT = "vgg-prune-distill-state/2"
 
 
 # --- the command-line edge -------------------------------------------------
@@ -36,20 +37,26 @@ def run_cli(main, parser, argv=None):
     """Parse flags, run `main(args)`, and turn user mistakes into one-line errors."""
     args = parser.parse_args(argv)
     prog = parser.prog
+    # under torchrun the processes of one machine read the same files and stop together:
+    # the first of them speaks for all
+    say = print if local_rank() == 0 else (lambda *args, **kwargs: None)
     try:
         main(args)
     except UserError as error:
         # raised in a data-loader worker, it arrives with that worker's traceback: keep the
         # last line, which is the message
         message = str(error).strip().splitlines()[-1].split("UserError: ", 1)[-1]
-        print(f"{prog}: error: {message}", file=sys.stderr)
+        say(f"{prog}: error: {message}", file=sys.stderr)
         return 2
     except Interrupted as stop:
-        print(f"{prog}: interrupted. {stop}", file=sys.stderr)
+        say(f"{prog}: interrupted. {stop}", file=sys.stderr)
         return 130
     except KeyboardInterrupt:
-        print(f"{prog}: interrupted; nothing was saved by this step.", file=sys.stderr)
+        say(f"{prog}: interrupted; nothing was saved by this step.", file=sys.stderr)
         return 130
+    finally:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
     return 0
 
 
@@ -64,7 +71,8 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescript
 class ArgumentParser(argparse.ArgumentParser):
     def error(self, message):
         """A bad flag is one line too (argparse would print the whole usage first)."""
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+        # under torchrun every process parses the same flags: one line per machine
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n" if local_rank() == 0 else None)
 
 
 def make_parser(doc):
@@ -83,8 +91,10 @@ def add_data_args(parser, image_size=None, batch_size=32, training=False):
                         help="images per batch (per process under torchrun)")
     parser.add_argument("--device", default="auto",
                         help="auto (CUDA if available, else CPU), cpu, cuda or cuda:N")
-    parser.add_argument("--workers", type=non_negative_int, default=min(4, os.cpu_count() or 1),
-                        help="data-loading worker processes (0: load in the main process)")
+    parser.add_argument("--workers", type=non_negative_int,
+                        help="data-loading worker processes (0: load in the main process; "
+                             "default: 0 on the CPU, where workers would compete with the "
+                             "model for the cores, else up to 8 per GPU process)")
     parser.add_argument("--seed", type=int, default=0, help="random seed")
     if training:
         parser.add_argument("--crop-scale", type=crop_fraction, default=0.08,
@@ -218,6 +228,14 @@ def check_classes(checkpoint, path, class_names):
                         f"but the data has {list(class_names)}")
 
 
+def check_image_size(checkpoint, path, image_size, asked_by):
+    """A checkpoint is used at the size it was trained at; `image_size` None means that size."""
+    if image_size and image_size != checkpoint["image_size"]:
+        hint = " (leave --image-size out to use the checkpoint's)" if asked_by.startswith("--") else ""
+        raise UserError(f"{path}: made for {checkpoint['image_size']} px images, but {asked_by} "
+                        f"asks for {image_size} px{hint}")
+
+
 def output_path(checkpoint_path, suffix):
     """Files that belong to a checkpoint sit beside it: vgg16Net.pth -> vgg16Net.<suffix>."""
     return os.path.splitext(checkpoint_path)[0] + "." + suffix
@@ -258,7 +276,11 @@ def summarise(confusion, total_loss, count):
 # --- training --------------------------------------------------------------
 
 class StopRequest:
-    """First Ctrl-C asks the loop to stop after the current batch; a second one aborts."""
+    """First Ctrl-C asks the loop to stop after the current batch; a second one aborts.
+
+    (Under torchrun the launcher gets the terminal's Ctrl-C and passes it on to
+    each process once.)
+    """
 
     def __init__(self):
         self.requested = False
@@ -274,8 +296,9 @@ class StopRequest:
         if self.requested:
             raise KeyboardInterrupt
         self.requested = True
-        print("\nStopping after this batch and saving a resumable state "
-              "(Ctrl-C again to abort without saving)...", file=sys.stderr)
+        if local_rank() == 0:
+            print("\nStopping after this batch and saving a resumable state "
+                  "(Ctrl-C again to abort without saving)...", file=sys.stderr)
 
     def __exit__(self, *exc):
         signal.signal(signal.SIGINT, self.previous)
@@ -287,6 +310,13 @@ def amp_context(device, enabled):
     dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
     return torch.autocast("cuda", dtype=dtype), scaler
+
+
+def local_rank():
+    """This process's index on its machine under torchrun (0 otherwise)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return 0
+    return int(os.environ.get("LOCAL_RANK", "0"))
 
 
 def distributed():
@@ -305,7 +335,11 @@ def init_distributed(device_name):
         return resolve_device(device_name)
     device = resolve_device(device_name)
     if device.type == "cuda":
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        if local_rank() >= torch.cuda.device_count():
+            raise UserError(f"torchrun started {os.environ['LOCAL_WORLD_SIZE']} processes on this "
+                            f"machine, which has {torch.cuda.device_count()} GPU(s); use "
+                            f"--nproc_per_node={torch.cuda.device_count()}")
+        device = torch.device("cuda", local_rank())
         torch.cuda.set_device(device)
     else:  # share the cores between the processes instead of oversubscribing them
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ["LOCAL_WORLD_SIZE"])))
@@ -334,8 +368,9 @@ def fit(model, optimizer, compute_loss, train_set, val_loader, args, device, on_
     from such a file exactly as if never stopped.
     Under torchrun the model is wrapped in DistributedDataParallel, each process
     takes its share of every batch order, and rank 0 alone writes files.
-    Returns the per-epoch history (also written to <output>.history.json and drawn
-    as <output>.history.png).
+    The model is trained in the channels-last memory format.
+    Returns the per-epoch history: losses, accuracies, training images per second
+    (also written to <output>.history.json and drawn as <output>.history.png).
     """
     from data import EpochSampler, make_loader
 
@@ -346,6 +381,9 @@ def fit(model, optimizer, compute_loss, train_set, val_loader, args, device, on_
     num_classes = len(train_set.class_names)
     sampler = EpochSampler(len(train_set), args.seed, rank=rank, world=world)
     loader = make_loader(train_set, args.batch_size, args.workers, device, sampler)
+    # channels-last: training VGG16 on a 2-core CPU measured 1.3x faster at 224 px (batch
+    # 16) and no slower at 64 px; on CUDA it is the layout tensor cores want
+    model.to(memory_format=torch.channels_last)
     network = model if world == 1 else torch.nn.parallel.DistributedDataParallel(
         model, device_ids=[device.index] if device.type == "cuda" else None)
     autocast, scaler = amp_context(device, args.amp)
@@ -353,14 +391,20 @@ def fit(model, optimizer, compute_loss, train_set, val_loader, args, device, on_
     start_epoch, skip, history, best, sums = 0, 0, [], -1.0, [0.0, 0, 0]
     # what must not change between a run and its resumption, or it would not continue exactly
     settings = {"batch_size": args.batch_size, "seed": args.seed, "crop_scale": args.crop_scale,
-                "cache": args.cache, "lr": args.lr, "image_size": args.image_size}
-    if not resume and rank == 0 and os.path.exists(state_path):
+                "cache": args.cache, "lr": args.lr, "image_size": args.image_size, "amp": args.amp}
+    # rank 0 writes the state: every process must agree to refuse, or the others would hang
+    if not resume and all_reduce_sum([float(rank == 0 and os.path.exists(state_path))], device)[0]:
         raise UserError(f"{state_path}: an interrupted run left this; add --resume {state_path} "
                         "to continue it, or delete it to start over")
     if resume:
         state = safe_load(resume, "a training state saved by Ctrl-C")
         if not isinstance(state, dict) or state.get("format") != TRAINING_STATE_FORMAT:
-            raise UserError(f"{resume}: not a training state saved by this pipeline")
+            older = isinstance(state, dict) and str(state.get("format")).startswith(
+                TRAINING_STATE_FORMAT.split("/")[0])
+            raise UserError(f"{resume}: " + ("saved by an older version of this pipeline, "
+                                             "which trained in another memory layout; start over"
+                                             if older else
+                                             "not a training state saved by this pipeline"))
         if state["world"] != world:
             raise UserError(f"{resume}: saved by {state['world']} process(es), resumed by {world}")
         changed = [f"--{k.replace('_', '-')} {state['settings'][k]}" for k in settings
@@ -376,6 +420,8 @@ def fit(model, optimizer, compute_loss, train_set, val_loader, args, device, on_
         except RuntimeError:
             raise UserError(f"{resume}: saved for a different model than the one given") from None
         optimizer.load_state_dict(state["optimizer"])
+        if scaler and state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
         torch.set_rng_state(state["rng"])
         if device.type == "cuda" and state.get("cuda_rng") is not None:
             torch.cuda.set_rng_state(state["cuda_rng"], device)
@@ -389,6 +435,7 @@ def fit(model, optimizer, compute_loss, train_set, val_loader, args, device, on_
         if rank == 0:
             atomic_save({"format": TRAINING_STATE_FORMAT, "model": model.state_dict(),
                          "optimizer": optimizer.state_dict(), "rng": torch.get_rng_state(),
+                         "scaler": scaler.state_dict() if scaler else None,
                          "cuda_rng": torch.cuda.get_rng_state(device)
                          if device.type == "cuda" else None, "world": world,
                          "settings": settings,
@@ -400,12 +447,13 @@ def fit(model, optimizer, compute_loss, train_set, val_loader, args, device, on_
             started = time.perf_counter()
             sampler.set_epoch(epoch, skip)
             network.train()
-            done = skip
+            done, trained = skip, 0  # trained: images of this epoch trained by this run
             bar = tqdm(loader, desc=f"{title} epoch {epoch + 1}/{epochs}", leave=False,
                        disable=True if rank else None)
             with bar:
                 for images, labels in bar:
-                    images, labels = images.to(device, non_blocking=True), labels.to(device)
+                    images = images.to(device, non_blocking=True, memory_format=torch.channels_last)
+                    labels = labels.to(device, non_blocking=True)
                     optimizer.zero_grad(set_to_none=True)
                     with autocast:
                         loss, logits = compute_loss(network, images, labels)
@@ -417,6 +465,7 @@ def fit(model, optimizer, compute_loss, train_set, val_loader, args, device, on_
                         loss.backward()
                         optimizer.step()
                     done += labels.numel()
+                    trained += labels.numel()
                     sums[0] += loss.item() * labels.numel()
                     sums[1] += (logits.argmax(1) == labels).sum().item()
                     sums[2] += labels.numel()
@@ -431,7 +480,9 @@ def fit(model, optimizer, compute_loss, train_set, val_loader, args, device, on_
                 raise Interrupted(f"Saved the state after {done * world} images of epoch "
                                   f"{epoch + 1} to {state_path}; add --resume {state_path} to "
                                   "the same command to continue.")
-            train_loss, train_correct, train_count = all_reduce_sum(sums, device)
+            train_loss, train_correct, train_count, trained = all_reduce_sum(sums + [trained],
+                                                                             device)
+            train_seconds = time.perf_counter() - started  # the training part alone
             if world > 1:  # BatchNorm statistics drift apart per process: use rank 0's
                 for buffer in model.buffers():
                     torch.distributed.broadcast(buffer, 0)
@@ -441,6 +492,9 @@ def fit(model, optimizer, compute_loss, train_set, val_loader, args, device, on_
             record = {"epoch": epoch + 1, "train_loss": train_loss / max(train_count, 1),
                       "train_accuracy": train_correct / max(train_count, 1),
                       "val_loss": val["loss"], "val_accuracy": val["accuracy"],
+                      # all processes together (with the few repeated to even out their
+                      # shares); validation not counted; None if a resumed epoch had none left
+                      "images_per_second": round(trained / train_seconds, 3) if trained else None,
                       "seconds": round(time.perf_counter() - started, 2)}
             history.append(record)
             is_best = val["accuracy"] > best
@@ -453,7 +507,8 @@ def fit(model, optimizer, compute_loss, train_set, val_loader, args, device, on_
                 print(f"{title} epoch {epoch + 1}/{epochs}: train loss {record['train_loss']:.4f} "
                       f"acc {record['train_accuracy']:.1%} | val loss {val['loss']:.4f} "
                       f"acc {val['accuracy']:.1%}{'  (best, saved)' if is_best else ''} "
-                      f"| {record['seconds']:.0f}s", flush=True)
+                      f"| {(record['images_per_second'] or 0):.1f} img/s, "
+                      f"{record['seconds']:.0f}s", flush=True)
                 save_history(history, history_path, title)
             skip, sums = 0, [0.0, 0, 0]
     if rank == 0 and os.path.exists(state_path):

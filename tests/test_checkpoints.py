@@ -198,7 +198,7 @@ def test_checkpoint_of_other_classes_than_the_data_is_refused(pipeline, tmp_path
 def test_image_size_other_than_the_checkpoints_is_refused(pipeline, tmp_path):
     proc = run_script("test.py", "--weights", pipeline.path("vgg16Net.pth"), "--image-size", 64,
                       "--data", pipeline.path("dataset"), cwd=tmp_path)
-    assert_clean_error(proc, pipeline.path("vgg16Net.pth"), "32 px", "--image-size 64")
+    assert_clean_error(proc, pipeline.path("vgg16Net.pth"), "32 px", "--image-size asks for 64 px")
 
 
 def test_distillation_refuses_an_image_size_other_than_the_checkpoints(tmp_path):
@@ -207,6 +207,14 @@ def test_distillation_refuses_an_image_size_other_than_the_checkpoints(tmp_path)
     proc = run_in_process(SCRIPTS["knowledge_distillation"], "--teacher", teacher,
                           "--student", student, "--image-size", 64, cwd=tmp_path)
     assert_clean_error(proc, "32 px", "64 px")
+
+
+def test_distillation_refuses_a_teacher_made_for_another_image_size_than_the_student(tmp_path):
+    teacher = small_checkpoint(tmp_path / "t.pth", image_size=64)
+    student = small_checkpoint(tmp_path / "s.pth", kind="pruned")
+    proc = run_in_process(SCRIPTS["knowledge_distillation"], "--teacher", teacher,
+                          "--student", student, cwd=tmp_path)
+    assert_clean_error(proc, "t.pth: made for 64 px", "the student", "asks for 32 px")
 
 
 # --- what the pipeline writes -----------------------------------------------------

@@ -62,6 +62,11 @@ def test_training_writes_checkpoint_class_index_and_history(pipeline):
     assert checkpoint["metrics"]["val_accuracy"] == history[0]["val_accuracy"]
     assert pipeline.path("vgg16Net.history.png").stat().st_size > 1000
     assert "train epoch 1/1" in pipeline.procs["train"].stdout
+    # training images per second, validation left out: faster than the whole epoch's rate
+    images = len(list(pipeline.path("dataset/train").rglob("*.jpg")))
+    rate = history[0]["images_per_second"]
+    assert images / history[0]["seconds"] <= rate < 10 * images / history[0]["seconds"]
+    assert f"| {rate:.1f} img/s," in pipeline.procs["train"].stdout
 
 
 def test_pruner_hands_a_four_times_smaller_model_to_distillation(pipeline):
