@@ -13,7 +13,6 @@ The student learns from the teacher's softened predictions and from the labels:
 
     python knowledge_distillation.py             # T=8, alpha=0.99, Adam 1e-4, 20 epochs
 """
-
 import torch
 import torch.nn.functional as F
 

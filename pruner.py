@@ -22,8 +22,8 @@ import warnings
 import torch
 
 from model import architecture_of
-from utils import (atomic_save, fraction, image_size_type, load_checkpoint, make_checkpoint, make_parser,
-                   model_from_checkpoint, output_path, pyplot, run_cli)
+from utils import (atomic_save, fraction, image_size_type, load_checkpoint, make_checkpoint,
+                   make_parser, model_from_checkpoint, output_path, pyplot, run_cli)
 
 
 def config_list(sparsity):

@@ -9,7 +9,6 @@ Writes OUTPUT (vgg16Net.pth)      the checkpoint with the best validation accura
     python train.py                                   # VGG16, 224 px, Adam 1e-4, 30 epochs
     python train.py --image-size 64 --epochs 5 --batch-norm
 """
-
 import torch
 import torch.nn.functional as F
 

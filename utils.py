@@ -447,7 +447,7 @@ def fit(model, optimizer, compute_loss, train_set, val_loader, args, device, on_
             started = time.perf_counter()
             sampler.set_epoch(epoch, skip)
             network.train()
-            done, trained = skip, 0  # trained: images of this epoch trained by this run
+            done = skip
             bar = tqdm(loader, desc=f"{title} epoch {epoch + 1}/{epochs}", leave=False,
                        disable=True if rank else None)
             with bar:
@@ -465,7 +465,6 @@ def fit(model, optimizer, compute_loss, train_set, val_loader, args, device, on_
                         loss.backward()
                         optimizer.step()
                     done += labels.numel()
-                    trained += labels.numel()
                     sums[0] += loss.item() * labels.numel()
                     sums[1] += (logits.argmax(1) == labels).sum().item()
                     sums[2] += labels.numel()
@@ -480,8 +479,9 @@ def fit(model, optimizer, compute_loss, train_set, val_loader, args, device, on_
                 raise Interrupted(f"Saved the state after {done * world} images of epoch "
                                   f"{epoch + 1} to {state_path}; add --resume {state_path} to "
                                   "the same command to continue.")
-            train_loss, train_correct, train_count, trained = all_reduce_sum(sums + [trained],
-                                                                             device)
+            # trained: the images of this epoch that this run trained (a resumed one skipped some)
+            train_loss, train_correct, train_count, trained = all_reduce_sum(
+                sums + [done - skip], device)
             train_seconds = time.perf_counter() - started  # the training part alone
             if world > 1:  # BatchNorm statistics drift apart per process: use rank 0's
                 for buffer in model.buffers():
