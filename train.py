@@ -3,7 +3,7 @@
 Reads  DATA/train/<class>/, DATA/val/<class>/       (made by split_dataset.py)
 Writes OUTPUT (vgg16Net.pth)      the checkpoint with the best validation accuracy
        class_indices.json         {"0": "cat", "1": "dog", ...}
-       vgg16Net.history.json/.png loss and accuracy per epoch
+       vgg16Net.history.json/.png loss and accuracy per epoch (.json: also training images/s)
        vgg16Net.state.pth         only after Ctrl-C: continue with --resume
 
     python train.py                                   # VGG16, 224 px, Adam 1e-4, 30 epochs
