@@ -4,7 +4,8 @@
   orientation applied; greyscale, palette, CMYK, 16-bit and transparent
   images converted) and refuses decompression bombs.
 - `train_transform()` / `eval_transform()` are the transforms of every stage.
-- `ImageFolder` reads `<root>/<class>/<image>`; `make_loader()` batches it.
+- `ImageFolder` reads `<root>/<class>/<image>`; `make_loader()` batches it;
+  `training_loaders()` gives the two loaders both training stages use.
 """
 import os
 import signal
@@ -17,7 +18,8 @@ from PIL import Image, ImageOps
 from torchvision import transforms
 from tqdm import tqdm
 
-from utils import UserError
+from cli import UserError
+from distributed import distributed
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 # The largest picture accepted: 2**27 pixels (e.g. 16384 x 8192), about 400 MB decoded.
@@ -119,8 +121,7 @@ class ImageFolder(torch.utils.data.Dataset):
         if class_names is None:
             class_names = found
         elif found != list(class_names):
-            raise UserError(f"{root}: has classes {found}, but the model was trained on "
-                            f"{list(class_names)}")
+            raise UserError(f"{root}: has classes {found}, expected {list(class_names)}")
         self.root, self.transform, self.seed = root, transform, seed
         self.class_names = list(class_names)
         self.samples = []
@@ -182,16 +183,21 @@ class ImageFolder(torch.utils.data.Dataset):
         return [label for _, label in self.samples]
 
 
-def training_sets(args, image_size):
-    """(train set, val set) of the split in args.data, as both training scripts use them.
+def training_loaders(args, image_size, device):
+    """(train loader, val loader) of the split in args.data, as both training stages use them.
 
-    With --cache, training pictures are kept a little above the training size, so
-    random crops still have room.
+    The training order comes from an EpochSampler (seeded by --seed, each process
+    its share under torchrun). With --cache, training pictures are kept a little
+    above the training size, so random crops still have room.
     """
     train_set = ImageFolder(os.path.join(args.data, "train"),
                             train_transform(image_size, args.crop_scale), seed=args.seed,
                             cache_size=round(image_size * 1.15) if args.cache else None)
-    return train_set, val_set(args.data, image_size, train_set.class_names, args.cache)
+    rank, world = distributed()
+    sampler = EpochSampler(len(train_set), args.seed, rank=rank, world=world)
+    validation = val_set(args.data, image_size, train_set.class_names, args.cache)
+    return (make_loader(train_set, args.batch_size, args.workers, device, sampler),
+            make_loader(validation, args.batch_size, args.workers, device, sampler=None))
 
 
 def val_set(data, image_size, class_names=None, cache=False):
@@ -252,9 +258,9 @@ def make_loader(dataset, batch_size, workers, device, sampler):
     """
     if workers is None:
         workers = default_workers(device)
-    if sampler is None and torch.distributed.is_available() and torch.distributed.is_initialized():
-        sampler = range(torch.distributed.get_rank(), len(dataset),
-                        torch.distributed.get_world_size())
+    rank, world = distributed()
+    if sampler is None and world > 1:
+        sampler = range(rank, len(dataset), world)
     # its own generator: creating an iterator must not draw from the global RNG that
     # dropout uses, or a resumed run would not continue exactly
     return torch.utils.data.DataLoader(

@@ -13,13 +13,18 @@ The student learns from the teacher's softened predictions and from the labels:
 
     python knowledge_distillation.py             # T=8, alpha=0.99, Adam 1e-4, 20 epochs
 """
+import os
+
 import torch
 import torch.nn.functional as F
 
-from data import make_loader, training_sets
-from utils import (UserError, add_data_args, atomic_save, check_classes, check_image_size,
-                   evaluate, fit, init_distributed, load_checkpoint, make_checkpoint, make_parser,
-                   model_from_checkpoint, positive_float, positive_int, run_cli)
+from checkpoints import (atomic_save, check_made_for, file_sha256, load_checkpoint,
+                         make_checkpoint, model_from_checkpoint)
+from cli import UserError, add_data_args, make_parser, positive_float, positive_int, run_cli
+from data import find_classes, training_loaders
+from distributed import init_distributed
+from measure import evaluate
+from training import MEMORY_FORMAT, fit
 
 
 def get_args_parser():
@@ -54,18 +59,21 @@ def main(args):
     teacher_checkpoint = load_checkpoint(args.teacher, kinds=("dense",))
     student_checkpoint = load_checkpoint(args.student, kinds=("pruned", "finetuned"))
     image_size = student_checkpoint["image_size"]
-    check_image_size(student_checkpoint, args.student, args.image_size, "--image-size")
-    check_image_size(teacher_checkpoint, args.teacher, image_size, f"the student {args.student}")
     class_names = teacher_checkpoint["class_names"]
-    check_classes(student_checkpoint, args.student, class_names)
-    train_set, val_set = training_sets(args, image_size)
-    check_classes(teacher_checkpoint, args.teacher, train_set.class_names)
-    val_loader = make_loader(val_set, args.batch_size, args.workers, device, sampler=None)
+    check_made_for(student_checkpoint, args.student, "--image-size", image_size=args.image_size)
+    check_made_for(teacher_checkpoint, args.teacher, f"the student {args.student}",
+                   image_size=image_size)
+    check_made_for(student_checkpoint, args.student, f"the teacher {args.teacher}",
+                   class_names=class_names)
+    train_folder = os.path.join(args.data, "train")
+    check_made_for(teacher_checkpoint, args.teacher, train_folder,
+                   class_names=find_classes(train_folder))
+    train_loader, val_loader = training_loaders(args, image_size, device)
 
-    # channels-last, as fit() makes the student: the batches arrive in that layout
     teacher = model_from_checkpoint(teacher_checkpoint, args.teacher).eval()
-    teacher.to(device, memory_format=torch.channels_last)
-    student = model_from_checkpoint(student_checkpoint, args.student).to(device)
+    student = model_from_checkpoint(student_checkpoint, args.student)
+    for network in (teacher, student):  # the batches arrive in this layout
+        network.to(device, memory_format=MEMORY_FORMAT)
     before = evaluate(student, val_loader, device, len(class_names), progress="student before")
     teacher_accuracy = teacher_checkpoint["metrics"].get("val_accuracy")
     print(f"Distilling {args.teacher} (val {teacher_accuracy:.1%} when trained) into "
@@ -73,6 +81,14 @@ def main(args):
           f"T={args.temperature:g}, alpha={args.alpha:g}, {image_size} px")
     # fused: one kernel updates all parameters; the step is ~3x faster on CPU
     optimizer = torch.optim.Adam(student.parameters(), lr=args.lr, fused=True)
+
+    # what a resumed run must keep, or it would not continue exactly: the flags, the
+    # student's real image size, and the teacher (its path and, shortened, its checksum)
+    teacher_sha256 = file_sha256(args.teacher)
+    settings = {"batch_size": args.batch_size, "seed": args.seed, "crop_scale": args.crop_scale,
+                "cache": args.cache, "lr": args.lr, "image_size": image_size, "amp": args.amp,
+                "temperature": args.temperature, "alpha": args.alpha,
+                "teacher": f"{args.teacher} (sha256 {teacher_sha256[:16]})"}
 
     def compute_loss(net, images, labels):
         with torch.no_grad():
@@ -85,14 +101,16 @@ def main(args):
     def save_best(metrics):
         metrics.update(temperature=args.temperature, alpha=args.alpha, lr=args.lr,
                        epochs=args.epochs, seed=args.seed, teacher=args.teacher,
+                       teacher_sha256=teacher_sha256,
                        teacher_val_accuracy=teacher_accuracy,
                        student_val_accuracy_before=before["accuracy"],
                        pruning=student_checkpoint["metrics"])
         atomic_save(make_checkpoint(student, "finetuned", student_checkpoint["architecture"]["arch"],
                                     class_names, image_size, metrics), args.output)
 
-    history = fit(student, optimizer, compute_loss, train_set, val_loader, args, device,
-                  on_best=save_best, title="distill")
+    history = fit(student, optimizer, compute_loss, train_loader, val_loader, device,
+                  epochs=args.epochs, output=args.output, settings=settings, on_best=save_best,
+                  title="distill", resume=args.resume, amp=args.amp, memory_format=MEMORY_FORMAT)
     best = max(history, key=lambda r: r["val_accuracy"])
     print(f"Student validation accuracy {before['accuracy']:.1%} -> {best['val_accuracy']:.1%} "
           f"(epoch {best['epoch']}); teacher {teacher_accuracy:.1%}; saved {args.output}")

@@ -23,7 +23,6 @@ CONV_WIDTHS = {
     "vgg19": [64, 64, "M", 128, 128, "M", 256, 256, 256, 256, "M", 512, 512, 512, 512, "M",
               512, 512, 512, 512, "M"],
 }
-CLASSIFIER_WIDTHS = [4096, 4096]
 POOLED_SIZE = 7  # adaptive pooling to 7x7 lets any input size reach the classifier
 
 
@@ -72,12 +71,18 @@ class VGG(nn.Module):
         return self.classifier(torch.flatten(x, 1))
 
 
-def build_model(arch="vgg16", num_classes=2, batch_norm=False):
-    """A dense VGG of the standard widths."""
+def build_model(arch="vgg16", num_classes=2, batch_norm=False, classifier_width=4096):
+    """A dense VGG of the standard conv widths.
+
+    `classifier_width`: units of each hidden Linear layer (VGG's 4096). The first
+    takes 512*7*7 inputs, so at 4096 it holds 103M of VGG16's 134M parameters; a
+    narrower head (CIFAR-style VGGs use 512) suits small pictures and few classes.
+    """
     if arch not in CONV_WIDTHS:
         raise ValueError(f"unknown architecture {arch!r}; choose from {', '.join(CONV_WIDTHS)}")
     return from_architecture({"arch": arch, "batch_norm": batch_norm, "num_classes": num_classes,
-                              "features": CONV_WIDTHS[arch], "classifier": CLASSIFIER_WIDTHS})
+                              "features": CONV_WIDTHS[arch],
+                              "classifier": [classifier_width, classifier_width]})
 
 
 def from_architecture(architecture):
@@ -99,12 +104,6 @@ def architecture_of(model, arch):
             "num_classes": linears[-1].out_features,
             "features": features,
             "classifier": [linears[0].out_features, linears[1].out_features]}
-
-
-def is_pruned(architecture):
-    """True when any layer is narrower than the standard VGG of that name."""
-    return (list(architecture["features"]) != CONV_WIDTHS[architecture["arch"]]
-            or list(architecture["classifier"]) != CLASSIFIER_WIDTHS)
 
 
 def count_parameters(model):

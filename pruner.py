@@ -14,16 +14,16 @@ knowledge_distillation.py wins it back.
     python pruner.py
     python pruner.py --sparsity 0.7 --output pruned70.pth
 """
-import contextlib
-import io
-import logging
-import warnings
-
 import torch
 
+from checkpoints import (atomic_save, load_checkpoint, make_checkpoint, model_from_checkpoint,
+                         output_path)
+from cli import CheckFailed, fraction, image_size_type, make_parser, pyplot, quiet_nni, run_cli
+from measure import count_flops
 from model import architecture_of
-from utils import (atomic_save, fraction, image_size_type, load_checkpoint, make_checkpoint,
-                   make_parser, model_from_checkpoint, output_path, pyplot, run_cli)
+
+# The sped-up model must compute what the masked one does, up to this relative difference.
+TOLERANCE = 1e-3
 
 
 def config_list(sparsity):
@@ -45,42 +45,15 @@ def get_args_parser():
     return parser
 
 
-@contextlib.contextmanager
-def quiet_nni(verbose):
-    """NNI 3.0 prints deprecation warnings, INFO logs and bare prints; hide them unless asked."""
-    if verbose:
-        yield
-        return
-    logger = logging.getLogger("nni")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    try:
-        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
-            warnings.filterwarnings("ignore", category=FutureWarning)
-            warnings.filterwarnings("ignore", message=".*already registered as pytree node")
-            yield
-    finally:
-        logger.setLevel(level)
-
-
-def count_flops(model, image_size, verbose=False):
-    """FLOPs and parameters of one image's forward pass, by NNI's counter."""
-    with quiet_nni(verbose):
-        from nni.compression.utils.counter import count_flops_params
-        flops, params, _ = count_flops_params(model, torch.zeros(1, 3, image_size, image_size),
-                                              verbose=False)
-    return int(flops), int(params)
-
-
 def prune(model, sparsity, image_size, seed=0, verbose=False):
     """Prune `model` in place (L1 norm + ModelSpeedup) and check it against the masked model.
 
     Returns the largest absolute difference between the masked and the sped-up
-    outputs on a random batch, relative to the outputs' scale.
+    outputs on a random batch, relative to the outputs' scale; over TOLERANCE it
+    raises CheckFailed instead.
     """
     with quiet_nni(verbose):
         from nni.compression.pruning import L1NormPruner
-        from nni.compression.speedup import ModelSpeedup
 
         model.eval()
         batch = torch.randn(4, 3, image_size, image_size,
@@ -91,18 +64,26 @@ def prune(model, sparsity, image_size, seed=0, verbose=False):
         with torch.no_grad():
             masked_outputs = model(batch)  # the wrapped model applies the masks
         pruner.unwrap_model()
-        # NNI's own tracer fails on torch >= 2.2; give it a torch.fx graph instead.
-        ModelSpeedup(model, batch[:2], masks,
-                     graph_module=torch.fx.symbolic_trace(model)).speedup_model()
+        speed_up(model, batch[:2], masks)
         model.eval()  # the layers speedup rebuilt start in training mode
         with torch.no_grad():
             outputs = model(batch)
     scale = masked_outputs.abs().max().clamp(min=1e-12)
     difference = ((outputs - masked_outputs).abs().max() / scale).item()
-    if difference > 1e-3:
-        raise RuntimeError(f"the sped-up model differs from the masked model by {difference:.2e} "
-                           "(relative); NNI's speedup did not preserve the network")
+    if not difference <= TOLERANCE:  # NaN too
+        raise CheckFailed(f"the sped-up model ({len(masks)} pruned layers) differs from the "
+                          f"masked model by {difference:.2e} (relative, more than {TOLERANCE:g}): "
+                          "NNI's speedup did not preserve the network; nothing was saved")
     return difference
+
+
+def speed_up(model, example_inputs, masks):
+    """Rebuild the masked layers without their pruned channels (NNI ModelSpeedup), in place."""
+    from nni.compression.speedup import ModelSpeedup
+
+    # NNI's own tracer fails on torch >= 2.2; give it a torch.fx graph instead.
+    ModelSpeedup(model, example_inputs, masks,
+                 graph_module=torch.fx.symbolic_trace(model)).speedup_model()
 
 
 def silence_pruned_batch_norm(model, masks):

@@ -21,8 +21,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 from tqdm import tqdm
 
+from cli import UserError, fraction, make_parser, run_cli
 from data import check_image, find_classes, is_image_name
-from utils import UserError, fraction, make_parser, run_cli
 
 MARKER = ".split_dataset.json"  # marks a folder this script made and may replace
 
@@ -110,11 +110,15 @@ def check_destination(source, dest):
 
 
 def write_split(source, dest, plan, summary):
-    """Build the split in a sibling folder, then swap it in; DEST is intact until the swap."""
-    dest = os.path.realpath(dest)  # through a link: replace the folder it points to
-    parent = os.path.dirname(dest)
-    building = os.path.join(parent, f".{os.path.basename(dest)}.building-{os.getpid()}")
-    retired = os.path.join(parent, f".{os.path.basename(dest)}.old-{os.getpid()}")
+    """Build the split in a sibling folder, then swap it in; DEST is intact until the swap.
+
+    A failure on the way (a full disk, a file that vanished) is a one-line error, with
+    the previous DEST as it was and the half-built folder removed.
+    """
+    target = os.path.realpath(dest)  # through a link: replace the folder it points to
+    parent = os.path.dirname(target)
+    building = os.path.join(parent, f".{os.path.basename(target)}.building-{os.getpid()}")
+    retired = os.path.join(parent, f".{os.path.basename(target)}.old-{os.getpid()}")
     total = sum(len(t) + len(v) for t, v in plan.values())
     try:
         with tqdm(total=total, desc="copying", leave=False, disable=None) as bar:
@@ -129,14 +133,19 @@ def write_split(source, dest, plan, summary):
                  for part, files in (("train", train), ("val", val)) for file in files]
         with open(os.path.join(building, MARKER), "w") as marker:
             json.dump(dict(summary, files=files), marker, indent=1)
-        if os.path.exists(dest):
-            os.rename(dest, retired)
+        if os.path.exists(target):
+            os.rename(target, retired)
         try:
-            os.rename(building, dest)
+            os.rename(building, target)
         except OSError:
             if os.path.exists(retired):
-                os.rename(retired, dest)  # put the previous split back
+                os.rename(retired, target)  # put the previous split back
             raise
+    except OSError as error:
+        kept = ("the previous split is as it was" if os.path.exists(target) else
+                f"the previous split is in {retired}" if os.path.exists(retired) else
+                "nothing was written")
+        raise UserError(f"{dest}: could not write the split ({error}); {kept}") from None
     finally:
         shutil.rmtree(building, ignore_errors=True)
     shutil.rmtree(retired, ignore_errors=True)

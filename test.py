@@ -15,10 +15,12 @@ import os
 
 import torch
 
-from data import eval_transform, load_rgb, make_loader, val_set
-from utils import (UserError, add_data_args, check_image_size, evaluate, load_checkpoint,
-                   make_parser, measure_latency, model_from_checkpoint, non_negative_int,
-                   output_path, positive_int, pyplot, resolve_device, run_cli, write_json)
+from checkpoints import (check_made_for, load_checkpoint, model_from_checkpoint, output_path,
+                         write_json)
+from cli import (UserError, add_data_args, make_parser, non_negative_int, positive_int, pyplot,
+                 resolve_device, run_cli)
+from data import eval_transform, find_classes, load_rgb, make_loader, val_set
+from measure import count_flops, evaluate, measure_latency
 
 prune_test = False  # False: test the dense vgg16Net.pth; True: the distilled pruned model
 
@@ -49,11 +51,14 @@ def get_args_parser():
 
 def load_model(path, args, device):
     checkpoint = load_checkpoint(path)
-    check_image_size(checkpoint, path, args.image_size, "--image-size")
+    check_made_for(checkpoint, path, "--image-size", image_size=args.image_size)
     return checkpoint, model_from_checkpoint(checkpoint, path).to(device).eval()
 
 
-def val_loader(args, checkpoint, device):
+def val_loader(args, checkpoint, path, device):
+    """DATA/val at the checkpoint's size, refused if its classes are not the checkpoint's."""
+    folder = os.path.join(args.data, "val")
+    check_made_for(checkpoint, path, folder, class_names=find_classes(folder))
     dataset = val_set(args.data, checkpoint["image_size"], checkpoint["class_names"])
     return make_loader(dataset, args.batch_size, args.workers, device, sampler=None)
 
@@ -80,8 +85,8 @@ def plot_confusion(metrics, class_names, path, title, show):
 def test_accuracy(path, args, device):
     checkpoint, model = load_model(path, args, device)
     class_names = checkpoint["class_names"]
-    metrics = evaluate(model, val_loader(args, checkpoint, device), device, len(class_names),
-                       progress="evaluating")
+    metrics = evaluate(model, val_loader(args, checkpoint, path, device), device,
+                       len(class_names), progress="evaluating")
     print(f"{path}: accuracy {metrics['accuracy']:.2%} on {metrics['count']} images of "
           f"{os.path.join(args.data, 'val')}")
     for name, accuracy in zip(class_names, metrics["per_class_accuracy"]):
@@ -121,11 +126,9 @@ def classify(path, image_path, args, device):
 
 def measure(name, path, args, device, inputs):
     """Accuracy, size, FLOPs, latency and throughput of one checkpoint."""
-    from pruner import count_flops
-
     checkpoint, model = load_model(path, args, device)
     image_size = checkpoint["image_size"]
-    metrics = evaluate(model, val_loader(args, checkpoint, device), device,
+    metrics = evaluate(model, val_loader(args, checkpoint, path, device), device,
                        len(checkpoint["class_names"]), progress=f"evaluating {name}")
     flops, params = count_flops(model.cpu(), image_size, args.verbose)
     # channels-last: measured faster on CPU for dense and pruned VGG16 alike

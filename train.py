@@ -13,10 +13,11 @@ import torch
 import torch.nn.functional as F
 
 import model as vgg
-from data import make_loader, training_sets
-from utils import (UserError, add_data_args, atomic_save, distributed, fit, init_distributed,
-                   make_checkpoint, make_parser, positive_float, positive_int, run_cli, safe_load,
-                   write_json)
+from checkpoints import atomic_save, make_checkpoint, safe_load, write_json
+from cli import UserError, add_data_args, make_parser, positive_float, positive_int, run_cli
+from data import training_loaders
+from distributed import distributed, init_distributed
+from training import MEMORY_FORMAT, fit
 
 
 def get_args_parser():
@@ -24,6 +25,10 @@ def get_args_parser():
     add_data_args(parser, image_size=224, training=True)
     parser.add_argument("--arch", default="vgg16", choices=sorted(vgg.CONV_WIDTHS))
     parser.add_argument("--batch-norm", action="store_true", help="VGG with batch normalisation")
+    parser.add_argument("--classifier-width", type=positive_int, default=4096,
+                        help="units of each of the two hidden Linear layers; below VGG's 4096 the "
+                             "model shrinks fast (the first takes 25088 inputs), which suits small "
+                             "pictures and few classes")
     parser.add_argument("--epochs", type=positive_int, default=30,
                         help="passes over the training set")
     parser.add_argument("--lr", type=positive_float, default=1e-4, help="Adam learning rate")
@@ -52,21 +57,24 @@ def load_pretrained_weights(model, path):
 def main(args):
     torch.manual_seed(args.seed)
     device = init_distributed(args.device)
-    train_set, val_set = training_sets(args, args.image_size)
-    class_names = train_set.class_names
-    val_loader = make_loader(val_set, args.batch_size, args.workers, device, sampler=None)
+    train_loader, val_loader = training_loaders(args, args.image_size, device)
+    class_names = train_loader.dataset.class_names
     print(f"Training {args.arch}{' with batch norm' if args.batch_norm else ''} on {device}: "
-          f"{len(train_set)} train / {len(val_set)} val images, classes {class_names}, "
-          f"{args.image_size} px")
+          f"{len(train_loader.dataset)} train / {len(val_loader.dataset)} val images, "
+          f"classes {class_names}, {args.image_size} px")
     if distributed()[0] == 0:
         write_json({str(i): name for i, name in enumerate(class_names)}, args.class_index)
 
-    model = vgg.build_model(args.arch, len(class_names), args.batch_norm)
+    model = vgg.build_model(args.arch, len(class_names), args.batch_norm, args.classifier_width)
     if args.pretrained:
         load_pretrained_weights(model, args.pretrained)
-    model.to(device)
+    model.to(device, memory_format=MEMORY_FORMAT)
     # fused: one kernel updates all parameters; the step is ~3x faster on CPU
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, fused=True)
+    # what a resumed run must keep, or it would not continue exactly
+    settings = {"batch_size": args.batch_size, "seed": args.seed, "crop_scale": args.crop_scale,
+                "cache": args.cache, "lr": args.lr, "image_size": args.image_size,
+                "amp": args.amp}
 
     def compute_loss(net, images, labels):
         logits = net(images)
@@ -77,8 +85,9 @@ def main(args):
         atomic_save(make_checkpoint(model, "dense", args.arch, class_names, args.image_size,
                                     metrics), args.output)
 
-    history = fit(model, optimizer, compute_loss, train_set, val_loader, args, device,
-                  on_best=save_best, title="train")
+    history = fit(model, optimizer, compute_loss, train_loader, val_loader, device,
+                  epochs=args.epochs, output=args.output, settings=settings, on_best=save_best,
+                  title="train", resume=args.resume, amp=args.amp, memory_format=MEMORY_FORMAT)
     best = max(history, key=lambda r: r["val_accuracy"])
     print(f"Best validation accuracy {best['val_accuracy']:.1%} at epoch {best['epoch']}; "
           f"saved {args.output}")

@@ -5,6 +5,7 @@ error naming it (exit status 2, no traceback); writes are atomic.
 Most wrong-file cases run each script's real CLI edge (`run_cli`) in this process,
 which is fast; a representative few run the scripts as real subprocesses.
 """
+import json
 import pickle
 import random
 from pathlib import Path
@@ -13,7 +14,8 @@ import pytest
 import torch
 
 import model as vgg
-import utils
+import checkpoints
+from cli import UserError
 from conftest import (IMAGE_SIZE, NARROW, assert_clean_error, load_script, run_in_process,
                       run_script, small_checkpoint)
 
@@ -76,8 +78,8 @@ def test_crafted_pickle_really_runs_code_when_loaded_unsafely(tmp_path):
 @pytest.mark.parametrize("kind", BAD_FILES)
 def test_load_checkpoint_refuses_wrong_files_with_a_user_error(tmp_path, kind):
     path, marker = make_bad_file(kind, tmp_path)
-    with pytest.raises(utils.UserError) as error:
-        utils.load_checkpoint(str(path))
+    with pytest.raises(UserError) as error:
+        checkpoints.load_checkpoint(str(path))
     message = str(error.value)
     assert str(path) in message and REASONS[kind] in message
     assert "\n" not in message
@@ -104,7 +106,7 @@ def test_every_stage_turns_a_wrong_checkpoint_into_a_one_line_error(tmp_path, ki
 
 
 # Garbage that torch's weights-only unpickler chokes on with other exception types than
-# the ones utils.safe_load catches (found by feeding it seeded random bytes: about 1 file
+# the ones checkpoints.safe_load catches (found by feeding it seeded random bytes: about 1 file
 # in 12 of them escaped as IndexError, KeyError or struct.error).
 GARBAGE = {"struct_error": b"M\x1a", "index_error": b"\x80\x02\x86.",
            "key_error": b"\x80\x02h\x05."}
@@ -112,8 +114,8 @@ GARBAGE = {"struct_error": b"M\x1a", "index_error": b"\x80\x02\x86.",
 def test_load_checkpoint_refuses_garbage_that_confuses_the_unpickler(tmp_path, kind):
     path = tmp_path / f"{kind}.pth"
     path.write_bytes(GARBAGE[kind])
-    with pytest.raises(utils.UserError, match="corrupt|refused"):
-        utils.load_checkpoint(str(path))
+    with pytest.raises(UserError, match="corrupt|refused"):
+        checkpoints.load_checkpoint(str(path))
 
 
 def test_test_py_reports_a_garbage_checkpoint_in_one_line(tmp_path):
@@ -224,10 +226,10 @@ def test_distillation_refuses_a_teacher_made_for_another_image_size_than_the_stu
                                         ("finetuned_vgg16_net.pth", "finetuned")])
 def test_pipeline_checkpoints_load_without_pickle(pipeline, name, kind):
     checkpoint = torch.load(pipeline.path(name), map_location="cpu", weights_only=True)
-    assert checkpoint["format"] == utils.CHECKPOINT_FORMAT and checkpoint["kind"] == kind
+    assert checkpoint["format"] == checkpoints.CHECKPOINT_FORMAT and checkpoint["kind"] == kind
     assert checkpoint["class_names"] == ["cat", "dog"]
     assert checkpoint["image_size"] == IMAGE_SIZE
-    assert vgg.is_pruned(checkpoint["architecture"]) == (kind != "dense")
+    assert (checkpoint["architecture"]["features"] == vgg.CONV_WIDTHS["vgg16"]) == (kind == "dense")
     model = vgg.from_architecture(checkpoint["architecture"])
     model.load_state_dict(checkpoint["state_dict"], strict=True)
     assert all(v.device.type == "cpu" for v in checkpoint["state_dict"].values())
@@ -236,22 +238,22 @@ def test_pipeline_checkpoints_load_without_pickle(pipeline, name, kind):
 
 def test_atomic_save_writes_a_loadable_file_and_no_temporary(tmp_path):
     target = tmp_path / "ckpt.pth"
-    utils.atomic_save({"a": torch.arange(5)}, str(target))
+    checkpoints.atomic_save({"a": torch.arange(5)}, str(target))
     assert torch.equal(torch.load(target, weights_only=True)["a"], torch.arange(5))
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt.pth"]
 
 
 def test_atomic_save_replaces_the_old_file_whole(tmp_path):
     target = tmp_path / "ckpt.pth"
-    utils.atomic_save({"big": torch.zeros(100_000)}, str(target))
-    utils.atomic_save({"small": torch.ones(3)}, str(target))
+    checkpoints.atomic_save({"big": torch.zeros(100_000)}, str(target))
+    checkpoints.atomic_save({"small": torch.ones(3)}, str(target))
     assert list(torch.load(target, weights_only=True)) == ["small"]
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt.pth"]
 
 
 def test_failed_save_leaves_the_previous_file_intact(tmp_path, monkeypatch):
     target = tmp_path / "ckpt.pth"
-    utils.atomic_save({"weights": torch.arange(10)}, str(target))
+    checkpoints.atomic_save({"weights": torch.arange(10)}, str(target))
     before = target.read_bytes()
 
     def dies_midway(obj, file, *args, **kwargs):
@@ -260,14 +262,14 @@ def test_failed_save_leaves_the_previous_file_intact(tmp_path, monkeypatch):
 
     monkeypatch.setattr(torch, "save", dies_midway)
     with pytest.raises(OSError, match="No space"):
-        utils.atomic_save({"weights": torch.arange(99)}, str(target))
+        checkpoints.atomic_save({"weights": torch.arange(99)}, str(target))
     assert target.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt.pth"]
 
 
 def test_interrupted_save_leaves_the_previous_file_intact(tmp_path, monkeypatch):
     target = tmp_path / "ckpt.pth"
-    utils.atomic_save({"weights": torch.arange(10)}, str(target))
+    checkpoints.atomic_save({"weights": torch.arange(10)}, str(target))
     before = target.read_bytes()
 
     def interrupted(obj, file, *args, **kwargs):
@@ -276,6 +278,24 @@ def test_interrupted_save_leaves_the_previous_file_intact(tmp_path, monkeypatch)
 
     monkeypatch.setattr(torch, "save", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        utils.atomic_save({"weights": torch.arange(99)}, str(target))
+        checkpoints.atomic_save({"weights": torch.arange(99)}, str(target))
     assert target.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt.pth"]
+
+
+def test_write_json_writes_the_whole_report_and_no_temporary(tmp_path):
+    target = tmp_path / "report.json"
+    checkpoints.write_json([{"name": "dense", "accuracy": 0.5}] * 1000, str(target))
+    checkpoints.write_json([{"name": "pruned"}], str(target))
+    assert json.loads(target.read_text()) == [{"name": "pruned"}]
+    assert [p.name for p in tmp_path.iterdir()] == ["report.json"]
+
+
+def test_write_json_failing_midway_leaves_the_previous_report_intact(tmp_path):
+    target = tmp_path / "history.json"
+    checkpoints.write_json([{"epoch": 1}], str(target))
+    before = target.read_bytes()
+    with pytest.raises(TypeError):  # json.dump has written part of it when it meets this
+        checkpoints.write_json([{"epoch": 1}] * 1000 + [{"epoch": object()}], str(target))
+    assert target.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["history.json"]

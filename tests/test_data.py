@@ -9,7 +9,7 @@ from PIL import Image
 import data
 from conftest import (IMAGE_SIZE, assert_clean_error, generate_demo, load_script, run_in_process,
                       small_checkpoint)
-from utils import UserError
+from cli import UserError
 
 
 def save(image, path, **options):

@@ -14,6 +14,7 @@ TOOLS = Path(__file__).resolve().parents[1] / "tools"
 sys.path.insert(0, str(TOOLS))
 
 import make_demo_data as mdd  # noqa: E402
+from cli import UserError  # noqa: E402
 
 SCRIPT = TOOLS / "make_demo_data.py"
 
@@ -155,7 +156,7 @@ def test_refuses_animals_folder(tmp_path):
     # ... even when it already carries a marker, and through the Python API
     animals.mkdir()
     (animals / ".demo_data").write_text("generated\n")
-    with pytest.raises(mdd.DemoDataError):
+    with pytest.raises(UserError):
         mdd.generate(animals, per_class=1, size=32)
     assert [p.name for p in animals.iterdir()] == [".demo_data"]
 

@@ -1,52 +1,79 @@
-"""train.py under torchrun: two CPU processes (gloo) train one model together.
+"""train.py under torchrun: CPU processes (gloo) train one model together.
 
-Checks what a user relies on: the run finishes, exactly one checkpoint is
-written (by rank 0), and the validation accuracy it reports is that of the
-whole val split -- the same number a single-process test.py measures on the
-checkpoint it wrote.
+Checks what a user relies on: the run finishes, only rank 0 (the first machine)
+writes files, the validation accuracy it reports is that of the whole val split
+-- the same number a single-process test.py measures on the checkpoint it wrote --
+and Ctrl-C saves one state that torchrun resumes.
 """
 import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
 
-from conftest import IMAGE_SIZE, REPO, files_under, generate_demo, run_script
+from conftest import REPO, TRAIN_FLAGS, files_under, generate_demo, run_script
 
 
-def torchrun(*args):
-    """`torchrun --standalone --nproc_per_node=2 train.py ARGS`, as a command line.
+def torchrun(*args, nodes=None):
+    """`torchrun ... train.py ARGS` as a command line: 2 processes on this machine, or with
+    `nodes=(node_rank, port)` this machine as one of 2 machines of 1 process each.
 
     After a Ctrl-C torchrun kills its processes if they take over --shutdown-timeout
     seconds (30 by default) to save: more, for a busy CI machine.
     """
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-            "--shutdown-timeout=300", str(REPO / "train.py"), *map(str, args)]
+    if nodes is None:
+        layout = ["--standalone", "--nproc_per_node=2"]
+    else:
+        node_rank, port = nodes
+        layout = ["--nnodes=2", f"--node_rank={node_rank}", "--nproc_per_node=1",
+                  "--master_addr=127.0.0.1", f"--master_port={port}"]
+    return [sys.executable, "-m", "torch.distributed.run", *layout, "--shutdown-timeout=300",
+            str(REPO / "train.py"), *map(str, args)]
 
 
-def test_two_process_training_writes_one_checkpoint_with_whole_split_accuracy(tmp_path):
-    generate_demo(tmp_path / "photos", per_class=11)  # 8 train + 3 val per class: odd shards
-    assert run_script("split_dataset.py", "--source", "photos", cwd=tmp_path).returncode == 0
-    before = set(files_under(tmp_path))
+def free_port():
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
-    proc = subprocess.run(torchrun("--image-size", IMAGE_SIZE, "--epochs", 2, "--batch-size", 4,
-                                   "--workers", 0, "--device", "cpu"),
-                          cwd=tmp_path, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
 
-    written = sorted(set(files_under(tmp_path)) - before)
+def test_two_machines_train_one_model_and_only_the_first_writes(tmp_path):
+    photos = generate_demo(tmp_path / "photos", per_class=11)
+    for index in range(7, 11):
+        (photos / "dog" / f"dog_{index:04d}.jpg").unlink()
+    machines = [tmp_path / "first", tmp_path / "second"]
+    for machine in machines:  # dataset/ at the same path on both, as the README asks
+        machine.mkdir()
+        split = run_script("split_dataset.py", "--source", photos, cwd=machine)
+        assert split.returncode == 0, split.stderr
+    before = [files_under(machine) for machine in machines]
+    val_images = len(list((machines[0] / "dataset" / "val").rglob("*.jpg")))
+    assert val_images == 5  # 3 + 2: the two processes' shards differ in length
+
+    port = free_port()
+    flags = [*TRAIN_FLAGS, "--epochs", 2, "--batch-size", 4, "--workers", 0, "--device", "cpu"]
+    launched = [subprocess.Popen(torchrun(*flags, nodes=(rank, port)), cwd=machine,
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                for rank, machine in enumerate(machines)]
+    (first_out, first_err), (second_out, second_err) = (p.communicate(timeout=900)
+                                                        for p in launched)
+    assert [p.returncode for p in launched] == [0, 0], first_err + second_err
+
+    written = sorted(set(files_under(machines[0])) - set(before[0]))
     assert written == ["class_indices.json", "vgg16Net.history.json", "vgg16Net.history.png",
                        "vgg16Net.pth"]
-    assert proc.stdout.count("train epoch 1/2:") == 1  # one process reports
+    assert files_under(machines[1]) == before[1]  # the second machine wrote nothing
+    assert first_out.count("train epoch 1/2:") == 1 and "train epoch" not in second_out
 
-    history = json.loads((tmp_path / "vgg16Net.history.json").read_text())
+    history = json.loads((machines[0] / "vgg16Net.history.json").read_text())
     best = max(record["val_accuracy"] for record in history)
-    single = run_script("test.py", "--workers", "0", cwd=tmp_path)
+    single = run_script("test.py", "--workers", "0", cwd=machines[0])
     assert single.returncode == 0, single.stderr
     measured = re.search(r"accuracy ([\d.]+)% on (\d+) images", single.stdout)
-    assert measured and int(measured.group(2)) == 6
+    assert measured and int(measured.group(2)) == val_images
     assert abs(float(measured.group(1)) / 100 - best) < 5e-5, (single.stdout, history)  # 2 decimals
 
 
@@ -54,8 +81,7 @@ def test_ctrl_c_under_torchrun_saves_one_state_that_torchrun_resumes(tmp_path):
     """Ctrl-C in the terminal reaches torchrun, which passes it on to both processes."""
     generate_demo(tmp_path / "photos", per_class=8)
     assert run_script("split_dataset.py", "--source", "photos", cwd=tmp_path).returncode == 0
-    flags = ["--image-size", IMAGE_SIZE, "--epochs", 4, "--batch-size", 2, "--workers", 0,
-             "--device", "cpu"]
+    flags = [*TRAIN_FLAGS, "--epochs", 4, "--batch-size", 2, "--workers", 0, "--device", "cpu"]
     proc = subprocess.Popen(torchrun(*flags), cwd=tmp_path, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
     history = tmp_path / "vgg16Net.history.json"

@@ -6,7 +6,7 @@ import time
 import pytest
 import torch
 
-import utils
+import measure
 
 
 class FakeClock:
@@ -27,12 +27,12 @@ def test_median_of_timed_runs_excludes_warmup(monkeypatch):
     def run():
         clock.now += next(durations)
 
-    assert utils.median_seconds(run, lambda: None, warmup=2, repeats=5) == 3.0
+    assert measure.median_seconds(run, lambda: None, warmup=2, repeats=5) == 3.0
 
 
 def test_synchronises_before_each_clock_read():
     events = []
-    utils.median_seconds(lambda: events.append("run"), lambda: events.append("sync"),
+    measure.median_seconds(lambda: events.append("run"), lambda: events.append("sync"),
                          warmup=1, repeats=2)
     assert events == ["sync", "run", "sync"] * 3
 
@@ -46,7 +46,7 @@ def test_measure_latency_uses_inference_mode_and_the_same_inputs():
             return x
 
     inputs = torch.zeros(2, 3)
-    seconds = utils.measure_latency(Recorder(), inputs, torch.device("cpu"), warmup=2, repeats=3)
+    seconds = measure.measure_latency(Recorder(), inputs, torch.device("cpu"), warmup=2, repeats=3)
     assert seconds >= 0 and len(seen) == 5
     assert {ptr for ptr, _ in seen} == {inputs.data_ptr()}
     assert all(mode for _, mode in seen)
@@ -57,6 +57,6 @@ def test_measure_latency_synchronises_cuda(monkeypatch):
     calls = []
     real = torch.cuda.synchronize
     monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: (calls.append(1), real(*a)))
-    utils.measure_latency(torch.nn.Linear(4, 4).cuda(), torch.zeros(1, 4), torch.device("cuda"),
+    measure.measure_latency(torch.nn.Linear(4, 4).cuda(), torch.zeros(1, 4), torch.device("cuda"),
                           warmup=1, repeats=2)
     assert len(calls) == 6

@@ -92,15 +92,14 @@ def test_architecture_round_trips_a_narrower_model(batch_norm):
     assert vgg.count_parameters(narrow) < 134_268_738 / 10
 
 
-def test_is_pruned_tells_narrower_from_standard_widths(dense):
-    assert vgg.is_pruned(PRUNED)
-    assert not vgg.is_pruned(vgg.architecture_of(dense, "vgg16"))
-    assert vgg.is_pruned(dict(vgg.architecture_of(dense, "vgg16"), classifier=[4096, 2048]))
-    assert not vgg.is_pruned({"arch": "vgg11", "batch_norm": True, "num_classes": 5,
-                              "features": list(vgg.CONV_WIDTHS["vgg11"]),
-                              "classifier": [4096, 4096]})
-    assert vgg.is_pruned({"arch": "vgg11", "batch_norm": True, "num_classes": 5,
-                          "features": vgg.CONV_WIDTHS["vgg16"], "classifier": [4096, 4096]})
+def test_classifier_width_narrows_only_the_two_hidden_linear_layers(dense):
+    with torch.device("meta"):
+        narrow = vgg.build_model("vgg16", num_classes=2, classifier_width=64)
+    described = vgg.architecture_of(narrow, "vgg16")
+    assert described == dict(vgg.architecture_of(dense, "vgg16"), classifier=[64, 64])
+    convs = sum(t.numel() for k, t in dense.state_dict().items() if k.startswith("features."))
+    head = (512 * 7 * 7 * 64 + 64) + (64 * 64 + 64) + (64 * 2 + 2)
+    assert vgg.count_parameters(narrow) == convs + head
 
 
 def test_architecture_is_plain_data(dense):

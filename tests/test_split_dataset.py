@@ -1,5 +1,6 @@
 """Specification of split_dataset.py: SOURCE/<class>/* -> DEST/{train,val}/<class>/*."""
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -169,6 +170,54 @@ def test_failed_rerun_leaves_previous_split_as_it_was(tmp_path, demo_animals):
     proc = split_here("--source", demo_animals, cwd=tmp_path)
     assert_clean_error(proc, "'dog'")
     assert tree_digest(tmp_path / "dataset") == before
+
+
+@pytest.fixture
+def earlier_split(tmp_path, demo_animals):
+    """A split of demo_animals, then one picture fewer in the source: a re-run must change it.
+
+    Returns the digests of dataset/ and of the source before that re-run."""
+    assert split_here("--source", demo_animals, cwd=tmp_path).returncode == 0
+    (demo_animals / "cat" / "cat_0000.jpg").unlink()
+    return tree_digest(tmp_path / "dataset"), tree_digest(demo_animals)
+
+
+def test_a_copy_failing_midway_leaves_the_previous_split_and_the_source_as_they_were(
+        tmp_path, demo_animals, earlier_split, monkeypatch):
+    copy2, copied = shutil.copy2, []
+
+    def disk_full_at_the_fifth_file(source, destination, **options):
+        copied.append(source)
+        if len(copied) == 5:
+            raise OSError(28, "No space left on device")
+        return copy2(source, destination, **options)
+
+    monkeypatch.setattr(shutil, "copy2", disk_full_at_the_fifth_file)
+    proc = split_here("--source", demo_animals, cwd=tmp_path)
+    assert_clean_error(proc, "dataset", "No space left on device", "previous split is as it was")
+    assert len(copied) == 5  # it failed mid-way, after four pictures were copied
+    assert (tree_digest(tmp_path / "dataset"), tree_digest(demo_animals)) == earlier_split
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dataset", "photos"]  # no temporaries
+
+
+def test_a_failed_swap_puts_the_previous_split_back(tmp_path, demo_animals, earlier_split,
+                                                    monkeypatch):
+    rename, renamed = os.rename, []
+
+    def refuse_to_move_the_new_split_in(source, destination):
+        renamed.append(os.path.basename(source))
+        if ".building-" in os.path.basename(source):
+            raise OSError(13, "Permission denied")
+        return rename(source, destination)
+
+    monkeypatch.setattr(os, "rename", refuse_to_move_the_new_split_in)
+    proc = split_here("--source", demo_animals, cwd=tmp_path)
+    assert_clean_error(proc, "dataset", "Permission denied", "previous split is as it was")
+    # the old split was moved aside, the new one refused, the old one moved back
+    assert [name.split("-")[0] for name in renamed] == ["dataset", ".dataset.building",
+                                                        ".dataset.old"]
+    assert (tree_digest(tmp_path / "dataset"), tree_digest(demo_animals)) == earlier_split
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dataset", "photos"]
 
 
 # --- one-line errors -------------------------------------------------------

@@ -6,7 +6,7 @@ alone, is.
 """
 import re
 
-from conftest import (IMAGE_SIZE, assert_clean_error, files_under, generate_demo, run_script,
+from conftest import (TRAIN_FLAGS, assert_clean_error, files_under, generate_demo, run_script,
                       tree_digest)
 
 ROW = re.compile(r"^(.+?)\s+([\d.]+)im/s\s+([\d.]+)im/s\s+([\d.]+)x (.+)$", re.M)
@@ -17,7 +17,7 @@ def test_benchmark_prints_each_loops_rate_and_the_ratios_and_leaves_the_data_alo
     assert run_script("split_dataset.py", "--source", "photos", cwd=tmp_path).returncode == 0
     before = tree_digest(tmp_path)
 
-    proc = run_script("tools/train_benchmark.py", "--data", "dataset", "--image-size", IMAGE_SIZE,
+    proc = run_script("tools/train_benchmark.py", "--data", "dataset", *TRAIN_FLAGS,
                       "--batch-size", 4, "--epochs", 2, "--workers", 0, "--device", "cpu",
                       "--nproc", 2, cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout + proc.stderr

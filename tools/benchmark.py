@@ -18,10 +18,11 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from cli import (fraction, image_size_type, make_parser, non_negative_int,  # noqa: E402
+                 positive_int, resolve_device, run_cli)
+from measure import count_flops, measure_latency  # noqa: E402
 from model import build_model  # noqa: E402
-from pruner import count_flops, prune  # noqa: E402
-from utils import (fraction, image_size_type, make_parser, measure_latency,  # noqa: E402
-                   non_negative_int, positive_int, resolve_device, run_cli)
+from pruner import prune  # noqa: E402
 
 
 def get_args_parser():

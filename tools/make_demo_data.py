@@ -33,22 +33,25 @@ resolves to a folder named ``animals`` (the real data folder), or to a folder
 directly inside one (where it would pass for an extra class), is always
 refused.
 
-Example::
-
     python tools/make_demo_data.py --dest demo_animals --per-class 300 --size 96
 """
 
 from __future__ import annotations
 
-import argparse
 import colorsys
 import io
+import os
 import shutil
 import sys
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from cli import (UserError, int_within, make_parser, non_negative_int,  # noqa: E402
+                 positive_int, run_cli)
 
 CLASSES = ("cat", "dog")
 MARKER_NAME = ".demo_data"
@@ -58,8 +61,22 @@ PROTECTED_NAMES = ("animals",)
 SUPERSAMPLE = 2  # draw at 2x and downscale, for smooth edges
 
 
-class DemoDataError(Exception):
-    """A refusal or bad argument; the CLI prints it as a one-line error."""
+class Palette(NamedTuple):
+    """The colours of one animal (RGBA): fur, outlines, muzzle, markings, eyes."""
+    fur: tuple
+    dark: tuple
+    light: tuple
+    accent: tuple
+    iris: tuple
+
+
+class Head(NamedTuple):
+    """Where the head is drawn: centre, radii and outline width, in pixels."""
+    cx: float
+    cy: float
+    rx: float
+    ry: float
+    line_width: int
 
 
 # --------------------------------------------------------------------------
@@ -132,7 +149,9 @@ def _draw_background(size: int, bg, rng: np.random.Generator) -> Image.Image:
     return img
 
 
-def _draw_cat(d, cx, cy, rx, ry, fur, dark, light, accent, iris, lw, rng):
+def _draw_cat(d: ImageDraw.ImageDraw, head: Head, colours: Palette, rng):
+    cx, cy, rx, ry, lw = head
+    fur, dark, light, accent, iris = colours
     # Tall pointed ears on top of the head (drawn first; head covers base).
     for s in (-1, 1):
         tip_x = cx + s * rx * rng.uniform(0.55, 0.8)
@@ -186,7 +205,9 @@ def _draw_cat(d, cx, cy, rx, ry, fur, dark, light, accent, iris, lw, rng):
             d.line([x0, y0, x1, y1], fill=wcol, width=max(1, lw // 2))
 
 
-def _draw_dog(d, cx, cy, rx, ry, fur, dark, light, accent, iris, lw, rng):
+def _draw_dog(d: ImageDraw.ImageDraw, head: Head, colours: Palette, rng):
+    cx, cy, rx, ry, lw = head
+    fur, dark, light, accent, iris = colours
     _ellipse(d, cx, cy, rx, ry, fur, dark, lw)
     # long floppy ears hanging down the sides of the head
     drop = rng.uniform(0.9, 1.3)
@@ -270,13 +291,10 @@ def draw_animal(kind: str, size: int, rng: np.random.Generator) -> Image.Image:
     rx, ry = r * aspect, r / aspect
     cx = big / 2
     cy = big / 2 + (0.12 * r if kind == "cat" else -0.05 * r)
-    lw = max(1, int(round(big / 64)))
-    args = (d, cx, cy, rx, ry, fur + (255,), dark + (255,), light + (255,),
-            accent + (255,), iris + (255,), lw, rng)
-    if kind == "cat":
-        _draw_cat(*args)
-    else:
-        _draw_dog(*args)
+    head = Head(cx, cy, rx, ry, line_width=max(1, int(round(big / 64))))
+    colours = Palette(*(colour + (255,) for colour in (fur, dark, light, accent, iris)))
+    draw = _draw_cat if kind == "cat" else _draw_dog
+    draw(d, head, colours, rng)
 
     layer = layer.rotate(angle, resample=Image.BICUBIC,
                          translate=(float(shift[0]), float(shift[1])))
@@ -296,19 +314,19 @@ def draw_animal(kind: str, size: int, rng: np.random.Generator) -> Image.Image:
 # --------------------------------------------------------------------------
 
 def _check_dest(dest: Path) -> Path:
-    """Return the resolved destination, or raise DemoDataError if unsafe."""
+    """Return the resolved destination, or raise UserError if unsafe."""
     resolved = dest.expanduser().resolve()
     for folder in (resolved, resolved.parent):
         if folder.name.lower() in PROTECTED_NAMES:
-            raise DemoDataError(
+            raise UserError(
                 f"refusing to write demo data into '{dest}': a folder named "
                 f"'{folder.name}' is reserved for real data; pick another "
                 f"--dest")
     if resolved.exists() and not resolved.is_dir():
-        raise DemoDataError(f"'{dest}' exists and is not a folder; refusing")
+        raise UserError(f"'{dest}' exists and is not a folder; refusing")
     if resolved.is_dir() and any(resolved.iterdir()) \
             and not (resolved / MARKER_NAME).is_file():
-        raise DemoDataError(
+        raise UserError(
             f"'{dest}' is not empty and has no {MARKER_NAME} marker, so it was "
             f"not made by this tool; refusing to touch it (pick another --dest)")
     return resolved
@@ -318,19 +336,19 @@ def generate(dest, per_class: int = 300, size: int = 96, seed: int = 0,
              quality: int = 90, *, progress: bool = False) -> dict:
     """Write ``per_class`` JPEGs of each class into ``dest``.
 
-    Returns ``{"cat": n, "dog": n}``.  Raises :class:`DemoDataError` if
+    Returns ``{"cat": n, "dog": n}``.  Raises :class:`cli.UserError` if
     ``dest`` is unsafe (a non-empty folder without the marker, or a folder
     named ``animals``) or an argument is out of range.  A folder that has the
     marker is deleted and regenerated.  ``progress=True`` shows a tqdm bar.
     """
     if per_class < 1:
-        raise DemoDataError(f"--per-class must be at least 1, got {per_class}")
+        raise UserError(f"--per-class must be at least 1, got {per_class}")
     if size < 16:
-        raise DemoDataError(f"--size must be at least 16 px, got {size}")
+        raise UserError(f"--size must be at least 16 px, got {size}")
     if not 1 <= quality <= 100:
-        raise DemoDataError(f"--quality must be in 1..100, got {quality}")
+        raise UserError(f"--quality must be in 1..100, got {quality}")
     if seed < 0:
-        raise DemoDataError(f"--seed must be non-negative, got {seed}")
+        raise UserError(f"--seed must be non-negative, got {seed}")
 
     root = _check_dest(Path(dest))
     if root.is_dir() and (root / MARKER_NAME).is_file():
@@ -364,50 +382,32 @@ def generate(dest, per_class: int = 300, size: int = 96, seed: int = 0,
     return counts
 
 
-def _build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="make_demo_data.py",
-        description=("Draw synthetic cartoon cats and dogs as a demo data set "
-                     "(DEST/cat/*.jpg, DEST/dog/*.jpg). The class is told by "
-                     "shape (ears, muzzle); colours, background, pose, noise "
-                     "are random and shared by both classes. Writes only into "
-                     "its own folder, marked with a .demo_data file."),
-        epilog=("Refuses (exit 2) if DEST is non-empty and was not made by "
-                "this tool, or if DEST is a folder named 'animals'."))
-    p.add_argument("--dest", default="demo_animals",
-                   help="output folder (default: %(default)s); regenerated if "
-                        "it already holds demo data")
-    p.add_argument("--per-class", type=int, default=300, metavar="N",
-                   help="images per class (default: %(default)s)")
-    p.add_argument("--size", type=int, default=96, metavar="PX",
-                   help="image side in pixels (default: %(default)s)")
-    p.add_argument("--seed", type=int, default=0,
-                   help="random seed; same seed -> byte-identical files "
-                        "(default: %(default)s)")
-    p.add_argument("--quality", type=int, default=90, metavar="Q",
-                   help="JPEG quality 1-100 (default: %(default)s)")
-    return p
+def get_args_parser():
+    parser = make_parser(__doc__)
+    parser.add_argument("--dest", default="demo_animals",
+                        help="output folder; regenerated if it already holds demo data")
+    parser.add_argument("--per-class", type=positive_int, default=300, metavar="N",
+                        help="images per class")
+    parser.add_argument("--size", type=int_within(16, "at least 16"), default=96, metavar="PX",
+                        help="image side in pixels")
+    parser.add_argument("--seed", type=non_negative_int, default=0,
+                        help="random seed; the same seed gives byte-identical files")
+    parser.add_argument("--quality", type=int_within(1, "from 1 to 100", maximum=100), default=90,
+                        metavar="Q", help="JPEG quality")
+    return parser
 
 
-def main(argv=None) -> int:
-    """CLI entry point; returns the process exit status."""
-    args = _build_parser().parse_args(argv)
+def main(args):
     try:
-        counts = generate(args.dest, per_class=args.per_class, size=args.size,
-                          seed=args.seed, quality=args.quality, progress=True)
-    except DemoDataError as exc:
-        print(f"make_demo_data: error: {exc}", file=sys.stderr)
-        return 2
-    except OSError as exc:
-        print(f"make_demo_data: error: cannot write '{args.dest}': {exc}",
-              file=sys.stderr)
-        return 1
+        counts = generate(args.dest, per_class=args.per_class, size=args.size, seed=args.seed,
+                          quality=args.quality, progress=True)
+    except OSError as error:
+        raise UserError(f"{args.dest}: cannot write the demo pictures ({error})") from None
     total = sum(counts.values())
     parts = ", ".join(f"{n} {k}" for k, n in counts.items())
     print(f"Wrote {total} demo images ({parts}) at {args.size}px to "
           f"{Path(args.dest).resolve()}")
-    return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(run_cli(main, get_args_parser()))

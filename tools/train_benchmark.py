@@ -7,7 +7,7 @@ of their training images per second is printed (validation is not counted):
 - plain loop: torchvision's ImageFolder, a default DataLoader (shuffled, with the
   original's min(cores, batch, 8) workers), plain Adam, fp32, PyTorch's default
   memory format: the loop of the original demo's train.py.
-- train.py: its own main() and training loop (utils.fit), so fused Adam,
+- train.py: its own main() and training loop (training.fit), so fused Adam,
   channels-last, and on CUDA pinned memory and cudnn.benchmark; --amp and
   --cache are passed on to it.
 - --nproc N adds train.py under torchrun in N processes with the same global
@@ -42,8 +42,8 @@ import train  # noqa: E402
 from data import ImageFolder, default_workers, train_transform, val_set  # noqa: E402
 from make_demo_data import generate  # noqa: E402  (tools/ is on the path: this script's folder)
 from model import build_model  # noqa: E402
-from utils import (Interrupted, UserError, image_size_type, int_at_least,  # noqa: E402
-                   make_parser, non_negative_int, positive_int, resolve_device, run_cli)
+from cli import (Interrupted, UserError, image_size_type, int_within,  # noqa: E402
+                 make_parser, non_negative_int, positive_int, resolve_device, run_cli)
 
 
 def get_args_parser():
@@ -58,10 +58,13 @@ def get_args_parser():
                         help="training input size in pixels")
     parser.add_argument("--batch-size", type=positive_int, default=16,
                         help="images per step (the global batch under --nproc)")
-    parser.add_argument("--epochs", type=int_at_least(2, "at least 2 (the first warms up)"),
+    parser.add_argument("--epochs", type=int_within(2, "at least 2 (the first warms up)"),
                         default=3,
                         help="epochs per loop; the first is the warm-up")
     parser.add_argument("--batch-norm", action="store_true", help="VGG16 with batch norm")
+    parser.add_argument("--classifier-width", type=positive_int, default=4096,
+                        help="units of VGG16's two hidden Linear layers, in both loops (as "
+                             "train.py --classifier-width)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     parser.add_argument("--workers", type=non_negative_int,
                         help="data-loading worker processes, for both loops (default: each "
@@ -86,7 +89,8 @@ def plain_loop_rates(args, device):
     loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, shuffle=True,
                                          num_workers=plain_workers(args))
     torch.manual_seed(0)
-    net = build_model("vgg16", len(dataset.classes), args.batch_norm).to(device)
+    net = build_model("vgg16", len(dataset.classes), args.batch_norm,
+                      args.classifier_width).to(device)
     optimizer = torch.optim.Adam(net.parameters(), lr=1e-4)
     rates = []
     for epoch in range(args.epochs):
@@ -114,6 +118,7 @@ def plain_workers(args):
 def train_py_argv(args, folder, batch_size):
     argv = ["--data", args.data, "--image-size", args.image_size, "--batch-size", batch_size,
             "--epochs", args.epochs, "--device", args.device,
+            "--classifier-width", args.classifier_width,
             "--output", os.path.join(folder, "vgg16Net.pth"),
             "--class-index", os.path.join(folder, "class_indices.json")]
     if args.workers is not None:
@@ -188,7 +193,8 @@ def main(args):
             rows.append((f"  same, torchrun {args.nproc} processes",
                          torchrun_rates(args, os.path.join(scratch, "many"))))
 
-    print(f"\nTraining throughput: VGG16{' with batch norm' if args.batch_norm else ''} at "
+    head = "" if args.classifier_width == 4096 else f", classifier width {args.classifier_width}"
+    print(f"\nTraining throughput: VGG16{' with batch norm' if args.batch_norm else ''}{head} at "
           f"{args.image_size} px, batch {args.batch_size}, {args.epochs} epochs of {images} "
           f"pictures, on {device} with {torch.get_num_threads()} threads, "
           f"torch {torch.__version__}")

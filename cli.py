@@ -1,0 +1,193 @@
+"""The command-line edge: what a user types and what they see.
+
+- `run_cli()` runs a script's `main(args)` and turns the errors a user can cause
+  (`UserError`), Ctrl-C (`Interrupted`) and a failed check of our own work
+  (`CheckFailed`) into one line and an exit status, never a traceback.
+- `make_parser()` / `add_data_args()` and the flag types (`positive_int`,
+  `fraction`, ...): one flag vocabulary and one error style for every script.
+- `resolve_device()`: --device auto|cpu|cuda[:N].
+- `local_rank()`: under torchrun the first process of each machine speaks for it.
+- `quiet_nni()` and `pyplot()`: libraries print and draw only what the user asked for.
+
+Imports nothing of the pipeline's own: every other module may import it.
+"""
+import argparse
+import contextlib
+import io
+import logging
+import os
+import sys
+import warnings
+
+import torch
+
+
+class UserError(Exception):
+    """A mistake the user can fix (bad path, wrong file, bad flag): one line, exit 2."""
+
+
+class CheckFailed(Exception):
+    """A check of the pipeline's own work failed, not the user's doing: one line, exit 1."""
+
+
+class Interrupted(Exception):
+    """Ctrl-C: the state was saved (or nothing was lost); exit 130."""
+
+
+def local_rank():
+    """This process's index on its machine under torchrun (0 otherwise)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return 0
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def run_cli(main, parser, argv=None):
+    """Parse flags, run `main(args)`, and turn user mistakes into one-line errors."""
+    args = parser.parse_args(argv)
+    prog = parser.prog
+    # under torchrun the processes of one machine read the same files and stop together:
+    # the first of them speaks for all
+    say = print if local_rank() == 0 else (lambda *args, **kwargs: None)
+    try:
+        main(args)
+    except UserError as error:
+        # raised in a data-loader worker, it arrives with that worker's traceback: keep the
+        # last line, which is the message
+        message = str(error).strip().splitlines()[-1].split("UserError: ", 1)[-1]
+        say(f"{prog}: error: {message}", file=sys.stderr)
+        return 2
+    except CheckFailed as error:
+        say(f"{prog}: error: {error}", file=sys.stderr)
+        return 1
+    except Interrupted as stop:
+        say(f"{prog}: interrupted. {stop}", file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:
+        say(f"{prog}: interrupted; nothing was saved by this step.", file=sys.stderr)
+        return 130
+    finally:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+    return 0
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    def _get_help_string(self, action):
+        """Show a flag's default, unless it is 'off' or the help already says it."""
+        if action.default is None or action.default is False or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    def error(self, message):
+        """A bad flag is one line too (argparse would print the whole usage first)."""
+        # under torchrun every process parses the same flags: one line per machine
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n" if local_rank() == 0 else None)
+
+
+def make_parser(doc):
+    """A parser whose --help starts with the script's docstring and shows defaults."""
+    return ArgumentParser(description=doc, formatter_class=HelpFormatter)
+
+
+def add_data_args(parser, image_size=None, batch_size=32, training=False):
+    """The flags every image-reading script shares, with one meaning everywhere."""
+    parser.add_argument("--data", default="dataset",
+                        help="split dataset folder holding train/<class>/ and val/<class>/")
+    parser.add_argument("--image-size", type=image_size_type, default=image_size,
+                        help="square input size in pixels"
+                        + ("" if image_size else " (default: the one stored in the checkpoint)"))
+    parser.add_argument("--batch-size", type=positive_int, default=batch_size,
+                        help="images per batch (per process under torchrun)")
+    parser.add_argument("--device", default="auto",
+                        help="auto (CUDA if available, else CPU), cpu, cuda or cuda:N")
+    parser.add_argument("--workers", type=non_negative_int,
+                        help="data-loading worker processes (0: load in the main process; "
+                             "default: 0 on the CPU, where workers would compete with the "
+                             "model for the cores, else up to 8 per GPU process)")
+    parser.add_argument("--seed", type=int, default=0, help="random seed")
+    if training:
+        parser.add_argument("--crop-scale", type=crop_fraction, default=0.08,
+                            help="smallest random crop, as a fraction of the picture's area")
+        parser.add_argument("--cache", action="store_true",
+                            help="decode and resize every picture once and keep it in memory "
+                                 "(uint8, about 3*(1.15*size)^2 bytes a picture): later epochs "
+                                 "skip JPEG decoding; augmentation stays random")
+        parser.add_argument("--amp", action="store_true",
+                            help="mixed precision on CUDA (bf16 where supported, else fp16)")
+
+
+def int_within(minimum, requirement, maximum=None):
+    """An argparse type: an integer from `minimum` (to `maximum`), else a one-line reason."""
+    def integer(text):
+        value = int(text)
+        if value < minimum or maximum is not None and value > maximum:
+            raise argparse.ArgumentTypeError(f"must be {requirement}, got {text}")
+        return value
+    return integer
+
+
+def float_within(low, high, requirement, include_high=False):
+    """An argparse type: a number above `low` and below `high` (or equal to it)."""
+    def number(text):
+        value = float(text)
+        if not (low < value < high or include_high and value == high):
+            raise argparse.ArgumentTypeError(f"must be {requirement}, got {text}")
+        return value
+    return number
+
+
+positive_int = int_within(1, "a positive integer")
+non_negative_int = int_within(0, "0 or more")
+image_size_type = int_within(32, "at least 32 (VGG halves it five times)")
+fraction = float_within(0, 1, "between 0 and 1")  # a split ratio, a sparsity
+crop_fraction = float_within(0, 1, "above 0 and at most 1", include_high=True)
+positive_float = float_within(0, float("inf"), "a positive number")
+
+
+def resolve_device(name):
+    """torch.device for --device auto|cpu|cuda|cuda:N, or a UserError saying what is wrong."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"--device {name}: expected auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError(f"--device {name}: this PyTorch sees no CUDA GPU on this machine; "
+                            "use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise UserError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) "
+                            "are visible")
+    elif device.type != "cpu":
+        raise UserError(f"--device {name}: expected auto, cpu, cuda or cuda:N")
+    return device
+
+
+@contextlib.contextmanager
+def quiet_nni(verbose):
+    """NNI 3.0 prints deprecation warnings, INFO logs and bare prints; hide them unless asked."""
+    if verbose:
+        yield
+        return
+    logger = logging.getLogger("nni")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.filterwarnings("ignore", category=FutureWarning)
+            warnings.filterwarnings("ignore", message=".*already registered as pytree node")
+            yield
+    finally:
+        logger.setLevel(level)
+
+
+def pyplot(show=False):
+    """matplotlib, with a file-only backend unless a window was asked for (--show)."""
+    import matplotlib
+    if not show:
+        matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt

@@ -1,0 +1,85 @@
+"""How good, how big and how fast a model is.
+
+- `evaluate()`: accuracy, mean cross-entropy and the confusion matrix on a loader
+  (all processes' shares added up under torchrun).
+- `count_flops()`: FLOPs and parameters of one image's forward pass (NNI's counter).
+- `measure_latency()` / `median_seconds()`: the median of timed runs after warm-up.
+"""
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from cli import quiet_nni
+from distributed import all_reduce_sum
+
+
+def evaluate(model, loader, device, num_classes, progress=None):
+    """Accuracy, mean cross-entropy and the confusion matrix (rows: true, cols: predicted)."""
+    model.eval()
+    confusion = torch.zeros(num_classes, num_classes, dtype=torch.long)
+    total_loss, count = 0.0, 0
+    with torch.inference_mode():
+        for images, labels in tqdm(loader, desc=progress, leave=False,
+                                   disable=True if progress is None else None):
+            images, labels = images.to(device, non_blocking=True), labels.to(device)
+            logits = model(images).float()
+            total_loss += F.cross_entropy(logits, labels, reduction="sum").item()
+            count += labels.numel()
+            predictions = logits.argmax(1)
+            confusion += torch.bincount(labels.cpu() * num_classes + predictions.cpu(),
+                                        minlength=num_classes ** 2).view(num_classes, num_classes)
+    # under torchrun each process saw its share of the images: add them up
+    *flat, total_loss, count = all_reduce_sum(confusion.flatten().tolist() + [total_loss, count],
+                                              device)
+    confusion = torch.tensor(flat).round().long().view(num_classes, num_classes)
+    return summarise(confusion, total_loss, int(count))
+
+
+def summarise(confusion, total_loss, count):
+    per_class_total = confusion.sum(1).clamp(min=1)
+    return {"accuracy": confusion.diag().sum().item() / max(count, 1),
+            "loss": total_loss / max(count, 1),
+            "per_class_accuracy": (confusion.diag() / per_class_total).tolist(),
+            "confusion": confusion.tolist(), "count": count}
+
+
+def count_flops(model, image_size, verbose=False):
+    """FLOPs and parameters of one image's forward pass, by NNI's counter (on the CPU)."""
+    with quiet_nni(verbose):
+        from nni.compression.utils.counter import count_flops_params
+        flops, params, _ = count_flops_params(model, torch.zeros(1, 3, image_size, image_size),
+                                              verbose=False)
+    return int(flops), int(params)
+
+
+def measure_latency(model, inputs, device, warmup=3, repeats=10):
+    """Median seconds of one forward pass of `model` on `inputs`, after warm-up runs.
+
+    The same inputs every run, under inference_mode, CUDA synchronised before
+    each clock read so queued kernels are counted.
+    """
+    model.eval()
+    inputs = inputs.to(device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    with torch.inference_mode():
+        return median_seconds(lambda: model(inputs), sync, warmup, repeats)
+
+
+def median_seconds(run, sync, warmup, repeats):
+    """Call `run` warmup + repeats times; the median wall time of the timed calls.
+
+    `sync()` is called before starting and before stopping each clock, so work
+    queued on an accelerator is finished inside the measured interval.
+    """
+    times = []
+    for index in range(warmup + repeats):
+        sync()
+        started = time.perf_counter()
+        run()
+        sync()
+        if index >= warmup:
+            times.append(time.perf_counter() - started)
+    return statistics.median(times)
