@@ -49,7 +49,10 @@ def load_pretrained_weights(model, path):
     try:
         replaced = vgg.load_pretrained(model, state_dict)
     except (ValueError, AttributeError) as error:
-        raise UserError(f"{path}: {error}") from None
+        width = model.classifier[0].out_features
+        hint = f" (torchvision's classifier is 4096 wide, this one {width}: leave " \
+               "--classifier-width out)" if width != 4096 else ""
+        raise UserError(f"{path}: {error}{hint}") from None
     print(f"Loaded pretrained weights from {path}"
           + (f" (new final layer for {model.classifier[6].out_features} classes)" if replaced else ""))
 

@@ -47,7 +47,8 @@ class Totals:
 
     def all_reduced(self, device):
         """The totals of all processes together (these, in a single process)."""
-        return Totals(*all_reduce_sum([self.loss, self.correct, self.images], device))
+        loss, correct, images = all_reduce_sum([self.loss, self.correct, self.images], device)
+        return Totals(loss, round(correct), round(images))  # counts stay integers
 
 
 @dataclasses.dataclass
@@ -88,7 +89,8 @@ class StopRequest:
     def agreed(self, device):
         """Whether any process was asked to stop: all stop after the same batch, or
         their collectives would hang."""
-        self.requested = bool(all_reduce_sum([float(self.requested)], device)[0])
+        if all_reduce_sum([float(self.requested)], device)[0]:
+            self.requested = True  # (never back to False: a Ctrl-C may arrive meanwhile)
         return self.requested
 
     def __exit__(self, *exc):
@@ -190,8 +192,10 @@ def load_training_state(path, model, optimizer, scaler, device, settings, epochs
     torch.set_rng_state(state["rng"])
     if device.type == "cuda" and state.get("cuda_rng") is not None:
         torch.cuda.set_rng_state(state["cuda_rng"], device)
-    # the saved sums are all processes' together: one process carries them on
-    totals = Totals(*state["sums"]) if rank == 0 else Totals()
+    # the saved sums are all processes' together: one process carries them on (older
+    # states saved under torchrun hold the counts as floats)
+    loss, correct, images = state["sums"]
+    totals = Totals(loss, round(correct), round(images)) if rank == 0 else Totals()
     return Progress(state["epoch"], state["samples_done"], state["history"], state["best"], totals)
 
 
@@ -239,7 +243,9 @@ def fit(model, optimizer, compute_loss, train_loader, val_loader, device, *, epo
                             totals=progress.totals, memory_format=memory_format,
                             autocast=autocast, scaler=scaler, stop=stop,
                             description=f"{title} epoch {epoch + 1}/{epochs}")
-            trained = progress.totals.images - carried  # by this process since it (re)started
+            # by this process since it (re)started; after a resume rank 0's totals began with
+            # all processes' sums of the epoch so far, which keeps the loss sum's order exact
+            trained = progress.totals.images - carried
             progress.samples_done += trained
             progress.totals = progress.totals.all_reduced(device)
             if stop.requested:
@@ -249,7 +255,7 @@ def fit(model, optimizer, compute_loss, train_loader, val_loader, device, *, epo
                 raise Interrupted(f"Saved the state after {progress.samples_done * world} images "
                                   f"of epoch {epoch + 1} to {state_path}; add --resume "
                                   f"{state_path} to the same command to continue.")
-            trained = all_reduce_sum([trained], device)[0]
+            trained = round(all_reduce_sum([trained], device)[0])
             train_seconds = time.perf_counter() - started  # the training part alone
             share_buffers_of_rank_0(model)
             # the bare model: shards of the val split may differ in length by one batch,

@@ -190,11 +190,20 @@ def test_checkpoint_of_other_classes_than_the_data_is_refused(pipeline, tmp_path
     proc = run_in_process(SCRIPTS["test"], "--weights", path, "--data", data, "--workers", 0,
                           cwd=tmp_path)
     assert_clean_error(proc, data / "val", "['bird', 'fish']", "['cat', 'dog']")
+    student = small_checkpoint(tmp_path / "p.pth", kind="pruned", class_names=("bird", "fish"))
     proc = run_in_process(SCRIPTS["knowledge_distillation"], "--teacher", path,
-                          "--student", small_checkpoint(tmp_path / "p.pth", kind="pruned"),
-                          "--data", data, "--workers", 0, cwd=tmp_path)
-    assert_clean_error(proc, "bird")
+                          "--student", student, "--data", data, "--workers", 0, cwd=tmp_path)
+    assert_clean_error(proc, path, data / "train", "['bird', 'fish']", "['cat', 'dog']")
     assert not list(tmp_path.glob("*.png"))
+
+
+def test_distillation_refuses_a_student_of_other_classes_than_its_teacher(tmp_path):
+    teacher = small_checkpoint(tmp_path / "t.pth")
+    student = small_checkpoint(tmp_path / "s.pth", kind="pruned", class_names=("bird", "fish"))
+    proc = run_in_process(SCRIPTS["knowledge_distillation"], "--teacher", teacher,
+                          "--student", student, cwd=tmp_path)
+    assert_clean_error(proc, "s.pth: made for classes ['bird', 'fish']", "the teacher",
+                       "['cat', 'dog']")
 
 
 def test_image_size_other_than_the_checkpoints_is_refused(pipeline, tmp_path):

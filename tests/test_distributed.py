@@ -58,8 +58,12 @@ def test_two_machines_train_one_model_and_only_the_first_writes(tmp_path):
     launched = [subprocess.Popen(torchrun(*flags, nodes=(rank, port)), cwd=machine,
                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
                 for rank, machine in enumerate(machines)]
-    (first_out, first_err), (second_out, second_err) = (p.communicate(timeout=900)
-                                                        for p in launched)
+    try:
+        (first_out, first_err), (second_out, second_err) = (p.communicate(timeout=900)
+                                                            for p in launched)
+    finally:
+        for process in launched:
+            process.kill()  # (a no-op for one that has finished)
     assert [p.returncode for p in launched] == [0, 0], first_err + second_err
 
     written = sorted(set(files_under(machines[0])) - set(before[0]))

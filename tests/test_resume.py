@@ -160,7 +160,8 @@ def distillation(pipeline, tmp_path_factory):
     out, err = proc.communicate(timeout=300)
     result["interrupted"] = subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
     state = folders["stopped"] / "finetuned_vgg16_net.state.pth"
-    result["state"] = torch.load(state, weights_only=True) if state.exists() else None
+    assert state.exists(), f"Ctrl-C saved no state:\n{out}\n{err}"
+    result["state"] = torch.load(state, weights_only=True)
     shutil.copy(state, folders["stopped"] / "kept.state.pth")  # for the refusals below
     result["resumed"] = subprocess.run(DISTILL + ["--resume", "finetuned_vgg16_net.state.pth"],
                                        cwd=folders["stopped"], capture_output=True, text=True,

@@ -132,6 +132,25 @@ def test_resumed_run_ends_with_the_same_weights_as_a_run_never_stopped(runs):
     assert without_timing(history) == without_timing(runs.history)
 
 
+def test_a_run_stopped_twice_in_one_epoch_under_torchrun_resumes_to_the_same_end(
+        runs, dataset, tmp_path, monkeypatch):
+    """Sums added up over processes come back as floats: the image counts in the state must
+    stay whole numbers, or the second resume cannot skip the images already trained."""
+    monkeypatch.setattr(training, "all_reduce_sum",
+                        lambda values, device: [float(value) for value in values])
+    state = str(tmp_path / "model.state.pth")
+    with pytest.raises(Interrupted, match="after 4 images of epoch 1"):
+        fit(tmp_path, new_run(dataset), ctrl_c_in_batch(2))
+    with pytest.raises(Interrupted, match="after 6 images of epoch 1"):
+        fit(tmp_path, new_run(dataset), ctrl_c_in_batch(1), resume=state)
+    resumed = new_run(dataset)
+    history, _ = fit(tmp_path, resumed, resume=state)
+    assert history[0]["images_per_second"] is None  # nothing of epoch 1 was left to train
+    assert without_timing(history) == without_timing(runs.history)
+    for name, tensor in runs.straight.state_dict().items():
+        assert torch.equal(tensor, resumed[0].state_dict()[name]), name
+
+
 def test_a_second_ctrl_c_aborts_without_saving(dataset, tmp_path):
     handler = signal.getsignal(signal.SIGINT)
     with pytest.raises(KeyboardInterrupt):

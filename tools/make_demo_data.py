@@ -1,8 +1,8 @@
 """Generate a synthetic two-class demo data set of cartoon cats and dogs.
 
-No real photos can be downloaded in this environment, so this tool draws
+So that the pipeline can be tried without downloading photos, this tool draws
 "a child's drawing of a cat vs a dog" procedurally (PIL ImageDraw + numpy) and
-writes them in the layout the training pipeline expects::
+writes them in the layout the training pipeline expects:
 
     DEST/cat/cat_0000.jpg, cat_0001.jpg, ...
     DEST/dog/dog_0000.jpg, dog_0001.jpg, ...
@@ -34,6 +34,8 @@ directly inside one (where it would pass for an extra class), is always
 refused.
 
     python tools/make_demo_data.py --dest demo_animals --per-class 300 --size 96
+
+(Most of this file draws the two animals; the command line is at its end.)
 """
 
 from __future__ import annotations
