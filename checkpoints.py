@@ -2,10 +2,12 @@
 
 A checkpoint is a plain dict -- `format`, `kind` (dense, pruned or finetuned),
 `architecture` (model.py's widths), `state_dict`, `class_names`, `image_size`,
-`metrics` -- written atomically (`atomic_save`) and read with
-`torch.load(weights_only=True)` (`safe_load`), so loading never runs code.
-`check_made_for()` refuses a checkpoint used with other pictures than it was
-made for. JSON reports are written atomically too (`write_json`).
+`normalization`, `metrics` -- written atomically (`atomic_save`) and read with
+`torch.load(weights_only=True)` (`safe_load`), so loading never runs code. A bare
+VGG state dict (the original demo's vgg16Net.pth, torchvision's ImageNet files)
+is read as one (`checkpoint_from_state_dict`). `check_made_for()` refuses a
+checkpoint used with other pictures than it was made for. JSON reports are
+written atomically too (`write_json`).
 """
 import hashlib
 import json
@@ -16,6 +18,7 @@ import torch
 
 import model as vgg
 from cli import UserError
+from data import IMAGENET_NORMALIZATION, ORIGINAL_NORMALIZATION
 
 CHECKPOINT_FORMAT = "vgg-prune-distill/1"
 
@@ -62,12 +65,28 @@ def file_sha256(path):
     return digest.hexdigest()
 
 
-def make_checkpoint(model, kind, arch, class_names, image_size, metrics):
+def check_replaceable(path, flag="--output"):
+    """Refuse, before any work, to overwrite a file that is not a checkpoint of this
+    pipeline (the original demo's model of the same name, say)."""
+    if not os.path.exists(path):
+        return
+    try:  # memory-mapped: the format field is read without reading the weights
+        existing = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        ours = isinstance(existing, dict) and existing.get("format") == CHECKPOINT_FORMAT
+    except Exception:  # a pickle, another format, garbage: not ours either way
+        ours = False
+    if not ours:
+        raise UserError(f"{path}: exists and is not a checkpoint of this pipeline (the original "
+                        f"demo's model?); refusing to overwrite it: give another {flag}, or "
+                        "move it first")
+
+
+def make_checkpoint(model, kind, arch, class_names, image_size, normalization, metrics):
     return {"format": CHECKPOINT_FORMAT, "kind": kind,
             "architecture": vgg.architecture_of(model, arch),
             "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
             "class_names": list(class_names), "image_size": int(image_size),
-            "metrics": metrics}
+            "normalization": normalization, "metrics": metrics}
 
 
 def safe_load(path, what):
@@ -83,7 +102,8 @@ def safe_load(path, what):
             raise UserError(f"{path}: refused to load: it holds pickled Python objects (for "
                             "example a whole saved nn.Module), and unpickling them can run code; "
                             "only plain tensors and data are loaded (weights_only=True); "
-                            f"{what} expected") from None
+                            f"{what} expected (a model the original demo saved converts with "
+                            f"python tools/import_original.py {path} --trust)") from None
         raise UserError(f"{path}: not a readable PyTorch file, truncated or corrupt; "
                         f"{what} expected") from None
     except Exception as error:  # torch's unpickler raises many types on garbage bytes
@@ -91,16 +111,82 @@ def safe_load(path, what):
                         f"({type(error).__name__}); {what} expected") from None
 
 
-def load_checkpoint(path, kinds=("dense", "pruned", "finetuned")):
-    """Load and check a pipeline checkpoint; `kinds` are the kinds this stage accepts."""
+def load_checkpoint(path, kinds=("dense", "pruned", "finetuned"), image_size=None):
+    """Load and check a pipeline checkpoint; `kinds` are the kinds this stage accepts.
+
+    A bare VGG state dict is read as a checkpoint for `image_size` px (224 if None).
+    """
     what = f"a {' or '.join(kinds)} checkpoint written by this pipeline"
     checkpoint = safe_load(path, what)
-    if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
-        hint = " (it looks like a bare state dict)" if isinstance(checkpoint, dict) else ""
-        raise UserError(f"{path}: not a checkpoint of this pipeline{hint}; {what} expected")
+    if is_state_dict(checkpoint):
+        checkpoint = checkpoint_from_state_dict(checkpoint, path, image_size)
+    elif not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
+        raise UserError(f"{path}: not a checkpoint of this pipeline; {what} expected")
     if checkpoint["kind"] not in kinds:
         raise UserError(f"{path}: is a {checkpoint['kind']} checkpoint; {what} expected")
+    checkpoint.setdefault("normalization", ORIGINAL_NORMALIZATION)  # written before it was kept
     return checkpoint
+
+
+def is_state_dict(obj):
+    return isinstance(obj, dict) and bool(obj) and all(
+        isinstance(key, str) and isinstance(value, torch.Tensor) for key, value in obj.items())
+
+
+def checkpoint_from_state_dict(state_dict, path, image_size=None, say=print):
+    """A bare VGG state dict (torchvision's keys) as a checkpoint of this pipeline.
+
+    The architecture is read from its tensor shapes (dense if its convolutions have
+    the standard widths, else pruned), the classes from class_indices.json beside
+    it (else class_0..N), the image size is `image_size` or 224. Normalised as the
+    original demo did, or as ImageNet for torchvision's 1000-class weights. How it
+    was read is told in one line, to `say`.
+    """
+    try:
+        architecture = vgg.architecture_from_state_dict(state_dict)
+    except ValueError as error:
+        raise UserError(f"{path}: a bare state dict, but not of a VGG this pipeline can "
+                        f"rebuild: {error}") from None
+    count = architecture["num_classes"]
+    index = os.path.join(os.path.dirname(path), "class_indices.json")
+    class_names = read_class_index(index)
+    if class_names is not None and len(class_names) == count:
+        classes = f"from {index}"
+    else:
+        classes = (f"named class_0..class_{count - 1} ("
+                   + ("no class_indices.json beside it)" if class_names is None else
+                      f"{index} names {len(class_names)} classes, the model has {count})"))
+        class_names = [f"class_{i}" for i in range(count)]
+    normalization = guess_normalization(count)
+    dense = architecture["features"] == vgg.CONV_WIDTHS[architecture["arch"]]
+    image_size = image_size or 224
+    say(f"{path}: a bare {architecture['arch']}{'_bn' if architecture['batch_norm'] else ''} "
+          f"state dict, read as a {'dense' if dense else 'pruned'} model for {image_size} px "
+          f"with {'ImageNet' if normalization == IMAGENET_NORMALIZATION else 'the original demo'}"
+          f"'s normalisation; classes {classes}")
+    return {"format": CHECKPOINT_FORMAT, "kind": "dense" if dense else "pruned",
+            "architecture": architecture, "state_dict": state_dict, "class_names": class_names,
+            "image_size": image_size, "normalization": normalization, "metrics": {}}
+
+
+def guess_normalization(num_classes):
+    """A bare state dict does not say how its pictures were normalised: as for ImageNet
+    if it has ImageNet's 1000 classes (torchvision's weights), else as the original demo."""
+    return IMAGENET_NORMALIZATION if num_classes == 1000 else ORIGINAL_NORMALIZATION
+
+
+def read_class_index(path):
+    """The class names of class_indices.json ({"0": "cat", "1": "dog", ...}) in index order;
+    None if there is no such file."""
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path) as file:
+            index = json.load(file)
+        return [str(index[str(i)]) for i in range(len(index))]
+    except (OSError, ValueError, KeyError, TypeError):
+        raise UserError(f'{path}: expected {{"0": name, "1": name, ...}}, one entry per '
+                        "class") from None
 
 
 def model_from_checkpoint(checkpoint, path):
@@ -113,8 +199,10 @@ def model_from_checkpoint(checkpoint, path):
     return model
 
 
-def check_made_for(checkpoint, path, asked_by, image_size=None, class_names=None):
-    """Refuse to use a checkpoint at another image size or on other classes than its own.
+def check_made_for(checkpoint, path, asked_by, image_size=None, class_names=None,
+                   normalization=None):
+    """Refuse to use a checkpoint at another image size, on other classes or with other
+    normalisation than its own.
 
     `asked_by` names what asks for them (a flag, another checkpoint, a data folder);
     None leaves that property unchecked.
@@ -126,3 +214,6 @@ def check_made_for(checkpoint, path, asked_by, image_size=None, class_names=None
     if class_names is not None and list(class_names) != list(checkpoint["class_names"]):
         raise UserError(f"{path}: made for classes {list(checkpoint['class_names'])}, but "
                         f"{asked_by} has {list(class_names)}")
+    if normalization is not None and normalization != checkpoint["normalization"]:
+        raise UserError(f"{path}: made for pictures normalised with {checkpoint['normalization']}, "
+                        f"but {asked_by} uses {normalization}")

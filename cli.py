@@ -65,6 +65,9 @@ def run_cli(main, parser, argv=None):
     except KeyboardInterrupt:
         say(f"{prog}: interrupted; nothing was saved by this step.", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the output was piped into a reader that stopped (`| head`)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no error at exit
+        return 1
     finally:
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()

@@ -26,7 +26,11 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".
 # Larger ones are refused before decoding, so a decompression bomb cannot exhaust memory.
 MAX_IMAGE_PIXELS = 2 ** 27
 Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS  # PIL's own guard, at the same limit
-MEAN = STD = (0.5, 0.5, 0.5)
+# How pixel values (0..1) are shifted and scaled before the network sees them. Each
+# checkpoint records its own; the original demo's, and the default:
+ORIGINAL_NORMALIZATION = {"mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5]}
+# what torchvision's ImageNet weights were trained with (their weights.transforms())
+IMAGENET_NORMALIZATION = {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
 
 
 def load_rgb(path, draft_size=None):
@@ -81,21 +85,21 @@ def is_image_name(name):
     return name.lower().endswith(IMAGE_EXTENSIONS) and not name.startswith(".")
 
 
-def train_transform(image_size, crop_scale=0.08):
+def train_transform(image_size, crop_scale=0.08, normalization=ORIGINAL_NORMALIZATION):
     """`crop_scale`: the smallest crop, as a fraction of the picture (torchvision's 0.08)."""
     return transforms.Compose([
         transforms.RandomResizedCrop(image_size, scale=(crop_scale, 1.0)),
         transforms.RandomHorizontalFlip(),
         transforms.ToTensor(),
-        transforms.Normalize(MEAN, STD),
+        transforms.Normalize(normalization["mean"], normalization["std"]),
     ])
 
 
-def eval_transform(image_size):
+def eval_transform(image_size, normalization=ORIGINAL_NORMALIZATION):
     return transforms.Compose([
         transforms.Resize((image_size, image_size)),
         transforms.ToTensor(),
-        transforms.Normalize(MEAN, STD),
+        transforms.Normalize(normalization["mean"], normalization["std"]),
     ])
 
 
@@ -183,30 +187,33 @@ class ImageFolder(torch.utils.data.Dataset):
         return [label for _, label in self.samples]
 
 
-def training_loaders(args, image_size, device):
+def training_loaders(args, image_size, device, normalization=ORIGINAL_NORMALIZATION):
     """(train loader, val loader) of the split in args.data, as both training stages use them.
 
-    The training order comes from an EpochSampler (seeded by --seed, each process
-    its share under torchrun). With --cache, training pictures are kept a little
-    above the training size, so random crops still have room.
+    `args` holds the flags of cli.add_data_args(training=True). The training order
+    comes from an EpochSampler (seeded by --seed, each process its share under
+    torchrun). With --cache, training pictures are kept a little above the
+    training size, so random crops still have room.
     """
     train_set = ImageFolder(os.path.join(args.data, "train"),
-                            train_transform(image_size, args.crop_scale), seed=args.seed,
+                            train_transform(image_size, args.crop_scale, normalization),
+                            seed=args.seed,
                             cache_size=round(image_size * 1.15) if args.cache else None)
     rank, world = distributed()
     sampler = EpochSampler(len(train_set), args.seed, rank=rank, world=world)
-    validation = val_set(args.data, image_size, train_set.class_names, args.cache)
+    validation = val_set(args.data, image_size, train_set.class_names, args.cache, normalization)
     return (make_loader(train_set, args.batch_size, args.workers, device, sampler),
             make_loader(validation, args.batch_size, args.workers, device, sampler=None))
 
 
-def val_set(data, image_size, class_names=None, cache=False):
+def val_set(data, image_size, class_names=None, cache=False, normalization=ORIGINAL_NORMALIZATION):
     """DATA/val as every stage evaluates it.
 
     With `cache`, pictures are kept at exactly the size the evaluation transform
     resizes them to, so results equal those without a cache.
     """
-    return ImageFolder(os.path.join(data, "val"), eval_transform(image_size), class_names,
+    return ImageFolder(os.path.join(data, "val"), eval_transform(image_size, normalization),
+                       class_names,
                        cache_size=(image_size, image_size) if cache else None)
 
 

@@ -1,6 +1,7 @@
 """Stage 4: win back the pruned model's accuracy by knowledge distillation.
 
-Reads  TEACHER (vgg16Net.pth)            the dense model from train.py
+Reads  TEACHER (vgg16Net.pth)            the dense model from train.py (or a bare VGG
+                                         state dict, like the original demo's)
        STUDENT (pruned_vgg16_net.pth)    the pruned model from pruner.py
        DATA/train/, DATA/val/            (made by split_dataset.py)
 Writes OUTPUT (finetuned_vgg16_net.pth)  the student with the best validation accuracy
@@ -18,8 +19,8 @@ import os
 import torch
 import torch.nn.functional as F
 
-from checkpoints import (atomic_save, check_made_for, file_sha256, load_checkpoint,
-                         make_checkpoint, model_from_checkpoint)
+from checkpoints import (atomic_save, check_made_for, check_replaceable, file_sha256,
+                         load_checkpoint, make_checkpoint, model_from_checkpoint)
 from cli import UserError, add_data_args, make_parser, positive_float, positive_int, run_cli
 from data import find_classes, training_loaders
 from distributed import init_distributed
@@ -54,21 +55,24 @@ def distillation_loss(student_logits, teacher_logits, labels, temperature, alpha
 def main(args):
     if not 0 <= args.alpha <= 1:
         raise UserError(f"--alpha {args.alpha}: must be within 0..1")
+    check_replaceable(args.output)
     torch.manual_seed(args.seed)
     device = init_distributed(args.device)
-    teacher_checkpoint = load_checkpoint(args.teacher, kinds=("dense",))
     student_checkpoint = load_checkpoint(args.student, kinds=("pruned", "finetuned"))
     image_size = student_checkpoint["image_size"]
-    class_names = teacher_checkpoint["class_names"]
+    normalization = student_checkpoint["normalization"]
     check_made_for(student_checkpoint, args.student, "--image-size", image_size=args.image_size)
+    # (a bare state dict as the teacher is taken to be made for the student's size)
+    teacher_checkpoint = load_checkpoint(args.teacher, kinds=("dense",), image_size=image_size)
+    class_names = teacher_checkpoint["class_names"]
     check_made_for(teacher_checkpoint, args.teacher, f"the student {args.student}",
-                   image_size=image_size)
+                   image_size=image_size, normalization=normalization)
     check_made_for(student_checkpoint, args.student, f"the teacher {args.teacher}",
                    class_names=class_names)
     train_folder = os.path.join(args.data, "train")
     check_made_for(teacher_checkpoint, args.teacher, train_folder,
                    class_names=find_classes(train_folder))
-    train_loader, val_loader = training_loaders(args, image_size, device)
+    train_loader, val_loader = training_loaders(args, image_size, device, normalization)
 
     teacher = model_from_checkpoint(teacher_checkpoint, args.teacher).eval()
     student = model_from_checkpoint(student_checkpoint, args.student)
@@ -76,7 +80,9 @@ def main(args):
         network.to(device, memory_format=MEMORY_FORMAT)
     before = evaluate(student, val_loader, device, len(class_names), progress="student before")
     teacher_accuracy = teacher_checkpoint["metrics"].get("val_accuracy")
-    print(f"Distilling {args.teacher} (val {teacher_accuracy:.1%} when trained) into "
+    # (a bare state dict records none)
+    teacher_val = "not recorded" if teacher_accuracy is None else f"{teacher_accuracy:.1%}"
+    print(f"Distilling {args.teacher} (val {teacher_val} when trained) into "
           f"{args.student} (val {before['accuracy']:.1%} now) on {device}, "
           f"T={args.temperature:g}, alpha={args.alpha:g}, {image_size} px")
     # fused: one kernel updates all parameters; the step is ~3x faster on CPU
@@ -106,14 +112,14 @@ def main(args):
                        student_val_accuracy_before=before["accuracy"],
                        pruning=student_checkpoint["metrics"])
         atomic_save(make_checkpoint(student, "finetuned", student_checkpoint["architecture"]["arch"],
-                                    class_names, image_size, metrics), args.output)
+                                    class_names, image_size, normalization, metrics), args.output)
 
     history = fit(student, optimizer, compute_loss, train_loader, val_loader, device,
                   epochs=args.epochs, output=args.output, settings=settings, on_best=save_best,
                   title="distill", resume=args.resume, amp=args.amp, memory_format=MEMORY_FORMAT)
     best = max(history, key=lambda r: r["val_accuracy"])
     print(f"Student validation accuracy {before['accuracy']:.1%} -> {best['val_accuracy']:.1%} "
-          f"(epoch {best['epoch']}); teacher {teacher_accuracy:.1%}; saved {args.output}")
+          f"(epoch {best['epoch']}); teacher {teacher_val}; saved {args.output}")
 
 
 if __name__ == "__main__":

@@ -106,6 +106,39 @@ def architecture_of(model, arch):
             "classifier": [linears[0].out_features, linears[1].out_features]}
 
 
+def architecture_from_state_dict(state_dict):
+    """The architecture of a bare VGG state dict (torchvision's keys), read from its tensor
+    shapes: which VGG by its number of convolutions, batch norm by its running means, the
+    widths of every layer. ValueError if it is not such a state dict."""
+    conv_widths = sorted((int(key.split(".")[1]), tensor.shape[0])
+                         for key, tensor in state_dict.items()
+                         if key.startswith("features.") and key.endswith(".weight")
+                         and tensor.dim() == 4)
+    by_depth = {len([w for w in widths if w != "M"]): name for name, widths in CONV_WIDTHS.items()}
+    arch = by_depth.get(len(conv_widths))
+    if arch is None:
+        raise ValueError(f"{len(conv_widths)} convolution weights under features.*, where "
+                         "VGG11/13/16/19 have 8/10/13/16")
+    try:
+        hidden1, hidden2, num_classes = (state_dict[f"classifier.{i}.weight"].shape[0]
+                                         for i in (0, 3, 6))
+    except (KeyError, AttributeError, IndexError):
+        raise ValueError("no classifier.0/3/6.weight (VGG's three Linear layers)") from None
+    widths = iter(width for _, width in conv_widths)
+    architecture = {"arch": arch,
+                    "batch_norm": any(key.endswith("running_mean") for key in state_dict),
+                    "num_classes": num_classes,
+                    "features": [w if w == "M" else next(widths) for w in CONV_WIDTHS[arch]],
+                    "classifier": [hidden1, hidden2]}
+    with torch.device("meta"):  # shapes only
+        expected = from_architecture(architecture).state_dict()
+    if {k: tuple(v.shape) for k, v in expected.items()} != \
+            {k: tuple(v.shape) for k, v in state_dict.items() if k in expected} \
+            or expected.keys() - state_dict.keys():
+        raise ValueError(f"its tensors do not fit a {arch} of the widths they suggest")
+    return architecture
+
+
 def count_parameters(model):
     return sum(p.numel() for p in model.parameters())
 
@@ -113,17 +146,20 @@ def count_parameters(model):
 def load_pretrained(model, state_dict):
     """Load torchvision VGG weights (e.g. ImageNet) into `model`.
 
-    The final Linear layer is kept from `model` when its class count differs
-    (1000 ImageNet classes vs ours); every other tensor must match in shape.
-    Returns the names of the tensors that were not loaded.
+    Every features.* tensor must be there, of the same shape. A classifier tensor
+    that is missing or of another shape (the final layer for another number of
+    classes, hidden layers of another classifier width) keeps `model`'s own
+    initialisation. Returns the names of the tensors that were not loaded.
     """
     own = model.state_dict()
-    missing = [k for k in own if k not in state_dict]
-    mismatched = [k for k in own if k in state_dict and state_dict[k].shape != own[k].shape]
-    final = [k for k in own if k.startswith("classifier.6.")]
-    if missing or set(mismatched) - set(final):
-        bad = (missing + mismatched)[:3]
-        raise ValueError(f"weights do not fit this {len(own)}-tensor model (e.g. {', '.join(bad)})")
-    own.update({k: v for k, v in state_dict.items() if k in own and k not in mismatched})
-    model.load_state_dict(own)
-    return mismatched
+
+    def fits(name):
+        return name in state_dict and tuple(state_dict[name].shape) == tuple(own[name].shape)
+
+    unfit = [name for name in own if not name.startswith("classifier.") and not fits(name)]
+    if unfit:
+        raise ValueError(f"weights do not fit this {len(own)}-tensor model "
+                         f"(e.g. {', '.join(unfit[:3])})")
+    model.load_state_dict({name: state_dict[name] if fits(name) else tensor
+                           for name, tensor in own.items()})
+    return [name for name in own if not fits(name)]

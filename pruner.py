@@ -1,6 +1,7 @@
 """Stage 3: prune the dense VGG's channels with NNI and make the layers really narrower.
 
-Reads  WEIGHTS (vgg16Net.pth)          the dense checkpoint from train.py
+Reads  WEIGHTS (vgg16Net.pth)          the dense checkpoint from train.py (or a bare VGG
+                                       state dict, like the original demo's)
 Writes OUTPUT (pruned_vgg16_net.pth)   the pruned, physically smaller model
        pruned_vgg16_net.channels.png   channels per layer before and after
 
@@ -16,8 +17,8 @@ knowledge_distillation.py wins it back.
 """
 import torch
 
-from checkpoints import (atomic_save, load_checkpoint, make_checkpoint, model_from_checkpoint,
-                         output_path)
+from checkpoints import (atomic_save, check_replaceable, load_checkpoint, make_checkpoint,
+                         model_from_checkpoint, output_path)
 from cli import CheckFailed, fraction, image_size_type, make_parser, pyplot, quiet_nni, run_cli
 from measure import count_flops
 from model import architecture_of
@@ -127,7 +128,8 @@ def plot_channels(before, after, path, sparsity):
 
 
 def main(args):
-    checkpoint = load_checkpoint(args.weights, kinds=("dense",))
+    check_replaceable(args.output)
+    checkpoint = load_checkpoint(args.weights, kinds=("dense",), image_size=args.image_size)
     model = model_from_checkpoint(checkpoint, args.weights)
     image_size = args.image_size or checkpoint["image_size"]
     arch = checkpoint["architecture"]["arch"]
@@ -155,7 +157,8 @@ def main(args):
                "dense_val_accuracy": checkpoint["metrics"].get("val_accuracy"),
                "dense_weights": args.weights}
     atomic_save(make_checkpoint(model, "pruned", arch, checkpoint["class_names"],
-                                checkpoint["image_size"], metrics), args.output)
+                                checkpoint["image_size"], checkpoint["normalization"], metrics),
+                args.output)
     chart = output_path(args.output, "channels.png")
     plot_channels(before, after, chart, args.sparsity)
     print(f"Saved {args.output} and {chart}")

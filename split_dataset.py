@@ -12,6 +12,7 @@ leaves the previous DEST as it was.
 
     python split_dataset.py                      # animals/ -> dataset/, 70% train
     python split_dataset.py --source photos --ratio 0.8
+    python split_dataset.py --replace            # over a dataset/ the original demo made
 """
 import json
 import os
@@ -36,6 +37,9 @@ def get_args_parser():
     parser.add_argument("--seed", type=int, default=0, help="random seed of the split")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1,
                         help="threads used to check that images decode")
+    parser.add_argument("--replace", action="store_true",
+                        help="replace a DEST that this script did not make, such as the "
+                             "original demo's dataset/, if it holds nothing but train/ and val/")
     return parser
 
 
@@ -86,7 +90,9 @@ def split(usable, train_ratio, seed):
     return result
 
 
-def check_destination(source, dest):
+def check_destination(source, dest, replace=False):
+    """Refuse a DEST that overlaps SOURCE, or holds anything this script did not write
+    (with --replace: anything but a train/ and val/ split)."""
     source_abs, dest_abs = os.path.realpath(source), os.path.realpath(dest)
     if dest_abs == source_abs or dest_abs.startswith(source_abs + os.sep) \
             or source_abs.startswith(dest_abs + os.sep):
@@ -95,18 +101,26 @@ def check_destination(source, dest):
         raise UserError(f"{dest}: exists and is not a folder")
     if not os.path.isdir(dest) or not os.listdir(dest):
         return
+    if replace:
+        others = sorted(name for name in os.listdir(dest) if name != MARKER and not (
+            name in ("train", "val") and os.path.isdir(os.path.join(dest, name))))
+        if others:
+            raise UserError(f"{dest}: holds more than a train/ and val/ split (e.g. {others[0]}); "
+                            "refusing to replace it, even with --replace")
+        return
+    choices = "refusing to replace it: choose another --dest, or add --replace"
     try:
         with open(os.path.join(dest, MARKER)) as marker:
             written = set(json.load(marker)["files"])
     except (OSError, ValueError, KeyError, TypeError):
-        raise UserError(f"{dest}: exists and was not made by split_dataset.py; refusing to "
-                        "replace it (remove it yourself or choose another --dest)") from None
+        raise UserError(f"{dest}: exists and was not made by split_dataset.py (the original "
+                        f"demo's split, say); {choices}") from None
     present = {os.path.relpath(os.path.join(folder, name), dest)
                for folder, _, names in os.walk(dest) for name in names} - {MARKER}
     added = sorted(present - written)
     if added:
         raise UserError(f"{dest}: holds {len(added)} file(s) that split_dataset.py did not write "
-                        f"(e.g. {added[0]}); refusing to replace it (move them elsewhere first)")
+                        f"(e.g. {added[0]}); {choices} (or move them elsewhere first)")
 
 
 def write_split(source, dest, plan, summary):
@@ -167,7 +181,7 @@ def describe_skipped(skipped, shown=5):
 
 
 def main(args):
-    check_destination(args.source, args.dest)
+    check_destination(args.source, args.dest, args.replace)
     usable, skipped = scan(args.source, args.workers)
     if skipped:
         print(describe_skipped(skipped))

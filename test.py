@@ -1,7 +1,8 @@
 """Stage 5: measure a model -- its accuracy, one picture's prediction, or dense vs pruned.
 
 Reads  vgg16Net.pth (prune_test = False) or finetuned_vgg16_net.pth (prune_test = True,
-       or --pruned), or --weights PATH; DATA/val/<class>/ for accuracy
+       or --pruned), or --weights PATH (also a bare VGG state dict, like the original
+       demo's vgg16Net.pth); DATA/val/<class>/ for accuracy
 Writes <weights>.confusion.png            (accuracy mode)
        <image name>.prediction.png        (--image: the picture with its predicted class)
        compare.json, compare.png, <weights>.confusion.png for each model   (--compare)
@@ -50,16 +51,17 @@ def get_args_parser():
 
 
 def load_model(path, args, device):
-    checkpoint = load_checkpoint(path)
+    checkpoint = load_checkpoint(path, image_size=args.image_size)
     check_made_for(checkpoint, path, "--image-size", image_size=args.image_size)
     return checkpoint, model_from_checkpoint(checkpoint, path).to(device).eval()
 
 
 def val_loader(args, checkpoint, path, device):
-    """DATA/val at the checkpoint's size, refused if its classes are not the checkpoint's."""
+    """DATA/val as the checkpoint sees it, refused if its classes are not the checkpoint's."""
     folder = os.path.join(args.data, "val")
     check_made_for(checkpoint, path, folder, class_names=find_classes(folder))
-    dataset = val_set(args.data, checkpoint["image_size"], checkpoint["class_names"])
+    dataset = val_set(args.data, checkpoint["image_size"], checkpoint["class_names"],
+                      normalization=checkpoint["normalization"])
     return make_loader(dataset, args.batch_size, args.workers, device, sampler=None)
 
 
@@ -104,7 +106,8 @@ def classify(path, image_path, args, device):
         raise UserError(f"{image_path}: file not found") from None
     except (OSError, ValueError) as error:
         raise UserError(f"{image_path}: not a readable image ({error})") from None
-    batch = eval_transform(checkpoint["image_size"])(image).unsqueeze(0).to(device)
+    transform = eval_transform(checkpoint["image_size"], checkpoint["normalization"])
+    batch = transform(image).unsqueeze(0).to(device)
     with torch.inference_mode():
         probabilities = torch.softmax(model(batch).float(), dim=1)[0].cpu()
     class_names = checkpoint["class_names"]
@@ -124,9 +127,8 @@ def classify(path, image_path, args, device):
     print(f"Saved {saved}")
 
 
-def measure(name, path, args, device, inputs):
-    """Accuracy, size, FLOPs, latency and throughput of one checkpoint."""
-    checkpoint, model = load_model(path, args, device)
+def measure(name, path, checkpoint, model, args, device, inputs):
+    """Accuracy, size, FLOPs, latency and throughput of one checkpoint's model."""
     image_size = checkpoint["image_size"]
     metrics = evaluate(model, val_loader(args, checkpoint, path, device), device,
                        len(checkpoint["class_names"]), progress=f"evaluating {name}")
@@ -158,11 +160,14 @@ def compare(args, device):
     inputs = {}
     rows = []
     for path in paths:
-        size = load_checkpoint(path)["image_size"]
+        checkpoint, model = load_model(path, args, device)
+        size = checkpoint["image_size"]
         if size not in inputs:  # the very same inputs for every model of that size
             inputs[size] = (torch.randn(1, 3, size, size, generator=generator),
                             torch.randn(32, 3, size, size, generator=generator))
-        rows.append(measure(names.get(path, os.path.basename(path)), path, args, device, inputs))
+        rows.append(measure(names.get(path, os.path.basename(path)), path, checkpoint, model,
+                            args, device, inputs))
+        del model  # one model in memory at a time
         print(f"measured {path}", flush=True)
     print_table(rows)
     write_json(rows, args.report)
@@ -173,12 +178,13 @@ def compare(args, device):
 
 def print_table(rows):
     base = rows[0]
-    header = (f"{'model':<10} {'val acc':>8} {'params':>14} {'FLOPs':>14} {'file size':>14} "
+    width = max(10, *(len(row["name"]) for row in rows))  # the model column fits every name
+    header = (f"{'model':<{width}} {'val acc':>8} {'params':>14} {'FLOPs':>14} {'file size':>14} "
               f"{'latency b=1':>16} {'throughput b=32':>18}")
     print(f"\nMeasured on {base['device']} with {base['threads']} threads, channels-last, "
           f"median of the timed runs; ratios against {base['name']}\n{header}\n{'-' * len(header)}")
     for row in rows:
-        print(f"{row['name']:<10} {row['accuracy']:>8.1%} "
+        print(f"{row['name']:<{width}} {row['accuracy']:>8.1%} "
               f"{row['params'] / 1e6:>6.1f}M {row['params'] / base['params']:>5.2f}x "
               f"{row['flops'] / 1e9:>6.2f}G {row['flops'] / base['flops']:>5.2f}x "
               f"{row['file_bytes'] / 2**20:>6.1f}MB {row['file_bytes'] / base['file_bytes']:>5.2f}x "

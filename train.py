@@ -8,14 +8,19 @@ Writes OUTPUT (vgg16Net.pth)      the checkpoint with the best validation accura
 
     python train.py                                   # VGG16, 224 px, Adam 1e-4, 30 epochs
     python train.py --image-size 64 --epochs 5 --batch-norm
+    python train.py --pretrained imagenet --epochs 5   # from torchvision's ImageNet weights
 """
+import os
+
 import torch
 import torch.nn.functional as F
+import torchvision
 
 import model as vgg
-from checkpoints import atomic_save, make_checkpoint, safe_load, write_json
+from checkpoints import (atomic_save, check_replaceable, guess_normalization, is_state_dict,
+                         make_checkpoint, safe_load, write_json)
 from cli import UserError, add_data_args, make_parser, positive_float, positive_int, run_cli
-from data import training_loaders
+from data import ORIGINAL_NORMALIZATION, training_loaders
 from distributed import distributed, init_distributed
 from training import MEMORY_FORMAT, fit
 
@@ -32,9 +37,14 @@ def get_args_parser():
     parser.add_argument("--epochs", type=positive_int, default=30,
                         help="passes over the training set")
     parser.add_argument("--lr", type=positive_float, default=1e-4, help="Adam learning rate")
-    parser.add_argument("--pretrained", metavar="PATH",
-                        help="torchvision VGG weights (a state dict .pth) to start from, "
-                             "e.g. vgg16-397923af.pth downloaded beforehand")
+    parser.add_argument("--pretrained", metavar="imagenet|PATH",
+                        help="start from weights: 'imagenet' takes torchvision's ImageNet "
+                             "weights for --arch (and --batch-norm), downloaded once into "
+                             "torch's cache; PATH a torchvision VGG state dict (.pth) or a "
+                             "checkpoint of this pipeline. Pictures are then normalised as "
+                             "those weights were trained; classifier layers that do not fit "
+                             "(the last one for your classes, another --classifier-width) "
+                             "start new")
     parser.add_argument("--output", default="vgg16Net.pth", help="best checkpoint")
     parser.add_argument("--class-index", default="class_indices.json",
                         help="where to write the class names by index")
@@ -42,25 +52,55 @@ def get_args_parser():
     return parser
 
 
-def load_pretrained_weights(model, path):
-    state_dict = safe_load(path, "a torchvision VGG state dict")
-    if isinstance(state_dict, dict) and "state_dict" in state_dict:
-        state_dict = state_dict["state_dict"]
+def pretrained_weights(source, arch, batch_norm):
+    """(state dict, normalisation, where from) of --pretrained imagenet|PATH."""
+    if source != "imagenet":
+        loaded = safe_load(source, "a torchvision VGG state dict or a checkpoint of this pipeline")
+        if isinstance(loaded, dict) and isinstance(loaded.get("state_dict"), dict):  # ours
+            return (loaded["state_dict"], loaded.get("normalization", ORIGINAL_NORMALIZATION),
+                    source)
+        if not is_state_dict(loaded):
+            raise UserError(f"{source}: not a state dict of tensors (a torchvision VGG .pth)")
+        final = loaded.get("classifier.6.weight")
+        return loaded, guess_normalization(len(final) if final is not None else 0), source
+    # torchvision's weights API, and the folder torchvision caches its downloads in
+    weights = torchvision.models.get_weight(
+        f"{arch.upper()}{'_BN' if batch_norm else ''}_Weights.IMAGENET1K_V1")
+    cached = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(weights.url))
+    if not os.path.isfile(cached):
+        print(f"Downloading {weights.url} into {cached} ...", flush=True)
+        try:
+            weights.get_state_dict(progress=True, check_hash=True, weights_only=True)
+        except OSError as error:  # urllib's URLError among them: no network
+            reason = getattr(error, "reason", None) or error
+            raise UserError(f"--pretrained imagenet: {os.path.basename(cached)} is not in "
+                            f"torch's cache and could not be downloaded ({reason}); put "
+                            f"{weights.url} into {os.path.dirname(cached)}, or give "
+                            "--pretrained PATH") from None
+    mean_std = weights.transforms()
+    return (safe_load(cached, f"torchvision's {weights}"),
+            {"mean": list(mean_std.mean), "std": list(mean_std.std)}, f"torchvision's {weights}")
+
+
+def load_pretrained_weights(model, state_dict, source):
     try:
-        replaced = vgg.load_pretrained(model, state_dict)
+        new = vgg.load_pretrained(model, state_dict)
     except (ValueError, AttributeError) as error:
-        width = model.classifier[0].out_features
-        hint = f" (torchvision's classifier is 4096 wide, this one {width}: leave " \
-               "--classifier-width out)" if width != 4096 else ""
-        raise UserError(f"{path}: {error}{hint}") from None
-    print(f"Loaded pretrained weights from {path}"
-          + (f" (new final layer for {model.classifier[6].out_features} classes)" if replaced else ""))
+        raise UserError(f"{source}: {error}") from None
+    layers = sorted({name.rsplit(".", 1)[0] for name in new})
+    print(f"Starting from {source}" + (f"; new {', '.join(layers)} (not in those weights, or "
+                                       "of another shape)" if layers else ""))
 
 
 def main(args):
+    check_replaceable(args.output)
     torch.manual_seed(args.seed)
     device = init_distributed(args.device)
-    train_loader, val_loader = training_loaders(args, args.image_size, device)
+    normalization = ORIGINAL_NORMALIZATION
+    if args.pretrained:
+        pretrained, normalization, source = pretrained_weights(args.pretrained, args.arch,
+                                                               args.batch_norm)
+    train_loader, val_loader = training_loaders(args, args.image_size, device, normalization)
     class_names = train_loader.dataset.class_names
     print(f"Training {args.arch}{' with batch norm' if args.batch_norm else ''} on {device}: "
           f"{len(train_loader.dataset)} train / {len(val_loader.dataset)} val images, "
@@ -70,23 +110,23 @@ def main(args):
 
     model = vgg.build_model(args.arch, len(class_names), args.batch_norm, args.classifier_width)
     if args.pretrained:
-        load_pretrained_weights(model, args.pretrained)
+        load_pretrained_weights(model, pretrained, source)
     model.to(device, memory_format=MEMORY_FORMAT)
     # fused: one kernel updates all parameters; the step is ~3x faster on CPU
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, fused=True)
     # what a resumed run must keep, or it would not continue exactly
     settings = {"batch_size": args.batch_size, "seed": args.seed, "crop_scale": args.crop_scale,
                 "cache": args.cache, "lr": args.lr, "image_size": args.image_size,
-                "amp": args.amp}
+                "amp": args.amp, "pretrained": args.pretrained}
 
     def compute_loss(net, images, labels):
         logits = net(images)
         return F.cross_entropy(logits, labels), logits
 
     def save_best(metrics):
-        metrics.update(lr=args.lr, epochs=args.epochs, seed=args.seed)
+        metrics.update(lr=args.lr, epochs=args.epochs, seed=args.seed, pretrained=args.pretrained)
         atomic_save(make_checkpoint(model, "dense", args.arch, class_names, args.image_size,
-                                    metrics), args.output)
+                                    normalization, metrics), args.output)
 
     history = fit(model, optimizer, compute_loss, train_loader, val_loader, device,
                   epochs=args.epochs, output=args.output, settings=settings, on_best=save_best,

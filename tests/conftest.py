@@ -35,9 +35,10 @@ CLASSIFIER_WIDTH = 64
 TRAIN_FLAGS = ["--image-size", IMAGE_SIZE, "--classifier-width", CLASSIFIER_WIDTH]
 
 
-def run_script(name, *args, cwd, timeout=600):
-    """Run REPO/<name> (e.g. 'train.py') with `args` in `cwd`; never raises on failure."""
-    env = dict(os.environ)
+def run_script(name, *args, cwd, timeout=600, env=None):
+    """Run REPO/<name> (e.g. 'train.py') with `args` in `cwd`, `env` added to the
+    environment; never raises on failure."""
+    env = dict(os.environ, **{key: str(value) for key, value in (env or {}).items()})
     env.pop("PYTHONWARNINGS", None)  # see the warnings a user would see
     return subprocess.run([sys.executable, str(REPO / name), *map(str, args)], cwd=cwd,
                           capture_output=True, text=True, timeout=timeout, env=env)
@@ -90,12 +91,24 @@ def small_checkpoint(path, kind="dense", class_names=("cat", "dog"), image_size=
 
     import checkpoints
     import model as vgg
+    from data import ORIGINAL_NORMALIZATION
 
     torch.manual_seed(0)
     model = vgg.from_architecture(NARROW)
-    checkpoints.atomic_save(checkpoints.make_checkpoint(model, kind, "vgg16", class_names, image_size,
-                                            {"val_accuracy": 0.5}), str(path))
+    checkpoint = checkpoints.make_checkpoint(model, kind, "vgg16", class_names, image_size,
+                                             ORIGINAL_NORMALIZATION, {"val_accuracy": 0.5})
+    checkpoints.atomic_save(checkpoint, str(path))
     return Path(path)
+
+
+class CreatesFileWhenUnpickled:
+    """A pickle that, if ever unpickled, creates the file `path` (stands in for any code)."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return open, (self.path, "w")
 
 
 def tree_digest(folder):

@@ -16,20 +16,10 @@ import torch
 import model as vgg
 import checkpoints
 from cli import UserError
-from conftest import (IMAGE_SIZE, NARROW, assert_clean_error, load_script, run_in_process,
-                      run_script, small_checkpoint)
+from conftest import (IMAGE_SIZE, NARROW, CreatesFileWhenUnpickled, assert_clean_error,
+                      load_script, run_in_process, run_script, small_checkpoint)
 
 SCRIPTS = {name: load_script(name) for name in ("test", "pruner", "knowledge_distillation")}
-
-
-class CreatesFileWhenUnpickled:
-    """A pickle that, if ever unpickled, creates the file `path` (stands in for any code)."""
-
-    def __init__(self, path):
-        self.path = str(path)
-
-    def __reduce__(self):
-        return open, (self.path, "w")
 
 
 def make_bad_file(kind, folder):
@@ -45,8 +35,8 @@ def make_bad_file(kind, folder):
         path.write_bytes(whole[:len(whole) // 2])
     elif kind == "random_bytes":
         path.write_bytes(random.Random(0).randbytes(4096))
-    elif kind == "bare_state_dict":
-        torch.save(vgg.from_architecture(NARROW).state_dict(), path)
+    elif kind == "foreign_state_dict":  # tensors, but not of a VGG
+        torch.save({"conv1.weight": torch.zeros(8, 3, 7, 7), "fc.weight": torch.zeros(2, 8)}, path)
     elif kind == "pickled_module":
         torch.save(vgg.from_architecture(NARROW), path)
     elif kind == "code_on_unpickle":
@@ -60,10 +50,10 @@ def make_bad_file(kind, folder):
     return path, None
 
 
-BAD_FILES = ["missing", "empty", "truncated", "random_bytes", "bare_state_dict",
+BAD_FILES = ["missing", "empty", "truncated", "random_bytes", "foreign_state_dict",
              "pickled_module", "code_on_unpickle", "raw_pickle_code"]
 REASONS = {"missing": "not found", "empty": "empty", "truncated": "corrupt",
-           "random_bytes": "", "bare_state_dict": "bare state dict",
+           "random_bytes": "", "foreign_state_dict": "not of a VGG",
            "pickled_module": "pickled Python objects", "code_on_unpickle": "refused",
            "raw_pickle_code": "refused"}
 
@@ -99,6 +89,8 @@ def test_every_stage_turns_a_wrong_checkpoint_into_a_one_line_error(tmp_path, ki
     args = [flag, path]
     if flag == "--student":
         args += ["--teacher", small_checkpoint(tmp_path / "teacher.pth")]
+    if flag == "--teacher":
+        args += ["--student", small_checkpoint(tmp_path / "student.pth", kind="pruned")]
     proc = run_in_process(SCRIPTS[script], *args, cwd=tmp_path)
     assert_clean_error(proc, path, REASONS[kind])
     if marker:
@@ -148,6 +140,7 @@ def test_pruner_refuses_a_whole_pickled_module(tmp_path):
 
 def test_distillation_refuses_a_truncated_teacher(tmp_path):
     path, _ = make_bad_file("truncated", tmp_path)
+    small_checkpoint(tmp_path / "pruned_vgg16_net.pth", kind="pruned")
     proc = run_script("knowledge_distillation.py", "--teacher", path.name, cwd=tmp_path)
     assert_clean_error(proc, path.name, "truncated or corrupt")
 
@@ -308,3 +301,51 @@ def test_write_json_failing_midway_leaves_the_previous_report_intact(tmp_path):
         checkpoints.write_json([{"epoch": 1}] * 1000 + [{"epoch": object()}], str(target))
     assert target.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["history.json"]
+
+
+# --- what the pipeline may overwrite ------------------------------------------------
+
+def test_pruner_refuses_to_overwrite_a_file_that_is_not_its_checkpoint_but_replaces_its_own(
+        tmp_path):
+    weights = small_checkpoint(tmp_path / "dense.pth")
+    output = tmp_path / "pruned_vgg16_net.pth"
+    torch.save(vgg.from_architecture(NARROW), output)  # the original demo's whole module
+    before = output.read_bytes()
+    proc = run_in_process(SCRIPTS["pruner"], "--weights", weights, cwd=tmp_path)
+    assert_clean_error(proc, "pruned_vgg16_net.pth", "refusing to overwrite", "--output")
+    assert output.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dense.pth", "pruned_vgg16_net.pth"]
+
+    small_checkpoint(output, kind="pruned")  # one of ours: a re-run replaces it
+    proc = run_in_process(SCRIPTS["pruner"], "--weights", weights, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert torch.load(output, weights_only=True)["metrics"]["dense_weights"] == str(weights)
+
+
+def test_training_refuses_to_overwrite_the_originals_bare_state_dict_before_any_work(tmp_path):
+    torch.save(vgg.from_architecture(NARROW).state_dict(), tmp_path / "vgg16Net.pth")
+    proc = run_in_process(load_script("train"), "--epochs", 1, cwd=tmp_path)
+    assert_clean_error(proc, "vgg16Net.pth", "refusing to overwrite", "--output")
+    assert [p.name for p in tmp_path.iterdir()] == ["vgg16Net.pth"]  # no class index either
+
+
+def test_a_checkpoint_written_before_normalisation_was_recorded_loads_as_the_originals(
+        tmp_path):
+    path = small_checkpoint(tmp_path / "old.pth")
+    checkpoint = torch.load(path, weights_only=True)
+    del checkpoint["normalization"]
+    torch.save(checkpoint, path)
+    assert checkpoints.load_checkpoint(str(path))["normalization"] == {"mean": [0.5] * 3,
+                                                                       "std": [0.5] * 3}
+
+
+def test_distillation_refuses_a_teacher_normalised_otherwise_than_the_student(tmp_path):
+    teacher = small_checkpoint(tmp_path / "t.pth")
+    checkpoint = torch.load(teacher, weights_only=True)
+    checkpoint["normalization"] = {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
+    torch.save(checkpoint, teacher)
+    student = small_checkpoint(tmp_path / "s.pth", kind="pruned")
+    proc = run_in_process(SCRIPTS["knowledge_distillation"], "--teacher", teacher,
+                          "--student", student, cwd=tmp_path)
+    assert_clean_error(proc, "t.pth: made for pictures normalised with", "0.485",
+                       "the student", "0.5")
