@@ -102,13 +102,22 @@ def safe_load(path, what):
             raise UserError(f"{path}: refused to load: it holds pickled Python objects (for "
                             "example a whole saved nn.Module), and unpickling them can run code; "
                             "only plain tensors and data are loaded (weights_only=True); "
-                            f"{what} expected (a model the original demo saved converts with "
-                            f"python tools/import_original.py {path} --trust)") from None
+                            f"{what} expected ({conversion_hint(path)})") from None
         raise UserError(f"{path}: not a readable PyTorch file, truncated or corrupt; "
                         f"{what} expected") from None
     except Exception as error:  # torch's unpickler raises many types on garbage bytes
         raise UserError(f"{path}: not a readable PyTorch file, truncated or corrupt "
                         f"({type(error).__name__}); {what} expected") from None
+
+
+def conversion_hint(path):
+    """What to type for a whole pickled model, such as the original demo saved."""
+    plain = output_path(path, "plain.pth")
+    if os.path.isfile(plain):
+        return f"its conversion {plain} is there: give that file instead"
+    kind = " --kind finetuned" if "finetuned" in os.path.basename(path) else ""
+    return (f"a model the original demo saved converts with: python tools/import_original.py "
+            f"{path} --trust{kind}")
 
 
 def load_checkpoint(path, kinds=("dense", "pruned", "finetuned"), image_size=None):
@@ -147,6 +156,7 @@ def checkpoint_from_state_dict(state_dict, path, image_size=None, say=print):
     except ValueError as error:
         raise UserError(f"{path}: a bare state dict, but not of a VGG this pipeline can "
                         f"rebuild: {error}") from None
+    state_dict = vgg.with_batch_counters(state_dict)
     count = architecture["num_classes"]
     index = os.path.join(os.path.dirname(path), "class_indices.json")
     class_names = read_class_index(index)
@@ -186,7 +196,7 @@ def read_class_index(path):
         return [str(index[str(i)]) for i in range(len(index))]
     except (OSError, ValueError, KeyError, TypeError):
         raise UserError(f'{path}: expected {{"0": name, "1": name, ...}}, one entry per '
-                        "class") from None
+                        "class; fix it or remove it") from None
 
 
 def model_from_checkpoint(checkpoint, path):

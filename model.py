@@ -12,6 +12,8 @@ no module is ever pickled. Parameter names match torchvision's VGG
 (`features.N.*`, `classifier.0/3/6.*`), so ImageNet weights saved by torchvision
 load from a local file with `load_pretrained()`.
 """
+import re
+
 import torch
 from torch import nn
 
@@ -106,13 +108,17 @@ def architecture_of(model, arch):
             "classifier": [linears[0].out_features, linears[1].out_features]}
 
 
+# BatchNorm's count of batches seen: missing from state dicts saved before PyTorch 0.4,
+# such as torchvision's vgg*_bn ImageNet files; it plays no part in the outputs
+BATCH_COUNTER = ".num_batches_tracked"
+
+
 def architecture_from_state_dict(state_dict):
     """The architecture of a bare VGG state dict (torchvision's keys), read from its tensor
     shapes: which VGG by its number of convolutions, batch norm by its running means, the
-    widths of every layer. ValueError if it is not such a state dict."""
-    conv_widths = sorted((int(key.split(".")[1]), tensor.shape[0])
-                         for key, tensor in state_dict.items()
-                         if key.startswith("features.") and key.endswith(".weight")
+    widths of every layer. ValueError, naming a tensor, if it is not such a state dict."""
+    conv_widths = sorted((int(match[1]), tensor.shape[0]) for key, tensor in state_dict.items()
+                         if (match := re.fullmatch(r"features\.(\d+)\.weight", key))
                          and tensor.dim() == 4)
     by_depth = {len([w for w in widths if w != "M"]): name for name, widths in CONV_WIDTHS.items()}
     arch = by_depth.get(len(conv_widths))
@@ -132,11 +138,23 @@ def architecture_from_state_dict(state_dict):
                     "classifier": [hidden1, hidden2]}
     with torch.device("meta"):  # shapes only
         expected = from_architecture(architecture).state_dict()
-    if {k: tuple(v.shape) for k, v in expected.items()} != \
-            {k: tuple(v.shape) for k, v in state_dict.items() if k in expected} \
-            or expected.keys() - state_dict.keys():
-        raise ValueError(f"its tensors do not fit a {arch} of the widths they suggest")
+    problems = [f"{name} is missing" for name in expected
+                if name not in state_dict and not name.endswith(BATCH_COUNTER)]
+    problems += [f"{name} is not a VGG tensor" for name in state_dict if name not in expected]
+    problems += [f"{name} has shape {tuple(state_dict[name].shape)}, not {tuple(tensor.shape)}"
+                 for name, tensor in expected.items()
+                 if name in state_dict and state_dict[name].shape != tensor.shape]
+    if problems:
+        raise ValueError(f"its tensors do not fit a {arch} of the widths they suggest "
+                         f"({problems[0]})")
     return architecture
+
+
+def with_batch_counters(state_dict):
+    """`state_dict` with a zero BatchNorm batch counter wherever an old file has none."""
+    counters = {key[:-len("running_mean")] + BATCH_COUNTER[1:]: torch.tensor(0)
+                for key in state_dict if key.endswith(".running_mean")}
+    return {**counters, **state_dict}
 
 
 def count_parameters(model):
@@ -156,10 +174,11 @@ def load_pretrained(model, state_dict):
     def fits(name):
         return name in state_dict and tuple(state_dict[name].shape) == tuple(own[name].shape)
 
-    unfit = [name for name in own if not name.startswith("classifier.") and not fits(name)]
+    unfit = [name for name in own if not name.startswith("classifier.")
+             and not name.endswith(BATCH_COUNTER) and not fits(name)]
     if unfit:
         raise ValueError(f"weights do not fit this {len(own)}-tensor model "
                          f"(e.g. {', '.join(unfit[:3])})")
     model.load_state_dict({name: state_dict[name] if fits(name) else tensor
                            for name, tensor in own.items()})
-    return [name for name in own if not fits(name)]
+    return [name for name in own if not fits(name) and not name.endswith(BATCH_COUNTER)]

@@ -39,7 +39,8 @@ def get_args_parser():
                         help="threads used to check that images decode")
     parser.add_argument("--replace", action="store_true",
                         help="replace a DEST that this script did not make, such as the "
-                             "original demo's dataset/, if it holds nothing but train/ and val/")
+                             "original demo's dataset/, if it holds nothing but train/ and val/ "
+                             "(files added to a split this script made are never replaced)")
     return parser
 
 
@@ -91,8 +92,12 @@ def split(usable, train_ratio, seed):
 
 
 def check_destination(source, dest, replace=False):
-    """Refuse a DEST that overlaps SOURCE, or holds anything this script did not write
-    (with --replace: anything but a train/ and val/ split)."""
+    """Refuse a DEST that overlaps SOURCE, or holds anything this script did not write.
+
+    With `replace`, a DEST that this script did not make (no marker: the original
+    demo's split, say) is replaced if it holds nothing but train/ and val/. Files
+    added to a split this script made are never replaced.
+    """
     source_abs, dest_abs = os.path.realpath(source), os.path.realpath(dest)
     if dest_abs == source_abs or dest_abs.startswith(source_abs + os.sep) \
             or source_abs.startswith(dest_abs + os.sep):
@@ -101,26 +106,29 @@ def check_destination(source, dest, replace=False):
         raise UserError(f"{dest}: exists and is not a folder")
     if not os.path.isdir(dest) or not os.listdir(dest):
         return
-    if replace:
-        others = sorted(name for name in os.listdir(dest) if name != MARKER and not (
+    try:
+        with open(os.path.join(dest, MARKER)) as marker:
+            written = set(json.load(marker)["files"])
+    except (OSError, ValueError, KeyError, TypeError):
+        written = None
+    if written is None:  # not made by this script
+        if not replace:
+            raise UserError(f"{dest}: exists and was not made by split_dataset.py (the original "
+                            "demo's split, say); refusing to replace it: choose another --dest, "
+                            "or add --replace")
+        others = sorted(name for name in os.listdir(dest) if not (
             name in ("train", "val") and os.path.isdir(os.path.join(dest, name))))
         if others:
             raise UserError(f"{dest}: holds more than a train/ and val/ split (e.g. {others[0]}); "
                             "refusing to replace it, even with --replace")
         return
-    choices = "refusing to replace it: choose another --dest, or add --replace"
-    try:
-        with open(os.path.join(dest, MARKER)) as marker:
-            written = set(json.load(marker)["files"])
-    except (OSError, ValueError, KeyError, TypeError):
-        raise UserError(f"{dest}: exists and was not made by split_dataset.py (the original "
-                        f"demo's split, say); {choices}") from None
     present = {os.path.relpath(os.path.join(folder, name), dest)
                for folder, _, names in os.walk(dest) for name in names} - {MARKER}
     added = sorted(present - written)
     if added:
         raise UserError(f"{dest}: holds {len(added)} file(s) that split_dataset.py did not write "
-                        f"(e.g. {added[0]}); {choices} (or move them elsewhere first)")
+                        f"(e.g. {added[0]}); refusing to replace it (move them elsewhere first, "
+                        "or choose another --dest)")
 
 
 def write_split(source, dest, plan, summary):

@@ -10,6 +10,7 @@ Writes OUTPUT (vgg16Net.pth)      the checkpoint with the best validation accura
     python train.py --image-size 64 --epochs 5 --batch-norm
     python train.py --pretrained imagenet --epochs 5   # from torchvision's ImageNet weights
 """
+import http.client
 import os
 
 import torch
@@ -18,7 +19,7 @@ import torchvision
 
 import model as vgg
 from checkpoints import (atomic_save, check_replaceable, guess_normalization, is_state_dict,
-                         make_checkpoint, safe_load, write_json)
+                         make_checkpoint, read_class_index, safe_load, write_json)
 from cli import UserError, add_data_args, make_parser, positive_float, positive_int, run_cli
 from data import ORIGINAL_NORMALIZATION, training_loaders
 from distributed import distributed, init_distributed
@@ -68,28 +69,62 @@ def pretrained_weights(source, arch, batch_norm):
         f"{arch.upper()}{'_BN' if batch_norm else ''}_Weights.IMAGENET1K_V1")
     cached = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(weights.url))
     if not os.path.isfile(cached):
-        print(f"Downloading {weights.url} into {cached} ...", flush=True)
-        try:
-            weights.get_state_dict(progress=True, check_hash=True, weights_only=True)
-        except OSError as error:  # urllib's URLError among them: no network
-            reason = getattr(error, "reason", None) or error
-            raise UserError(f"--pretrained imagenet: {os.path.basename(cached)} is not in "
-                            f"torch's cache and could not be downloaded ({reason}); put "
-                            f"{weights.url} into {os.path.dirname(cached)}, or give "
-                            "--pretrained PATH") from None
+        download(weights.url, cached)
+    state_dict = safe_load(cached, f"torchvision's {weights}; delete it to download it again")
+    if not is_state_dict(state_dict):
+        raise UserError(f"{cached}: not a state dict of tensors; delete it to download it again")
     mean_std = weights.transforms()
-    return (safe_load(cached, f"torchvision's {weights}"),
-            {"mean": list(mean_std.mean), "std": list(mean_std.std)}, f"torchvision's {weights}")
+    return (state_dict, {"mean": list(mean_std.mean), "std": list(mean_std.std)},
+            f"torchvision's {weights}")
 
 
-def load_pretrained_weights(model, state_dict, source):
+def download(url, path):
+    """Fetch `url` into `path` as torch.hub does (checking the hash in its name), or say why not."""
+    print(f"Downloading {url} into {path} ...", flush=True)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    prefix = torch.hub.HASH_REGEX.search(os.path.basename(path))
+    try:
+        torch.hub.download_url_to_file(url, path, hash_prefix=prefix and prefix.group(1))
+    except (OSError, RuntimeError, http.client.HTTPException) as error:
+        # no network (URLError), a page instead of the file (a hash mismatch), a cut download
+        reason = getattr(error, "reason", None) or error
+        raise UserError(f"--pretrained imagenet: {os.path.basename(path)} is not in torch's "
+                        f"cache and could not be downloaded ({reason}); put {url} into "
+                        f"{os.path.dirname(path)}, or give --pretrained PATH") from None
+
+
+def load_pretrained_weights(model, state_dict, source, arch, batch_norm):
     try:
         new = vgg.load_pretrained(model, state_dict)
     except (ValueError, AttributeError) as error:
-        raise UserError(f"{source}: {error}") from None
+        raise UserError(f"{source}: {error}{architecture_hint(state_dict, arch, batch_norm)}") \
+            from None
     layers = sorted({name.rsplit(".", 1)[0] for name in new})
     print(f"Starting from {source}" + (f"; new {', '.join(layers)} (not in those weights, or "
                                        "of another shape)" if layers else ""))
+
+
+def architecture_hint(state_dict, arch, batch_norm):
+    """' (they are a vgg19 with batch norm: ...)' when the weights are of another VGG."""
+    try:
+        theirs = vgg.architecture_from_state_dict(state_dict)
+    except (ValueError, AttributeError, TypeError):
+        return ""
+    if (theirs["arch"], theirs["batch_norm"]) == (arch, batch_norm):
+        return ""
+    flags = f"--arch {theirs['arch']}" + (" --batch-norm" if theirs["batch_norm"] else "")
+    return f" (they are a {theirs['arch']}{' with batch norm' if theirs['batch_norm'] else ''}: " \
+           f"add {flags})"
+
+
+def check_class_index(path, class_names):
+    """Refuse, before training, to overwrite a class index that names other classes (the
+    one beside the original demo's model, say)."""
+    existing = read_class_index(path)
+    if existing is not None and existing != list(class_names):
+        raise UserError(f"{path}: exists and names other classes {existing} than "
+                        f"{list(class_names)}; refusing to overwrite it: give another "
+                        "--class-index, or move it first")
 
 
 def main(args):
@@ -105,19 +140,22 @@ def main(args):
     print(f"Training {args.arch}{' with batch norm' if args.batch_norm else ''} on {device}: "
           f"{len(train_loader.dataset)} train / {len(val_loader.dataset)} val images, "
           f"classes {class_names}, {args.image_size} px")
+    check_class_index(args.class_index, class_names)
     if distributed()[0] == 0:
         write_json({str(i): name for i, name in enumerate(class_names)}, args.class_index)
 
     model = vgg.build_model(args.arch, len(class_names), args.batch_norm, args.classifier_width)
     if args.pretrained:
-        load_pretrained_weights(model, pretrained, source)
+        load_pretrained_weights(model, pretrained, source, args.arch, args.batch_norm)
     model.to(device, memory_format=MEMORY_FORMAT)
     # fused: one kernel updates all parameters; the step is ~3x faster on CPU
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, fused=True)
     # what a resumed run must keep, or it would not continue exactly
     settings = {"batch_size": args.batch_size, "seed": args.seed, "crop_scale": args.crop_scale,
                 "cache": args.cache, "lr": args.lr, "image_size": args.image_size,
-                "amp": args.amp, "pretrained": args.pretrained}
+                "amp": args.amp}
+    if args.pretrained:  # it sets how pictures are normalised
+        settings["pretrained"] = args.pretrained
 
     def compute_loss(net, images, labels):
         logits = net(images)

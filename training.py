@@ -177,6 +177,8 @@ def load_training_state(path, model, optimizer, scaler, device, settings, epochs
                         f"record {', '.join(unrecorded)}; start over")
     changed = [f"{flag(k)} {state['settings'][k]} (now {settings[k]})" for k in settings
                if state["settings"][k] != settings[k]]
+    changed += [f"{flag(k)} {state['settings'][k]} (now not given)" for k in state["settings"]
+                if k not in settings]
     if changed:
         raise UserError(f"{path}: was saved with {', '.join(changed)}; resume with the same flags "
                         "and files")

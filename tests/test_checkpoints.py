@@ -17,7 +17,7 @@ import model as vgg
 import checkpoints
 from cli import UserError
 from conftest import (IMAGE_SIZE, NARROW, CreatesFileWhenUnpickled, assert_clean_error,
-                      load_script, run_in_process, run_script, small_checkpoint)
+                      generate_demo, load_script, run_in_process, run_script, small_checkpoint)
 
 SCRIPTS = {name: load_script(name) for name in ("test", "pruner", "knowledge_distillation")}
 
@@ -323,10 +323,13 @@ def test_pruner_refuses_to_overwrite_a_file_that_is_not_its_checkpoint_but_repla
 
 
 def test_training_refuses_to_overwrite_the_originals_bare_state_dict_before_any_work(tmp_path):
+    for part in ("train", "val"):
+        generate_demo(tmp_path / "dataset" / part, per_class=2)
     torch.save(vgg.from_architecture(NARROW).state_dict(), tmp_path / "vgg16Net.pth")
-    proc = run_in_process(load_script("train"), "--epochs", 1, cwd=tmp_path)
+    proc = run_in_process(load_script("train"), "--epochs", 1, "--image-size", IMAGE_SIZE,
+                          cwd=tmp_path)
     assert_clean_error(proc, "vgg16Net.pth", "refusing to overwrite", "--output")
-    assert [p.name for p in tmp_path.iterdir()] == ["vgg16Net.pth"]  # no class index either
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dataset", "vgg16Net.pth"]
 
 
 def test_a_checkpoint_written_before_normalisation_was_recorded_loads_as_the_originals(

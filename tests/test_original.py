@@ -18,8 +18,10 @@ import torch
 import data
 import model as vgg
 from checkpoints import load_checkpoint
+from cli import UserError
 from conftest import (IMAGE_SIZE, CreatesFileWhenUnpickled, assert_clean_error, files_under,
-                      generate_demo, load_script, run_in_process, run_script, tree_digest)
+                      generate_demo, load_script, run_in_process, run_script, small_checkpoint,
+                      tree_digest)
 
 train = load_script("train")
 pruner = load_script("pruner")
@@ -82,6 +84,55 @@ def test_bare_state_dicts_of_every_vgg_are_understood():
                     == vgg.architecture_of(model, arch))
 
 
+def without_batch_counters(state_dict):
+    """As torchvision's vgg*_bn ImageNet files are: saved before BatchNorm counted batches."""
+    return {k: v for k, v in state_dict.items() if not k.endswith("num_batches_tracked")}
+
+
+def test_a_batch_norm_state_dict_without_batch_counters_is_read_and_loads(tmp_path, capsys):
+    torch.manual_seed(0)
+    model = vgg.build_model("vgg11", 2, batch_norm=True, classifier_width=8)
+    torch.save(without_batch_counters(model.state_dict()), tmp_path / "old_bn.pth")
+    checkpoint = load_checkpoint(str(tmp_path / "old_bn.pth"), image_size=IMAGE_SIZE)
+    assert checkpoint["architecture"] == vgg.architecture_of(model, "vgg11")
+    rebuilt = vgg.from_architecture(checkpoint["architecture"])
+    rebuilt.load_state_dict(checkpoint["state_dict"])  # strict: the counters were filled in
+    fresh = vgg.build_model("vgg11", 2, batch_norm=True, classifier_width=8)
+    assert vgg.load_pretrained(fresh, without_batch_counters(model.state_dict())) == []
+
+
+def test_a_vgg_state_dict_with_a_tensor_missing_is_refused_naming_it(tmp_path):
+    state_dict = vgg.build_model("vgg11", 2, classifier_width=8).state_dict()
+    del state_dict["features.3.bias"]
+    torch.save(state_dict, tmp_path / "vgg16Net.pth")
+    proc = run_in_process(pruner, cwd=tmp_path)
+    assert_clean_error(proc, "vgg16Net.pth", "features.3.bias is missing")
+
+
+def test_a_broken_class_index_beside_a_bare_state_dict_is_a_one_line_error(original, tmp_path):
+    shutil.copy(original / "vgg16Net.pth", tmp_path)
+    (tmp_path / "class_indices.json").write_text('{"0": "cat", ')
+    proc = run_in_process(pruner, cwd=tmp_path)
+    assert_clean_error(proc, "class_indices.json", "fix it or remove it")
+    assert not (tmp_path / "pruned_vgg16_net.pth").exists()
+
+
+def test_the_bare_state_dict_computes_what_the_checkpoint_it_came_from_computes(original,
+                                                                                pipeline):
+    bare = load_checkpoint(str(original / "vgg16Net.pth"), image_size=IMAGE_SIZE)
+    ours = load_checkpoint(str(pipeline.path("vgg16Net.pth")))
+    pictures = sorted((original / "dataset" / "val").rglob("*.jpg"))
+    outputs = []
+    for checkpoint in (bare, ours):
+        model = vgg.from_architecture(checkpoint["architecture"]).eval()
+        model.load_state_dict(checkpoint["state_dict"])
+        transform = data.eval_transform(checkpoint["image_size"], checkpoint["normalization"])
+        with torch.no_grad():
+            outputs.append(model(torch.stack([transform(data.load_rgb(p)) for p in pictures])))
+    assert bare["class_names"] == ours["class_names"]
+    assert torch.equal(*outputs)
+
+
 def test_test_py_measures_the_bare_state_dict_like_the_checkpoint_it_came_from(original,
                                                                               pipeline):
     proc = run_script("test.py", "--weights", "vgg16Net.pth", "--image-size", IMAGE_SIZE,
@@ -111,10 +162,40 @@ def test_a_state_dict_of_something_else_is_refused_in_one_line(tmp_path):
 
 # --- the original's pickled modules: refused, with the way across --------------------
 
-def test_a_pickled_module_is_refused_with_the_command_that_converts_it(original):
-    proc = run_script("test.py", "--weights", "finetuned_vgg16_net.pth", cwd=original)
+def test_a_pickled_module_is_refused_with_the_command_that_converts_it(original, tmp_path):
+    shutil.copy(original / "finetuned_vgg16_net.pth", tmp_path)
+    proc = run_in_process(load_script("test"), "--weights", "finetuned_vgg16_net.pth",
+                          cwd=tmp_path)
+    assert_clean_error(proc, "finetuned_vgg16_net.pth", "python tools/import_original.py "
+                       "finetuned_vgg16_net.pth --trust --kind finetuned")
+
+
+def test_after_the_conversion_the_refusal_names_the_converted_file(original, converted):
+    proc = run_in_process(load_script("test"), "--pruned", cwd=original)
     assert_clean_error(proc, "finetuned_vgg16_net.pth",
-                       "python tools/import_original.py finetuned_vgg16_net.pth --trust")
+                       "its conversion finetuned_vgg16_net.plain.pth is there")
+
+
+def test_import_of_a_missing_file_says_so_first(tmp_path):
+    proc = run_script("tools/import_original.py", "nowhere.pth", cwd=tmp_path)
+    assert_clean_error(proc, "nowhere.pth", "file not found")
+
+
+def test_import_of_a_file_that_cannot_be_unpickled_is_refused_in_one_line(tmp_path):
+    (tmp_path / "garbage.pth").write_bytes(b"\x80\x02 this is no pickle")
+    proc = run_script("tools/import_original.py", "garbage.pth", "--trust", cwd=tmp_path)
+    assert_clean_error(proc, "garbage.pth", "could not be unpickled")
+    assert files_under(tmp_path) == ["garbage.pth"]
+
+
+def test_import_never_overwrites_a_file_that_is_not_a_pipeline_checkpoint(original, tmp_path):
+    for name in ("pruned_vgg16_net.pth", "vgg16Net.pth"):
+        shutil.copy(original / name, tmp_path)
+    before = (tmp_path / "vgg16Net.pth").read_bytes()
+    proc = run_script("tools/import_original.py", "pruned_vgg16_net.pth", "--trust",
+                      "--output", "vgg16Net.pth", cwd=tmp_path)
+    assert_clean_error(proc, "vgg16Net.pth", "refusing to overwrite")
+    assert (tmp_path / "vgg16Net.pth").read_bytes() == before
 
 
 def test_import_without_trust_refuses_and_runs_nothing(tmp_path):
@@ -176,6 +257,18 @@ def test_the_original_folder_runs_through_distillation_and_compare(original, con
     assert [row["path"] for row in rows] == ["vgg16Net.pth", "pruned_vgg16_net.plain.pth",
                                              "finetuned_vgg16_net.plain.pth"]
     assert rows[1]["params"] == rows[2]["params"] < 0.3 * rows[0]["params"]
+
+
+def test_training_beside_the_original_refuses_to_rewrite_its_class_index(original, tmp_path):
+    shutil.copytree(original / "dataset", tmp_path / "dataset")
+    (tmp_path / "class_indices.json").write_text(json.dumps({0: "bird", 1: "fish"}))
+    before = (tmp_path / "class_indices.json").read_bytes()
+    proc = run_in_process(train, "--output", "mine.pth", "--image-size", IMAGE_SIZE,
+                          "--epochs", 1, cwd=tmp_path)
+    assert_clean_error(proc, "class_indices.json", "['bird', 'fish']", "refusing to overwrite",
+                       "--class-index")
+    assert (tmp_path / "class_indices.json").read_bytes() == before
+    assert not (tmp_path / "mine.pth").exists()
 
 
 # --- the original's dataset/ ---------------------------------------------------------
@@ -258,6 +351,44 @@ def test_imagenet_weights_neither_cached_nor_downloadable_are_a_one_line_error(t
     assert not (tmp_path / "vgg16Net.pth").exists()
 
 
+@pytest.mark.parametrize("failure", [urllib.error.URLError("no route to host"),
+                                     RuntimeError('invalid hash value (expected "8a719046")')],
+                         ids=["no network", "not the file"])
+def test_a_failed_download_is_a_one_line_error(tmp_path, monkeypatch, failure):
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+
+    def fails(url, destination, *args, **kwargs):
+        raise failure
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", fails)
+    with pytest.raises(UserError, match="could not be downloaded") as error:
+        train.pretrained_weights("imagenet", "vgg11", False)
+    assert "https://download.pytorch.org/models/vgg11-8a719046.pth" in str(error.value)
+
+
+def test_a_garbage_file_in_the_cache_says_to_delete_it(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    cached = tmp_path / "hub" / "checkpoints" / "vgg11-8a719046.pth"
+    cached.parent.mkdir(parents=True)
+    torch.save(torch.zeros(3), cached)  # a tensor, not a state dict
+    with pytest.raises(UserError, match="delete it to download it again"):
+        train.pretrained_weights("imagenet", "vgg11", False)
+
+
+def test_pretrained_from_a_file_follows_its_normalisation_and_names_its_architecture(
+        tmp_path):
+    path = small_checkpoint(tmp_path / "ours.pth")  # one of ours: its normalisation
+    assert train.pretrained_weights(str(path), "vgg16", False)[1] == data.ORIGINAL_NORMALIZATION
+    torch.save(vgg.build_model("vgg11", 1000, classifier_width=8).state_dict(),
+               tmp_path / "imagenet.pth")  # torchvision-like: 1000 classes
+    state_dict, normalization, _ = train.pretrained_weights(str(tmp_path / "imagenet.pth"),
+                                                            "vgg16", False)
+    assert normalization == data.IMAGENET_NORMALIZATION
+    with pytest.raises(UserError, match=r"they are a vgg11: add --arch vgg11\)"):
+        train.load_pretrained_weights(vgg.build_model("vgg16", 2), state_dict,
+                                      "imagenet.pth", "vgg16", False)
+
+
 def test_training_from_imagenet_records_its_normalisation_for_every_later_stage(original,
                                                                                  tmp_path):
     shutil.copytree(original / "dataset", tmp_path / "dataset")
@@ -275,14 +406,22 @@ def test_training_from_imagenet_records_its_normalisation_for_every_later_stage(
     pruned = torch.load(tmp_path / "pruned_vgg16_net.pth", weights_only=True)
     assert pruned["normalization"] == data.IMAGENET_NORMALIZATION
 
-    # test.py --image normalises the picture as the checkpoint says
-    picture = sorted((tmp_path / "dataset" / "val" / "dog").glob("*.jpg"))[0]
-    proc = run_in_process(load_script("test"), "--weights", "vgg16Net.pth", "--image", picture,
-                          cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr
+    # test.py --image normalises the picture as the checkpoint says; the model's last layer
+    # is sharpened, so that the two normalisations give visibly different probabilities
+    dense["state_dict"]["classifier.6.weight"] *= 1e4
+    torch.save(dense, tmp_path / "sharp.pth")
     model = vgg.from_architecture(dense["architecture"]).eval()
     model.load_state_dict(dense["state_dict"])
-    batch = data.eval_transform(IMAGE_SIZE, data.IMAGENET_NORMALIZATION)(data.load_rgb(picture))
-    with torch.no_grad():
-        dog = torch.softmax(model(batch[None]), dim=1)[0, 1].item()
-    assert re.search(rf"^\s+dog\s+{100 * dog:.1f}%$", proc.stdout, re.MULTILINE), proc.stdout
+    picture = sorted((tmp_path / "dataset" / "val" / "dog").glob("*.jpg"))[0]
+    dog = {}
+    for name, normalization in (("imagenet", data.IMAGENET_NORMALIZATION),
+                                ("original", data.ORIGINAL_NORMALIZATION)):
+        batch = data.eval_transform(IMAGE_SIZE, normalization)(data.load_rgb(picture))
+        with torch.no_grad():
+            dog[name] = f"{100 * torch.softmax(model(batch[None]), dim=1)[0, 1].item():.1f}%"
+    assert dog["imagenet"] != dog["original"]  # the control: the test can tell them apart
+    proc = run_in_process(load_script("test"), "--weights", "sharp.pth", "--image", picture,
+                          cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert re.search(rf"^\s+dog\s+{re.escape(dog['imagenet'])}$", proc.stdout, re.MULTILINE), \
+        (proc.stdout, dog)

@@ -297,6 +297,7 @@ def test_rerun_refuses_to_delete_files_added_to_its_own_split(tmp_path, demo_ani
     holdout.parent.mkdir(parents=True)
     holdout.write_bytes(b"my own test picture")
     before = tree_digest(tmp_path / "dataset")
-    proc = split_here("--source", demo_animals, cwd=tmp_path)
-    assert_clean_error(proc, "dataset", "test/cat/holdout.jpg", "did not write")
-    assert tree_digest(tmp_path / "dataset") == before
+    for replace in ([], ["--replace"]):  # not even when asked to replace a foreign split
+        proc = split_here("--source", demo_animals, *replace, cwd=tmp_path)
+        assert_clean_error(proc, "dataset", "test/cat/holdout.jpg", "did not write")
+        assert tree_digest(tmp_path / "dataset") == before

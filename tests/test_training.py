@@ -183,6 +183,9 @@ REFUSALS = {  # how the state file is made, fit's arguments changed, the reason 
     "setting not recorded": (lambda runs, tmp: state_with(runs, tmp),
                              {"settings": dict(SETTINGS, temperature=8.0)},
                              "did not record --temperature"),
+    "setting no longer given": (lambda runs, tmp: state_with(
+        runs, tmp, settings=dict(SETTINGS, pretrained="imagenet")), {},
+        "was saved with --pretrained imagenet (now not given)"),
     "epochs already done": (lambda runs, tmp: state_with(runs, tmp, epoch=2), {},
                             "stopped in epoch 3, but --epochs is 2"),
 }

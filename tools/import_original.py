@@ -20,8 +20,9 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from checkpoints import (atomic_save, checkpoint_from_state_dict, is_state_dict,  # noqa: E402
-                         make_checkpoint, model_from_checkpoint)
+from checkpoints import (atomic_save, check_replaceable,  # noqa: E402
+                         checkpoint_from_state_dict, is_state_dict, make_checkpoint,
+                         model_from_checkpoint, output_path)
 from cli import UserError, image_size_type, make_parser, run_cli  # noqa: E402
 
 
@@ -42,8 +43,6 @@ def get_args_parser():
 
 def load_trusted(path):
     """What the pickle at `path` holds, loaded with weights_only=False (it may run code)."""
-    if not os.path.isfile(path):
-        raise UserError(f"{path}: file not found")
     print(f"Loading {path} with torch.load(weights_only=False), as --trust allows ...", flush=True)
     try:
         return torch.load(path, map_location="cpu", weights_only=False)
@@ -54,13 +53,16 @@ def load_trusted(path):
 
 
 def main(args):
+    if not os.path.isfile(args.path):
+        raise UserError(f"{args.path}: file not found")
     if not args.trust:
         raise UserError(f"{args.path}: not loaded: unpickling a whole saved model runs any code "
                         "the file names; if you made it (or trust where it came from), add "
                         "--trust")
-    output = args.output or os.path.splitext(args.path)[0] + ".plain.pth"
+    output = args.output or output_path(args.path, "plain.pth")
     if os.path.abspath(output) == os.path.abspath(args.path):
         raise UserError(f"--output {output}: would replace the file being converted")
+    check_replaceable(output)
     loaded = load_trusted(args.path)
     if isinstance(loaded, torch.nn.Module):
         loaded = loaded.state_dict()
@@ -82,7 +84,8 @@ def main(args):
     print(f"Wrote {output}: a {kind} {architecture['arch']}"
           f"{' with batch norm' if architecture['batch_norm'] else ''} of {params / 1e6:.1f}M "
           f"parameters for {checkpoint['image_size']} px, classes {checkpoint['class_names']}; "
-          "it loads with weights_only=True")
+          "it loads with weights_only=True. Give it to the stages in place of the pickled file "
+          f"(--weights, --student, --compare {output}).")
 
 
 if __name__ == "__main__":
