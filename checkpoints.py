@@ -52,8 +52,11 @@ def write_json(obj, path):
 
 
 def output_path(checkpoint_path, suffix):
-    """Files that belong to a checkpoint sit beside it: vgg16Net.pth -> vgg16Net.<suffix>."""
-    return os.path.splitext(checkpoint_path)[0] + "." + suffix
+    """Files that belong to a checkpoint sit beside it: vgg16Net.pth -> vgg16Net.<suffix>
+    (an exported model keeps its extension, x.onnx -> x.onnx.<suffix>: x.pth has x.<suffix>)."""
+    stem = checkpoint_path if checkpoint_path.endswith(".onnx") else \
+        os.path.splitext(checkpoint_path)[0]
+    return stem + "." + suffix
 
 
 def file_sha256(path):

@@ -1,8 +1,9 @@
 """Stage 5: measure a model -- its accuracy, one picture's prediction, or dense vs pruned.
 
 Reads  vgg16Net.pth (prune_test = False) or finetuned_vgg16_net.pth (prune_test = True,
-       or --pruned), or --weights PATH (also a bare VGG state dict, like the original
-       demo's vgg16Net.pth); DATA/val/<class>/ for accuracy
+       or --pruned), or --weights PATH: a checkpoint, a bare VGG state dict (like the
+       original demo's vgg16Net.pth) or an .onnx file from export.py (run in
+       onnxruntime); DATA/val/<class>/ for accuracy
 Writes <weights>.confusion.png            (accuracy mode)
        <image name>.prediction.png        (--image: the picture with its predicted class)
        compare.json, compare.png, <weights>.confusion.png for each model   (--compare)
@@ -10,12 +11,15 @@ Writes <weights>.confusion.png            (accuracy mode)
     python test.py                         # accuracy of vgg16Net.pth on dataset/val
     python test.py --pruned                # ... of finetuned_vgg16_net.pth
     python test.py --image cat.jpg         # classify one picture
-    python test.py --compare               # dense vs pruned vs distilled, measured side by side
+    python test.py --compare               # dense vs pruned vs distilled (vs int8, once
+                                           # export.py ran), measured side by side
 """
 import os
 
 import torch
 
+import deploy
+import model as vgg
 from checkpoints import (check_made_for, load_checkpoint, model_from_checkpoint, output_path,
                          write_json)
 from cli import (UserError, add_data_args, make_parser, non_negative_int, positive_int, pyplot,
@@ -27,7 +31,7 @@ prune_test = False  # False: test the dense vgg16Net.pth; True: the distilled pr
 
 WEIGHTS = {False: "vgg16Net.pth", True: "finetuned_vgg16_net.pth"}
 COMPARED = [("dense", "vgg16Net.pth"), ("pruned", "pruned_vgg16_net.pth"),
-            ("distilled", "finetuned_vgg16_net.pth")]
+            ("distilled", "finetuned_vgg16_net.pth"), ("int8", "finetuned_vgg16_net.int8.onnx")]
 
 
 def get_args_parser():
@@ -35,7 +39,8 @@ def get_args_parser():
     add_data_args(parser)
     parser.add_argument("--pruned", action="store_true",
                         help=f"test {WEIGHTS[True]} (same as prune_test = True)")
-    parser.add_argument("--weights", metavar="PATH", help="test this checkpoint instead")
+    parser.add_argument("--weights", metavar="PATH",
+                        help="test this checkpoint (.pth) or exported model (.onnx) instead")
     parser.add_argument("--image", metavar="PATH", help="classify this one picture")
     parser.add_argument("--show", action="store_true", help="also open figures in a window")
     parser.add_argument("--compare", nargs="*", metavar="PATH",
@@ -51,9 +56,14 @@ def get_args_parser():
 
 
 def load_model(path, args, device):
-    checkpoint = load_checkpoint(path, image_size=args.image_size)
+    """(checkpoint or an .onnx file's description, model ready to run on `device`)."""
+    if path.endswith(".onnx"):
+        checkpoint, model = deploy.load_onnx(path, device)
+    else:
+        checkpoint = load_checkpoint(path, image_size=args.image_size)
+        model = model_from_checkpoint(checkpoint, path).to(device).eval()
     check_made_for(checkpoint, path, "--image-size", image_size=args.image_size)
-    return checkpoint, model_from_checkpoint(checkpoint, path).to(device).eval()
+    return checkpoint, model
 
 
 def val_loader(args, checkpoint, path, device):
@@ -132,11 +142,14 @@ def measure(name, path, checkpoint, model, args, device, inputs):
     image_size = checkpoint["image_size"]
     metrics = evaluate(model, val_loader(args, checkpoint, path, device), device,
                        len(checkpoint["class_names"]), progress=f"evaluating {name}")
-    flops, params = count_flops(model.cpu(), image_size, args.verbose)
-    # channels-last: measured faster on CPU for dense and pruned VGG16 alike
-    # (tools/benchmark.py times both formats)
-    model.to(device, memory_format=torch.channels_last)
-    single, batch = (x.to(memory_format=torch.channels_last) for x in inputs[image_size])
+    onnx = path.endswith(".onnx")
+    # an .onnx file's FLOPs and parameters are those of the widths it describes
+    counted = vgg.from_architecture(checkpoint["architecture"]) if onnx else model.cpu()
+    flops, params = count_flops(counted, image_size, args.verbose)
+    single, batch = inputs[image_size]
+    if not onnx:  # channels-last: measured faster on CPU for dense and pruned VGG16 alike
+        model.to(device, memory_format=torch.channels_last)  # (tools/benchmark.py times both)
+        single, batch = (x.to(memory_format=torch.channels_last) for x in (single, batch))
     latency = measure_latency(model, single, device, args.warmup, args.repeats)
     batch_seconds = measure_latency(model, batch, device, args.warmup, args.repeats)
     plot_confusion(metrics, checkpoint["class_names"], output_path(path, "confusion.png"),
@@ -146,7 +159,9 @@ def measure(name, path, checkpoint, model, args, device, inputs):
             "params": params, "flops": flops, "file_bytes": os.path.getsize(path),
             "latency_ms": latency * 1000, "throughput_ips": len(batch) / batch_seconds,
             "batch_size": len(batch), "device": str(device), "threads": torch.get_num_threads(),
-            "memory_format": "channels_last",
+            "runtime": "onnxruntime" if onnx else "torch",
+            "precision": checkpoint.get("precision", "fp32"),
+            "memory_format": None if onnx else "channels_last",
             "image_size": image_size, "val_images": metrics["count"]}
 
 
@@ -181,8 +196,9 @@ def print_table(rows):
     width = max(10, *(len(row["name"]) for row in rows))  # the model column fits every name
     header = (f"{'model':<{width}} {'val acc':>8} {'params':>14} {'FLOPs':>14} {'file size':>14} "
               f"{'latency b=1':>16} {'throughput b=32':>18}")
-    print(f"\nMeasured on {base['device']} with {base['threads']} threads, channels-last, "
-          f"median of the timed runs; ratios against {base['name']}\n{header}\n{'-' * len(header)}")
+    print(f"\nMeasured on {base['device']} with {base['threads']} threads (PyTorch in "
+          "channels-last, .onnx files in onnxruntime), median of the timed runs; ratios against "
+          f"{base['name']}\n{header}\n{'-' * len(header)}")
     for row in rows:
         print(f"{row['name']:<{width}} {row['accuracy']:>8.1%} "
               f"{row['params'] / 1e6:>6.1f}M {row['params'] / base['params']:>5.2f}x "
@@ -204,7 +220,7 @@ def plot_comparison(rows, path, show):
               ("throughput, batch 32 (img/s)", [r["throughput_ips"] for r in rows])]
     figure, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 4))
     for axis, (title, values) in zip(axes, panels):
-        bars = axis.bar(names, values, color=["tab:blue", "tab:orange", "tab:green"][:len(rows)])
+        bars = axis.bar(names, values, color=[f"C{i}" for i in range(len(rows))])
         axis.bar_label(bars, fmt="%.3g")
         axis.set_title(title)
     figure.suptitle(f"Measured on {rows[0]['device']}, {rows[0]['threads']} threads, "

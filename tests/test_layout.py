@@ -9,8 +9,8 @@ import pytest
 
 from conftest import REPO
 
-STAGES = ["split_dataset", "train", "pruner", "knowledge_distillation", "test"]
-SHARED = ["cli", "model", "checkpoints", "distributed", "data", "measure", "training"]
+STAGES = ["split_dataset", "train", "pruner", "knowledge_distillation", "test", "export"]
+SHARED = ["cli", "model", "checkpoints", "distributed", "data", "measure", "training", "deploy"]
 
 
 def imports_of(module):

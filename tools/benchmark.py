@@ -8,20 +8,34 @@ the same inputs, on the same device and threads:
   batch-32 throughput (median of --repeats timed runs after --warmup runs), in
   both the default (contiguous) and the channels-last memory format.
 
+Then the pruned model as it could ship, on the same inputs: exported to ONNX as
+export.py does, in fp32 and static int8, run in onnxruntime. With --alternatives
+also PyTorch's own int8 paths, the ones a reader will ask about: dynamic int8
+(quantize_dynamic, Linear layers) and PT2E int8 (X86InductorQuantizer) compiled
+by Inductor; the latter lives in torchao, which this project does not install
+(pip install torchao to measure it; torch.compile takes minutes here).
+
     python tools/benchmark.py                        # 224 px, sparsity 0.5, CPU
+    python tools/benchmark.py --image-size 48 --batch-norm --alternatives
     python tools/benchmark.py --image-size 64 --device cuda
 """
+import copy
 import io
 import os
 import sys
+import tempfile
+import time
+import warnings
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import deploy  # noqa: E402
 from cli import (fraction, image_size_type, make_parser, non_negative_int,  # noqa: E402
                  positive_int, resolve_device, run_cli)
+from data import ORIGINAL_NORMALIZATION  # noqa: E402
 from measure import count_flops, measure_latency  # noqa: E402
-from model import build_model  # noqa: E402
+from model import architecture_of, build_model  # noqa: E402
 from pruner import prune  # noqa: E402
 
 
@@ -37,6 +51,9 @@ def get_args_parser():
                         help="CPU threads (default: PyTorch's choice)")
     parser.add_argument("--warmup", type=non_negative_int, default=3)
     parser.add_argument("--repeats", type=positive_int, default=10)
+    parser.add_argument("--alternatives", action="store_true",
+                        help="also time PyTorch's dynamic int8 and PT2E int8 + torch.compile "
+                             "(needs torchao)")
     parser.add_argument("--verbose", action="store_true")
     return parser
 
@@ -78,6 +95,7 @@ def main(args):
                 model, batch.to(memory_format=memory_format), device, args.warmup, args.repeats)
             print(f"timed {name}{tag}", flush=True)
 
+    shipping = shipping_rows(pruned, single, batch, args, device)
     dense_row, pruned_row = rows["dense"], rows["pruned"]
     print(f"\nVGG16, {args.image_size} px, L1 sparsity {args.sparsity:g}, on {device} "
           f"with {torch.get_num_threads()} threads, torch {torch.__version__}")
@@ -98,6 +116,99 @@ def main(args):
             unit, gain = "/s", dense_row[key] / pruned_row[key]
         print(f"{label:<36}{dense_value:>10.1f}{unit:<2}{pruned_value:>10.1f}{unit:<2}"
               f"{gain:>9.2f}x faster")
+
+    def eager(row):  # (batch-1 seconds, batch-N seconds, bytes) in channels-last
+        return row["latency, channels-last"], row["batch, channels-last"], row["bytes"]
+
+    print_shipping(shipping, eager(pruned_row), eager(dense_row), args)
+
+
+def shipping_rows(pruned, single, batch, args, device):
+    """[(label, seconds at batch 1, seconds at batch N, file bytes or None)] of the pruned
+    model as it could ship, timed on the same inputs as PyTorch eager."""
+    def timed(model, inputs=(single, batch)):
+        return [measure_latency(model, x, device, max(1, args.warmup), args.repeats)
+                for x in inputs]
+
+    pruned = copy.deepcopy(pruned).to(memory_format=torch.contiguous_format)
+    generator = torch.Generator().manual_seed(1)
+    calibration = [torch.randn(8, 3, args.image_size, args.image_size, generator=generator)
+                   for _ in range(4)]  # random weights: random pictures calibrate as well
+    description = deploy.describe(
+        {"kind": "pruned", "class_names": ["class_0", "class_1"], "image_size": args.image_size,
+         "normalization": ORIGINAL_NORMALIZATION, "architecture": architecture_of(pruned, "vgg16")},
+        "benchmark", "-")
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="benchmark.") as folder:
+        fp32, int8 = os.path.join(folder, "fp32.onnx"), os.path.join(folder, "int8.onnx")
+        deploy.export_onnx(pruned, fp32, description, args.verbose)
+        deploy.quantize_int8(fp32, int8, calibration, args.verbose)
+        for label, path in (("ONNX fp32, onnxruntime", fp32),
+                            ("ONNX int8 static (QDQ), onnxruntime", int8)):
+            runner = deploy.OnnxModel(deploy.session(path, device))
+            rows.append((label, *timed(runner), os.path.getsize(path)))
+            print(f"timed {label}", flush=True)
+    if not args.alternatives:
+        return rows
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.ao.quantization's deprecation notice
+        dynamic = torch.ao.quantization.quantize_dynamic(copy.deepcopy(pruned), {torch.nn.Linear},
+                                                         dtype=torch.qint8)
+    dynamic.to(memory_format=torch.channels_last)
+    rows.append(("PyTorch dynamic int8 (Linear), eager",
+                 *timed(dynamic, [x.to(memory_format=torch.channels_last) for x in (single, batch)]),
+                 file_bytes(dynamic)))
+    print("timed PyTorch dynamic int8", flush=True)
+    rows.append(pt2e_row(pruned, single, batch, calibration, timed))
+    return rows
+
+
+def pt2e_row(pruned, single, batch, calibration, timed):
+    """PT2E static int8 for x86 (torchao's X86InductorQuantizer) compiled by Inductor."""
+    label = "PT2E int8 + torch.compile (torchao)"
+    try:
+        import torchao.quantization.pt2e.quantizer.x86_inductor_quantizer as x86
+        from torchao.quantization.pt2e import allow_exported_model_train_eval
+        from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+    except ImportError:
+        print(f"skipped {label}: torchao is not installed", flush=True)
+        return (label + ": skipped, needs torchao", None, None, None)
+    print(f"compiling {label} (minutes) ...", flush=True)
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        exported = torch.export.export(pruned.eval(), (batch[:2],),
+                                       dynamic_shapes=({0: torch.export.Dim("batch")},)).module()
+        quantizer = x86.X86InductorQuantizer()
+        quantizer.set_global(x86.get_default_x86_inductor_quantization_config())
+        prepared = prepare_pt2e(exported, quantizer)
+        for pictures in calibration:
+            prepared(pictures)
+        torch._inductor.config.freezing = True  # int8 weights folded in, as torchao advises
+        converted = allow_exported_model_train_eval(convert_pt2e(prepared))  # for eval()
+        compiled = torch.compile(converted)
+        started = time.perf_counter()
+        compiled(single), compiled(batch)  # Inductor compiles for each input shape
+        compile_seconds = time.perf_counter() - started
+        seconds = timed(compiled)
+    print(f"timed {label} (its first two calls compiled for {compile_seconds:.0f}s)", flush=True)
+    return (f"{label}, compiled {compile_seconds:.0f}s", *seconds, None)
+
+
+def print_shipping(rows, eager, dense, args):
+    """The shipping table: each row's speed against the pruned and the dense model in eager."""
+    print(f"\nThe pruned model as it could ship, same inputs and threads; ratios: faster than "
+          f"the pruned model (and the dense one) in PyTorch eager, channels-last")
+    rows = [("PyTorch eager fp32, channels-last", *eager), *rows]
+    width = max(len(row[0]) for row in rows) + 2
+    print(f"{'':<{width}}{'latency b=1':>20}{f'throughput b={args.batch_size}':>26}{'file':>10}")
+    for label, single, batch, size in rows:
+        if single is None:  # skipped
+            print(label)
+            continue
+        print(f"{label:<{width}}{single * 1000:>7.1f}ms {eager[0] / single:>4.1f}x "
+              f"({dense[0] / single:>4.1f}x){args.batch_size / batch:>9.1f}/s "
+              f"{eager[1] / batch:>4.1f}x ({dense[1] / batch:>4.1f}x)"
+              + (f"{size / 2**20:>8.1f}MB" if size else ""))
 
 
 if __name__ == "__main__":

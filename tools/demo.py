@@ -1,10 +1,11 @@
 """Run the whole pipeline on synthetic demo pictures, as a newcomer would type it.
 
 Draws cat and dog pictures into demo/demo_animals/ (never into your animals/),
-then runs the five stages from inside demo/, so their outputs (dataset/,
-vgg16Net.pth, pruned_vgg16_net.pth, finetuned_vgg16_net.pth, figures) land in
-demo/ and nothing of yours in the project folder is touched. Each command is
-printed before it runs; the last one prints the dense-vs-pruned table.
+then runs the six stages from inside demo/, so their outputs (dataset/,
+vgg16Net.pth, pruned_vgg16_net.pth, finetuned_vgg16_net.pth, its .onnx and
+.int8.onnx, figures) land in demo/ and nothing of yours in the project folder is
+touched. Each command is printed before it runs; the last one prints the
+dense -> pruned -> distilled -> int8 table.
 
 The settings below are chosen to finish in about 10 minutes on a 2-core CPU
 (VGG16 with batch norm at 48 px); see README.md for what they measured.
@@ -39,6 +40,7 @@ STAGES = [
     ("knowledge_distillation.py", DISTILL),
     ("test.py", ["--pruned"]),
     ("test.py", ["--image", lambda: first_picture("dataset/val/dog")]),
+    ("export.py", []),
     ("test.py", ["--compare"]),
 ]
 

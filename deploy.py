@@ -1,0 +1,187 @@
+"""The model outside PyTorch: ONNX export, int8 quantisation, and running it in onnxruntime.
+
+- `export_onnx()`: an fp32 ONNX file (torch.onnx's dynamo exporter) that takes any
+  batch size, described by the checkpoint it came from (`describe()`: classes,
+  image size, normalisation, widths, the source's SHA-256) in its metadata.
+- `quantize_int8()`: static post-training int8 (QDQ: uint8 activations, int8
+  weights) of such a file, calibrated on real pictures.
+- `load_onnx()`: (description, OnnxModel) of such a file: the metadata read back as
+  a checkpoint-like dict, and a torch.nn.Module that runs the file in onnxruntime,
+  so evaluate(), measure_latency() and test.py use it like a PyTorch model.
+"""
+import contextlib
+import io
+import json
+import logging
+import os
+import tempfile
+import warnings
+
+import torch
+
+from checkpoints import atomic_write
+from cli import UserError
+
+ONNX_FORMAT = "vgg-prune-distill-onnx/1"
+INPUT, OUTPUT = "images", "logits"
+# what an ONNX file of this pipeline says of itself, beside its graph: plain strings
+TEXT_FIELDS = ("format", "kind", "precision", "source", "source_sha256")
+JSON_FIELDS = ("class_names", "image_size", "normalization", "architecture")
+
+
+def describe(checkpoint, source, source_sha256, precision="fp32"):
+    """The metadata of an ONNX file exported from `checkpoint` (read from file `source`)."""
+    return {"format": ONNX_FORMAT, "kind": checkpoint["kind"], "precision": precision,
+            "source": os.path.basename(source), "source_sha256": source_sha256,
+            **{field: checkpoint[field] for field in JSON_FIELDS}}
+
+
+def set_metadata(proto, description):
+    """Write `description` into an onnx.ModelProto's metadata (replacing our own keys)."""
+    ours = set(TEXT_FIELDS + JSON_FIELDS)
+    kept = [(p.key, p.value) for p in proto.metadata_props if p.key not in ours]
+    del proto.metadata_props[:]
+    for key, value in kept + [(k, description[k]) for k in TEXT_FIELDS] + [
+            (k, json.dumps(description[k])) for k in JSON_FIELDS]:
+        proto.metadata_props.add(key=key, value=str(value))
+
+
+@contextlib.contextmanager
+def quiet(verbose):
+    """The exporter and the quantiser print progress, warnings and log lines (the quantiser's
+    advice to pre-process: measured on the demo's model, it changed neither accuracy nor
+    speed); hide them unless asked."""
+    if verbose:
+        yield
+        return
+    disabled = logging.root.manager.disable
+    logging.disable(logging.WARNING)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        logging.disable(disabled)
+
+
+def export_onnx(model, path, description, verbose=False):
+    """Write `model` (on the CPU) as fp32 ONNX to `path`, atomically, with `description`.
+
+    The batch dimension is declared dynamic: torch.export otherwise fixes every
+    dimension to the example's (a batch of one gave a file that takes only one).
+    """
+    size = description["image_size"]
+    example = torch.zeros(1, 3, size, size)
+    with quiet(verbose):
+        program = torch.onnx.export(model.eval(), (example,), dynamo=True, input_names=[INPUT],
+                                    output_names=[OUTPUT],
+                                    dynamic_shapes=({0: torch.export.Dim("batch")},))
+    proto = program.model_proto
+    set_metadata(proto, description)
+    atomic_write(path, lambda file: file.write(proto.SerializeToString()))
+
+
+class Batches:
+    """onnxruntime's CalibrationDataReader protocol over an iterable of image tensors."""
+
+    def __init__(self, batches):
+        self.batches = iter(batches)
+
+    def get_next(self):
+        batch = next(self.batches, None)
+        return None if batch is None else {INPUT: batch.contiguous().numpy()}
+
+
+def quantize_int8(fp32_path, path, calibration, verbose=False):
+    """Static int8 of the fp32 ONNX file at `fp32_path`, written to `path` atomically.
+
+    `calibration` yields batches of pictures as the model sees them (normalised);
+    activation ranges are set from them. QDQ format, uint8 activations and int8
+    weights per output channel, as onnxruntime recommends for x86 CPUs.
+    """
+    import onnx
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
+
+    folder = os.path.dirname(os.path.abspath(path))
+    with tempfile.TemporaryDirectory(dir=folder, prefix=".quantizing-") as scratch:
+        quantized = os.path.join(scratch, "int8.onnx")
+        with quiet(verbose):
+            quantize_static(fp32_path, quantized, Batches(calibration),
+                            quant_format=QuantFormat.QDQ, activation_type=QuantType.QUInt8,
+                            weight_type=QuantType.QInt8, per_channel=True)
+        proto = onnx.load(quantized)
+    description = read_metadata(proto)
+    set_metadata(proto, dict(description, precision="int8"))
+    atomic_write(path, lambda file: file.write(proto.SerializeToString()))
+
+
+def read_metadata(proto):
+    props = {p.key: p.value for p in proto.metadata_props}
+    return {**{k: props[k] for k in TEXT_FIELDS}, **{k: json.loads(props[k]) for k in JSON_FIELDS}}
+
+
+def session(path, device=torch.device("cpu")):
+    """An onnxruntime session of `path` on the CPU (or CUDA, where onnxruntime has it), with
+    PyTorch's number of threads, so the two are compared like for like."""
+    import onnxruntime
+
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = torch.get_num_threads()
+    options.log_severity_level = 3  # errors only
+    providers = ["CPUExecutionProvider"]
+    if device.type == "cuda":
+        if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
+            raise UserError(f"{path}: this onnxruntime has no CUDA provider "
+                            "(pip install onnxruntime-gpu); use --device cpu")
+        providers.insert(0, "CUDAExecutionProvider")
+    return onnxruntime.InferenceSession(path, options, providers=providers)
+
+
+def load_onnx(path, device=torch.device("cpu")):
+    """(description, OnnxModel) of an ONNX file written by export.py; UserError otherwise."""
+    what = "an .onnx file written by export.py"
+    if not os.path.isfile(path):
+        raise UserError(f"{path}: file not found ({what} expected)")
+    if os.path.getsize(path) == 0:
+        raise UserError(f"{path}: file is empty ({what} expected)")
+    try:
+        runner = session(path, device)
+    except UserError:
+        raise
+    except Exception as error:  # onnxruntime's InvalidProtobuf, Fail, ...
+        raise UserError(f"{path}: not a readable ONNX file, truncated or corrupt "
+                        f"({type(error).__name__}); {what} expected") from None
+    props = runner.get_modelmeta().custom_metadata_map
+    if props.get("format") != ONNX_FORMAT:
+        raise UserError(f"{path}: an ONNX file without this pipeline's description (not written "
+                        f"by export.py); {what} expected")
+    description = {**{k: props[k] for k in TEXT_FIELDS},
+                   **{k: json.loads(props[k]) for k in JSON_FIELDS}, "metrics": {}}
+    return description, OnnxModel(runner)
+
+
+class OnnxModel(torch.nn.Module):
+    """An onnxruntime session behind PyTorch's calling convention: a batch in, logits out."""
+
+    def __init__(self, runner):
+        super().__init__()
+        self.runner = runner
+
+    def forward(self, images):
+        logits = self.runner.run([OUTPUT], {INPUT: images.detach().cpu().contiguous().numpy()})[0]
+        return torch.from_numpy(logits).to(images.device)
+
+
+def check_replaceable(path):
+    """Refuse, before any work, to overwrite an .onnx file that export.py did not write."""
+    if not os.path.exists(path):
+        return
+    try:
+        import onnx
+
+        ours = read_metadata(onnx.load(path, load_external_data=False))["format"] == ONNX_FORMAT
+    except Exception:  # not ONNX, or ONNX without our description
+        ours = False
+    if not ours:
+        raise UserError(f"{path}: exists and was not written by export.py; refusing to overwrite "
+                        "it: give another --output, or move it first")
