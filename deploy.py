@@ -14,12 +14,10 @@ import io
 import json
 import logging
 import os
-import tempfile
 import warnings
 
 import torch
 
-from checkpoints import atomic_write
 from cli import UserError
 
 ONNX_FORMAT = "vgg-prune-distill-onnx/1"
@@ -65,10 +63,11 @@ def quiet(verbose):
 
 
 def export_onnx(model, path, description, verbose=False):
-    """Write `model` (on the CPU) as fp32 ONNX to `path`, atomically, with `description`.
+    """Write `model` (on the CPU) as fp32 ONNX to `path`, with `description` in its metadata.
 
     The batch dimension is declared dynamic: torch.export otherwise fixes every
     dimension to the example's (a batch of one gave a file that takes only one).
+    (The caller makes the write atomic: export.py writes into a folder of its own.)
     """
     size = description["image_size"]
     example = torch.zeros(1, 3, size, size)
@@ -78,7 +77,8 @@ def export_onnx(model, path, description, verbose=False):
                                     dynamic_shapes=({0: torch.export.Dim("batch")},))
     proto = program.model_proto
     set_metadata(proto, description)
-    atomic_write(path, lambda file: file.write(proto.SerializeToString()))
+    with open(path, "wb") as file:
+        file.write(proto.SerializeToString())
 
 
 class Batches:
@@ -93,7 +93,7 @@ class Batches:
 
 
 def quantize_int8(fp32_path, path, calibration, verbose=False):
-    """Static int8 of the fp32 ONNX file at `fp32_path`, written to `path` atomically.
+    """Static int8 of the fp32 ONNX file at `fp32_path`, written to `path`.
 
     `calibration` yields batches of pictures as the model sees them (normalised);
     activation ranges are set from them. QDQ format, uint8 activations and int8
@@ -102,39 +102,49 @@ def quantize_int8(fp32_path, path, calibration, verbose=False):
     import onnx
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
 
-    folder = os.path.dirname(os.path.abspath(path))
-    with tempfile.TemporaryDirectory(dir=folder, prefix=".quantizing-") as scratch:
-        quantized = os.path.join(scratch, "int8.onnx")
-        with quiet(verbose):
-            quantize_static(fp32_path, quantized, Batches(calibration),
-                            quant_format=QuantFormat.QDQ, activation_type=QuantType.QUInt8,
-                            weight_type=QuantType.QInt8, per_channel=True)
-        proto = onnx.load(quantized)
-    description = read_metadata(proto)
-    set_metadata(proto, dict(description, precision="int8"))
-    atomic_write(path, lambda file: file.write(proto.SerializeToString()))
-
-
-def read_metadata(proto):
+    with quiet(verbose):
+        quantize_static(fp32_path, path, Batches(calibration), quant_format=QuantFormat.QDQ,
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                        per_channel=True)
+    proto = onnx.load(path)
     props = {p.key: p.value for p in proto.metadata_props}
-    return {**{k: props[k] for k in TEXT_FIELDS}, **{k: json.loads(props[k]) for k in JSON_FIELDS}}
+    set_metadata(proto, dict(parse_description(props, path), precision="int8"))
+    onnx.save(proto, path)
+
+
+def parse_description(props, path):
+    """The description an ONNX file's metadata holds (dict of strings), or a UserError."""
+    what = "an .onnx file written by export.py"
+    if props.get("format") != ONNX_FORMAT:
+        raise UserError(f"{path}: an ONNX file without this pipeline's description (not written "
+                        f"by export.py); {what} expected")
+    try:
+        return {**{k: props[k] for k in TEXT_FIELDS},
+                **{k: json.loads(props[k]) for k in JSON_FIELDS}}
+    except (KeyError, ValueError):
+        raise UserError(f"{path}: its description is incomplete or damaged; {what} "
+                        "expected") from None
 
 
 def session(path, device=torch.device("cpu")):
-    """An onnxruntime session of `path` on the CPU (or CUDA, where onnxruntime has it), with
-    PyTorch's number of threads, so the two are compared like for like."""
+    """An onnxruntime session of `path` on the CPU, or on CUDA when `device` is a CUDA
+    device, with PyTorch's number of threads, so the two are compared like for like."""
     import onnxruntime
 
     options = onnxruntime.SessionOptions()
     options.intra_op_num_threads = torch.get_num_threads()
     options.log_severity_level = 3  # errors only
-    providers = ["CPUExecutionProvider"]
-    if device.type == "cuda":
-        if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
-            raise UserError(f"{path}: this onnxruntime has no CUDA provider "
-                            "(pip install onnxruntime-gpu); use --device cpu")
-        providers.insert(0, "CUDAExecutionProvider")
-    return onnxruntime.InferenceSession(path, options, providers=providers)
+    if device.type != "cuda":
+        return onnxruntime.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+    if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
+        raise UserError(f"{path}: this onnxruntime has no CUDA provider (replace the onnxruntime "
+                        "package with onnxruntime-gpu), or use --device cpu")
+    runner = onnxruntime.InferenceSession(
+        path, options, providers=["CUDAExecutionProvider", "CPUExecutionProvider"],
+        provider_options=[{"device_id": device.index or 0}, {}])
+    if runner.get_providers()[0] != "CUDAExecutionProvider":  # onnxruntime fell back quietly
+        raise UserError(f"{path}: onnxruntime could not start CUDA here; use --device cpu")
+    return runner
 
 
 def load_onnx(path, device=torch.device("cpu")):
@@ -151,13 +161,8 @@ def load_onnx(path, device=torch.device("cpu")):
     except Exception as error:  # onnxruntime's InvalidProtobuf, Fail, ...
         raise UserError(f"{path}: not a readable ONNX file, truncated or corrupt "
                         f"({type(error).__name__}); {what} expected") from None
-    props = runner.get_modelmeta().custom_metadata_map
-    if props.get("format") != ONNX_FORMAT:
-        raise UserError(f"{path}: an ONNX file without this pipeline's description (not written "
-                        f"by export.py); {what} expected")
-    description = {**{k: props[k] for k in TEXT_FIELDS},
-                   **{k: json.loads(props[k]) for k in JSON_FIELDS}, "metrics": {}}
-    return description, OnnxModel(runner)
+    description = parse_description(runner.get_modelmeta().custom_metadata_map, path)
+    return dict(description, metrics={}), OnnxModel(runner)
 
 
 class OnnxModel(torch.nn.Module):
@@ -179,9 +184,8 @@ def check_replaceable(path):
     try:
         import onnx
 
-        ours = read_metadata(onnx.load(path, load_external_data=False))["format"] == ONNX_FORMAT
+        proto = onnx.load(path, load_external_data=False)
+        parse_description({p.key: p.value for p in proto.metadata_props}, path)
     except Exception:  # not ONNX, or ONNX without our description
-        ours = False
-    if not ours:
-        raise UserError(f"{path}: exists and was not written by export.py; refusing to overwrite "
-                        "it: give another --output, or move it first")
+        raise UserError(f"{path}: exists and was not written by export.py; refusing to "
+                        "overwrite it: give another --output, or move it first") from None

@@ -24,8 +24,8 @@ import torch
 import deploy
 from checkpoints import (check_made_for, file_sha256, load_checkpoint, model_from_checkpoint,
                          output_path)
-from cli import (CheckFailed, image_size_type, make_parser, non_negative_int, positive_int,
-                 run_cli)
+from cli import (CheckFailed, UserError, image_size_type, make_parser, non_negative_int,
+                 positive_int, run_cli)
 from data import ImageFolder, eval_transform, find_classes, make_loader, val_set
 
 # The fp32 file must compute what PyTorch does, up to this relative difference.
@@ -55,11 +55,15 @@ def get_args_parser():
     return parser
 
 
-def calibration_batches(args, checkpoint):
-    """--calibration training pictures, a seeded sample, as the model sees them."""
-    pictures = ImageFolder(os.path.join(args.data, "train"),
-                           eval_transform(checkpoint["image_size"], checkpoint["normalization"]),
-                           checkpoint["class_names"])
+def calibration_pictures(args, checkpoint):
+    """The training pictures as the model sees them (evaluation transform)."""
+    return ImageFolder(os.path.join(args.data, "train"),
+                       eval_transform(checkpoint["image_size"], checkpoint["normalization"]),
+                       checkpoint["class_names"])
+
+
+def calibration_batches(args, pictures):
+    """--calibration of `pictures`, a seeded sample, in batches."""
     order = torch.randperm(len(pictures), generator=torch.Generator().manual_seed(args.seed))
     sample = torch.utils.data.Subset(pictures, order[:args.calibration].tolist())
     for images, _ in make_loader(sample, args.batch_size, args.workers, CPU, sampler=None):
@@ -78,17 +82,25 @@ def predictions(models, loader):
 
 
 def main(args):
+    if args.weights.endswith(".onnx"):
+        raise UserError(f"--weights {args.weights}: already an exported model; give the "
+                        "checkpoint (.pth) it came from")
     fp32_path = args.output or output_path(args.weights, "onnx")
-    int8_path = os.path.splitext(fp32_path)[0] + ".int8.onnx"
+    if not fp32_path.endswith(".onnx"):
+        raise UserError(f"--output {fp32_path}: must end in .onnx (test.py knows an exported "
+                        "model by it)")
+    int8_path = fp32_path[:-len(".onnx")] + ".int8.onnx"
     for path in (fp32_path, int8_path):
         deploy.check_replaceable(path)
     checkpoint = load_checkpoint(args.weights, image_size=args.image_size)
     check_made_for(checkpoint, args.weights, "--image-size", image_size=args.image_size)
     val_folder = os.path.join(args.data, "val")
-    check_made_for(checkpoint, args.weights, val_folder, class_names=find_classes(val_folder))
-    check_made_for(checkpoint, args.weights, os.path.join(args.data, "train"),
-                   class_names=find_classes(os.path.join(args.data, "train")))
+    train_folder = os.path.join(args.data, "train")
+    for data_folder in (val_folder, train_folder):
+        check_made_for(checkpoint, args.weights, data_folder,
+                       class_names=find_classes(data_folder))
     model = model_from_checkpoint(checkpoint, args.weights).eval()
+    pictures = calibration_pictures(args, checkpoint)
     val_loader = make_loader(val_set(args.data, checkpoint["image_size"], checkpoint["class_names"],
                                      normalization=checkpoint["normalization"]),
                              args.batch_size, args.workers, CPU, sampler=None)
@@ -96,8 +108,10 @@ def main(args):
 
     # written beside the outputs, then renamed into place: nothing half-written is left
     folder = os.path.dirname(os.path.abspath(fp32_path))
+    made_folder = not os.path.isdir(folder)
     os.makedirs(folder, exist_ok=True)
     scratch = tempfile.mkdtemp(dir=folder, prefix=".export-")
+    saved = False
     try:
         started = time.perf_counter()
         print(f"Exporting {args.weights} ({checkpoint['kind']}, {checkpoint['image_size']} px) "
@@ -118,10 +132,10 @@ def main(args):
               f"{difference:.1e} on {len(images)} pictures ({time.perf_counter() - started:.0f}s)")
 
         started = time.perf_counter()
-        print(f"Quantizing to int8, calibrated on {args.calibration} pictures of "
-              f"{os.path.join(args.data, 'train')} ...", flush=True)
+        print(f"Quantizing to int8, calibrated on {min(args.calibration, len(pictures))} "
+              f"pictures of {train_folder} ...", flush=True)
         int8_scratch = os.path.join(scratch, "int8.onnx")
-        deploy.quantize_int8(fp32_scratch, int8_scratch, calibration_batches(args, checkpoint),
+        deploy.quantize_int8(fp32_scratch, int8_scratch, calibration_batches(args, pictures),
                              args.verbose)
         int8 = deploy.load_onnx(int8_scratch)[1]
         tops, labels = predictions({"torch": model, "fp32": fp32, "int8": int8}, val_loader)
@@ -132,10 +146,13 @@ def main(args):
               f"{accuracy['int8']:.1%}; int8 agrees with fp32 on {agreement:.1%} "
               f"({time.perf_counter() - started:.0f}s)")
 
-        os.replace(fp32_scratch, fp32_path)
         os.replace(int8_scratch, int8_path)
+        os.replace(fp32_scratch, fp32_path)
+        saved = True
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+        if made_folder and not saved:
+            shutil.rmtree(folder, ignore_errors=True)
     sizes = {path: os.path.getsize(path) for path in (args.weights, fp32_path, int8_path)}
     print("Saved " + ", ".join(f"{path} ({size / 2**20:.1f} MB)" for path, size in sizes.items()
                                if path != args.weights)

@@ -20,8 +20,8 @@ import torch
 
 import deploy
 import model as vgg
-from checkpoints import (check_made_for, load_checkpoint, model_from_checkpoint, output_path,
-                         write_json)
+from checkpoints import (check_made_for, file_sha256, load_checkpoint, model_from_checkpoint,
+                         output_path, write_json)
 from cli import (UserError, add_data_args, make_parser, non_negative_int, positive_int, pyplot,
                  resolve_device, run_cli)
 from data import eval_transform, find_classes, load_rgb, make_loader, val_set
@@ -58,7 +58,10 @@ def get_args_parser():
 def load_model(path, args, device):
     """(checkpoint or an .onnx file's description, model ready to run on `device`)."""
     if path.endswith(".onnx"):
-        checkpoint, model = deploy.load_onnx(path, device)
+        # onnxruntime on the CPU unless --device names CUDA: requirements.txt installs the
+        # CPU build of onnxruntime, so --device auto's CUDA is not taken for granted
+        onnx_device = device if args.device != "auto" else torch.device("cpu")
+        checkpoint, model = deploy.load_onnx(path, onnx_device)
     else:
         checkpoint = load_checkpoint(path, image_size=args.image_size)
         model = model_from_checkpoint(checkpoint, path).to(device).eval()
@@ -176,6 +179,7 @@ def compare(args, device):
     rows = []
     for path in paths:
         checkpoint, model = load_model(path, args, device)
+        warn_if_exported_earlier(path, checkpoint)
         size = checkpoint["image_size"]
         if size not in inputs:  # the very same inputs for every model of that size
             inputs[size] = (torch.randn(1, 3, size, size, generator=generator),
@@ -189,6 +193,16 @@ def compare(args, device):
     figure = os.path.splitext(args.report)[0] + ".png"
     plot_comparison(rows, figure, args.show)
     print(f"Saved {args.report}, {figure} and a confusion matrix beside each checkpoint")
+
+
+def warn_if_exported_earlier(path, description):
+    """An .onnx file whose checkpoint beside it has changed since: say so (run export.py)."""
+    if not path.endswith(".onnx"):
+        return
+    source = os.path.join(os.path.dirname(path), description["source"])
+    if os.path.isfile(source) and file_sha256(source) != description["source_sha256"]:
+        print(f"note: {path} was exported from an earlier {source}; run export.py again to "
+              "measure the current one", flush=True)
 
 
 def print_table(rows):
@@ -221,7 +235,7 @@ def plot_comparison(rows, path, show):
     figure, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 4))
     for axis, (title, values) in zip(axes, panels):
         bars = axis.bar(names, values, color=[f"C{i}" for i in range(len(rows))])
-        axis.bar_label(bars, fmt="%.3g")
+        axis.bar_label(bars, fmt=lambda value: f"{value:.3g}" if value < 1000 else f"{value:.0f}")
         axis.set_title(title)
     figure.suptitle(f"Measured on {rows[0]['device']}, {rows[0]['threads']} threads, "
                     f"{rows[0]['image_size']} px")

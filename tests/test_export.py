@@ -72,7 +72,7 @@ def test_export_writes_an_fp32_and_an_int8_file_and_reports_its_checks(exported)
         "finetuned_vgg16_net.pth"]
     out = exported.proc.stdout
     assert re.search(r"fp32 ONNX computes what PyTorch computes: max relative difference "
-                     r"\d\.\de-\d\d on 24 pictures", out), out
+                     r"\d\.\de[-+]\d\d on 24 pictures", out), out
     accuracy = dict(re.findall(r"(PyTorch|fp32|int8) ([\d.]+)%", out))
     assert set(accuracy) == {"PyTorch", "fp32", "int8"}, out
     assert float(accuracy["PyTorch"]) >= 90  # the toy set was learnt
@@ -110,7 +110,8 @@ def test_the_fp32_file_takes_any_batch_and_computes_what_pytorch_computes(export
 def accuracy_of(path, folder):
     proc = run_in_process(test_py, "--weights", path, "--workers", 0, cwd=folder)
     assert proc.returncode == 0, proc.stderr
-    return re.search(rf"{re.escape(path)}: accuracy ([\d.]+)% on (\d+) images", proc.stdout).groups()
+    line = re.search(rf"{re.escape(path)}: accuracy ([\d.]+)% on (\d+) images", proc.stdout)
+    return line.groups()
 
 
 def test_test_py_gives_the_onnx_file_the_accuracy_of_its_checkpoint(exported):
@@ -173,7 +174,7 @@ def test_an_onnx_file_for_other_classes_or_another_size_is_refused(exported, tmp
     assert_clean_error(proc, "made for classes ['dark', 'light']", "['bright', 'dark']")
 
 
-def test_export_refusals_leave_nothing_behind(exported, tmp_path):
+def test_export_refuses_calibration_0_and_a_file_that_is_not_a_model(exported, tmp_path):
     shutil.copytree(exported.folder / "dataset", tmp_path / "dataset")
     proc = run_in_process(export, "--calibration", 0, cwd=tmp_path)
     assert_clean_error(proc, "--calibration", "positive integer")
@@ -181,6 +182,35 @@ def test_export_refusals_leave_nothing_behind(exported, tmp_path):
     proc = run_in_process(export, "--weights", "state.pth", cwd=tmp_path)
     assert_clean_error(proc, "state.pth", "not a checkpoint of this pipeline")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["dataset", "state.pth"]
+
+
+@pytest.mark.parametrize("problem", ["no dataset", "other classes", "an onnx as weights",
+                                     "output not onnx"])
+def test_export_refuses_in_one_line_before_any_work(exported, tmp_path, problem):
+    shutil.copy(exported.folder / "finetuned_vgg16_net.pth", tmp_path)
+    flags, named = {"no dataset": ([], "dataset/val: folder not found"),
+                    "other classes": ([], "made for classes ['dark', 'light']"),
+                    "an onnx as weights": (["--weights", "model.onnx"], "already an exported"),
+                    "output not onnx": (["--output", "model.bin"], "must end in .onnx")}[problem]
+    if problem == "other classes":
+        shutil.copytree(exported.folder / "dataset", tmp_path / "dataset")
+        (tmp_path / "dataset" / "train" / "dark").rename(tmp_path / "dataset" / "train" / "black")
+    proc = run_in_process(export, *flags, cwd=tmp_path)
+    assert_clean_error(proc, named)
+    assert not [p for p in tmp_path.rglob("*") if p.suffix == ".onnx" or ".export-" in p.name]
+
+
+def test_ctrl_c_during_export_leaves_nothing_behind(exported, tmp_path, monkeypatch):
+    shutil.copytree(exported.folder / "dataset", tmp_path / "dataset")
+    shutil.copy(exported.folder / "finetuned_vgg16_net.pth", tmp_path)
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(deploy, "quantize_int8", interrupted)  # after the fp32 file was made
+    proc = run_in_process(export, "--output", "new/model.onnx", cwd=tmp_path)
+    assert proc.returncode == 130 and "nothing was saved" in proc.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dataset", "finetuned_vgg16_net.pth"]
 
 
 def test_an_fp32_file_that_differs_from_pytorch_is_refused_and_nothing_saved(

@@ -12,8 +12,9 @@ Then the pruned model as it could ship, on the same inputs: exported to ONNX as
 export.py does, in fp32 and static int8, run in onnxruntime. With --alternatives
 also PyTorch's own int8 paths, the ones a reader will ask about: dynamic int8
 (quantize_dynamic, Linear layers) and PT2E int8 (X86InductorQuantizer) compiled
-by Inductor; the latter lives in torchao, which this project does not install
-(pip install torchao to measure it; torch.compile takes minutes here).
+by Inductor; the latter lives in torchao, which requirements.txt does not list
+(pip install torchao to measure it; compiling took 6-8 s here). These int8 rows
+are CPU measurements: with --device cuda they are left out.
 
     python tools/benchmark.py                        # 224 px, sparsity 0.5, CPU
     python tools/benchmark.py --image-size 48 --batch-norm --alternatives
@@ -95,7 +96,9 @@ def main(args):
                 model, batch.to(memory_format=memory_format), device, args.warmup, args.repeats)
             print(f"timed {name}{tag}", flush=True)
 
-    shipping = shipping_rows(pruned, single, batch, args, device)
+    shipping = None
+    if device.type == "cpu":
+        shipping = shipping_rows(pruned, single, batch, args, device)
     dense_row, pruned_row = rows["dense"], rows["pruned"]
     print(f"\nVGG16, {args.image_size} px, L1 sparsity {args.sparsity:g}, on {device} "
           f"with {torch.get_num_threads()} threads, torch {torch.__version__}")
@@ -120,7 +123,10 @@ def main(args):
     def eager(row):  # (batch-1 seconds, batch-N seconds, bytes) in channels-last
         return row["latency, channels-last"], row["batch, channels-last"], row["bytes"]
 
-    print_shipping(shipping, eager(pruned_row), eager(dense_row), args)
+    if shipping is None:
+        print("\n(The ONNX and int8 rows are measured on the CPU: run without --device cuda.)")
+    else:
+        print_shipping(shipping, eager(pruned_row), eager(dense_row), args)
 
 
 def shipping_rows(pruned, single, batch, args, device):
@@ -155,8 +161,8 @@ def shipping_rows(pruned, single, batch, args, device):
         dynamic = torch.ao.quantization.quantize_dynamic(copy.deepcopy(pruned), {torch.nn.Linear},
                                                          dtype=torch.qint8)
     dynamic.to(memory_format=torch.channels_last)
-    rows.append(("PyTorch dynamic int8 (Linear), eager",
-                 *timed(dynamic, [x.to(memory_format=torch.channels_last) for x in (single, batch)]),
+    channels_last = [x.to(memory_format=torch.channels_last) for x in (single, batch)]
+    rows.append(("PyTorch dynamic int8 (Linear), eager", *timed(dynamic, channels_last),
                  file_bytes(dynamic)))
     print("timed PyTorch dynamic int8", flush=True)
     rows.append(pt2e_row(pruned, single, batch, calibration, timed))
