@@ -27,6 +27,7 @@ from checkpoints import (check_made_for, file_sha256, load_checkpoint, model_fro
 from cli import (CheckFailed, UserError, image_size_type, make_parser, non_negative_int,
                  positive_int, run_cli)
 from data import ImageFolder, eval_transform, find_classes, make_loader, val_set
+from measure import relative_difference
 
 # The fp32 file must compute what PyTorch does, up to this relative difference.
 TOLERANCE = 1e-4
@@ -122,8 +123,7 @@ def main(args):
         images = next(iter(val_loader))[0]
         with torch.inference_mode():
             expected = model(images)
-            difference = ((fp32(images) - expected).abs().max()
-                          / expected.abs().max().clamp(min=1e-12)).item()
+            difference = relative_difference(fp32(images), expected)
         if not difference <= TOLERANCE:  # NaN too
             raise CheckFailed(f"the ONNX model differs from {args.weights} by {difference:.1e} "
                               f"(relative, more than {TOLERANCE:g}) on {len(images)} pictures; "

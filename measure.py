@@ -4,6 +4,7 @@
   (all processes' shares added up under torchrun).
 - `count_flops()`: FLOPs and parameters of one image's forward pass (NNI's counter).
 - `measure_latency()` / `median_seconds()`: the median of timed runs after warm-up.
+- `relative_difference()`: how far one model's outputs are from another's.
 """
 import statistics
 import time
@@ -44,6 +45,12 @@ def summarise(confusion, total_loss, count):
             "loss": total_loss / max(count, 1),
             "per_class_accuracy": (confusion.diag() / per_class_total).tolist(),
             "confusion": confusion.tolist(), "count": count}
+
+
+def relative_difference(outputs, expected):
+    """The largest absolute difference between two outputs, relative to the expected
+    outputs' scale (NaN if either holds one)."""
+    return ((outputs - expected).abs().max() / expected.abs().max().clamp(min=1e-12)).item()
 
 
 def count_flops(model, image_size, verbose=False):

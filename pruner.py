@@ -20,7 +20,7 @@ import torch
 from checkpoints import (atomic_save, check_replaceable, load_checkpoint, make_checkpoint,
                          model_from_checkpoint, output_path)
 from cli import CheckFailed, fraction, image_size_type, make_parser, pyplot, quiet_nni, run_cli
-from measure import count_flops
+from measure import count_flops, relative_difference
 from model import architecture_of
 
 # The sped-up model must compute what the masked one does, up to this relative difference.
@@ -69,8 +69,7 @@ def prune(model, sparsity, image_size, seed=0, verbose=False):
         model.eval()  # the layers speedup rebuilt start in training mode
         with torch.no_grad():
             outputs = model(batch)
-    scale = masked_outputs.abs().max().clamp(min=1e-12)
-    difference = ((outputs - masked_outputs).abs().max() / scale).item()
+    difference = relative_difference(outputs, masked_outputs)
     if not difference <= TOLERANCE:  # NaN too
         raise CheckFailed(f"the sped-up model ({len(masks)} pruned layers) differs from the "
                           f"masked model by {difference:.2e} (relative, more than {TOLERANCE:g}): "
