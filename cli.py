@@ -121,6 +121,21 @@ def add_data_args(parser, image_size=None, batch_size=32, training=False):
                             help="mixed precision on CUDA (bf16 where supported, else fp16)")
 
 
+def add_timing_args(parser, precision):
+    """How test.py --compare and sweep.py time models: interleaved, until each one's
+    median is known within `precision` of itself."""
+    parser.add_argument("--warmup", type=non_negative_int, default=3,
+                        help="untimed runs of each model before timing")
+    parser.add_argument("--repeats", type=positive_int, default=10,
+                        help="the models are timed interleaved (each once a round, in a new "
+                             "random order), at least this many runs each; the median is "
+                             "reported with the interquartile range (IQR)")
+    parser.add_argument("--max-repeats", type=positive_int, default=60,
+                        help=f"... and more runs, up to this many, until every model's median "
+                             f"is known within {precision:.0%} (IQR / sqrt(runs); the table says "
+                             "where it is not)")
+
+
 def int_within(minimum, requirement, maximum=None):
     """An argparse type: an integer from `minimum` (to `maximum`), else a one-line reason."""
     def integer(text):

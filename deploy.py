@@ -126,13 +126,22 @@ def parse_description(props, path):
                         "expected") from None
 
 
-def session(path, device=torch.device("cpu")):
+def session(path, device=torch.device("cpu"), spinning=False):
     """An onnxruntime session of `path` on the CPU, or on CUDA when `device` is a CUDA
-    device, with PyTorch's number of threads, so the two are compared like for like."""
+    device, with PyTorch's number of threads, so the two are compared like for like.
+
+    `spinning`: onnxruntime's default, its threads keep spinning on the cores after
+    each run, ready for the next. Off here: timed interleaved with PyTorch models
+    (test.py --compare), the spinning slowed the model timed next, up to 25% apart
+    between identical networks with IQRs half their medians (1% apart without it).
+    Alone it answers faster with it (the demo's int8 model: 3.1 vs 4.1 ms at batch 1),
+    so tools/benchmark.py, which times one model at a time, keeps it on.
+    """
     import onnxruntime
 
     options = onnxruntime.SessionOptions()
     options.intra_op_num_threads = torch.get_num_threads()
+    options.add_session_config_entry("session.intra_op.allow_spinning", str(int(spinning)))
     options.log_severity_level = 3  # errors only
     if device.type != "cuda":
         return onnxruntime.InferenceSession(path, options, providers=["CPUExecutionProvider"])

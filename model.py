@@ -1,4 +1,4 @@
-"""The one VGG definition every stage uses.
+"""The one VGG definition every stage uses (and the light student it is weighed against).
 
 A VGG is described by plain data -- its architecture dict:
 
@@ -11,11 +11,18 @@ stores this dict beside its state dict and is rebuilt with `from_architecture()`
 no module is ever pickled. Parameter names match torchvision's VGG
 (`features.N.*`, `classifier.0/3/6.*`), so ImageNet weights saved by torchvision
 load from a local file with `load_pretrained()`.
+
+knowledge_distillation.py --student-arch mobilenet_v2 distils into torchvision's
+MobileNetV2 instead, described as {"arch": "mobilenet_v2", "batch_norm": True,
+"num_classes": 2}: it has no widths to store, as it is never pruned.
 """
 import re
 
 import torch
+import torchvision
 from torch import nn
+
+MOBILENET_V2 = "mobilenet_v2"
 
 CONV_WIDTHS = {
     "vgg11": [64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"],
@@ -88,12 +95,17 @@ def build_model(arch="vgg16", num_classes=2, batch_norm=False, classifier_width=
 
 
 def from_architecture(architecture):
+    if architecture["arch"] == MOBILENET_V2:
+        return torchvision.models.mobilenet_v2(num_classes=architecture["num_classes"])
     return VGG(list(architecture["features"]), list(architecture["classifier"]),
                architecture["num_classes"], architecture["batch_norm"])
 
 
 def architecture_of(model, arch):
     """Read the widths a (possibly pruned) model really has, as plain data."""
+    if arch == MOBILENET_V2:
+        return {"arch": arch, "batch_norm": True,
+                "num_classes": model.classifier[-1].out_features}
     features = []
     for module in model.features:
         if isinstance(module, nn.MaxPool2d):

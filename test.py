@@ -22,14 +22,16 @@ import deploy
 import model as vgg
 from checkpoints import (check_made_for, file_sha256, load_checkpoint, model_from_checkpoint,
                          output_path, write_json)
-from cli import (UserError, add_data_args, make_parser, non_negative_int, positive_int, pyplot,
-                 resolve_device, run_cli)
+from cli import (UserError, add_data_args, add_timing_args, make_parser, pyplot, resolve_device,
+                 run_cli)
 from data import eval_transform, find_classes, load_rgb, make_loader, val_set
-from measure import count_flops, evaluate, measure_latency
+from measure import count_flops, evaluate, interleaved_seconds
 
 prune_test = False  # False: test the dense vgg16Net.pth; True: the distilled pruned model
 
 WEIGHTS = {False: "vgg16Net.pth", True: "finetuned_vgg16_net.pth"}
+# --compare times until each model's median is known this well (sweep.py too)
+PRECISION = 0.02
 COMPARED = [("dense", "vgg16Net.pth"), ("pruned", "pruned_vgg16_net.pth"),
             ("distilled", "finetuned_vgg16_net.pth"), ("int8", "finetuned_vgg16_net.int8.onnx")]
 
@@ -47,10 +49,7 @@ def get_args_parser():
                         help="measure these checkpoints side by side (default: "
                              + ", ".join(p for _, p in COMPARED) + ", those that exist)")
     parser.add_argument("--report", default="compare.json", help="JSON report of --compare")
-    parser.add_argument("--warmup", type=non_negative_int, default=3,
-                        help="untimed runs before timing")
-    parser.add_argument("--repeats", type=positive_int, default=10,
-                        help="timed runs (median reported)")
+    add_timing_args(parser, PRECISION)
     parser.add_argument("--verbose", action="store_true", help="show NNI's warnings and logs")
     return parser
 
@@ -140,8 +139,8 @@ def classify(path, image_path, args, device):
     print(f"Saved {saved}")
 
 
-def measure(name, path, checkpoint, model, args, device, inputs):
-    """Accuracy, size, FLOPs, latency and throughput of one checkpoint's model."""
+def measure(name, path, checkpoint, model, args, device):
+    """Accuracy, size, FLOPs of one checkpoint's model (time_models adds its speed)."""
     image_size = checkpoint["image_size"]
     metrics = evaluate(model, val_loader(args, checkpoint, path, device), device,
                        len(checkpoint["class_names"]), progress=f"evaluating {name}")
@@ -149,23 +148,50 @@ def measure(name, path, checkpoint, model, args, device, inputs):
     # an .onnx file's FLOPs and parameters are those of the widths it describes
     counted = vgg.from_architecture(checkpoint["architecture"]) if onnx else model.cpu()
     flops, params = count_flops(counted, image_size, args.verbose)
-    single, batch = inputs[image_size]
     if not onnx:  # channels-last: measured faster on CPU for dense and pruned VGG16 alike
         model.to(device, memory_format=torch.channels_last)  # (tools/benchmark.py times both)
-        single, batch = (x.to(memory_format=torch.channels_last) for x in (single, batch))
-    latency = measure_latency(model, single, device, args.warmup, args.repeats)
-    batch_seconds = measure_latency(model, batch, device, args.warmup, args.repeats)
     plot_confusion(metrics, checkpoint["class_names"], output_path(path, "confusion.png"),
                    name, args.show)
     return {"name": name, "path": path, "kind": checkpoint["kind"],
+            "arch": checkpoint["architecture"]["arch"],
             "accuracy": metrics["accuracy"], "per_class_accuracy": metrics["per_class_accuracy"],
             "params": params, "flops": flops, "file_bytes": os.path.getsize(path),
-            "latency_ms": latency * 1000, "throughput_ips": len(batch) / batch_seconds,
-            "batch_size": len(batch), "device": str(device), "threads": torch.get_num_threads(),
+            "device": str(device), "threads": torch.get_num_threads(),
             "runtime": "onnxruntime" if onnx else "torch",
             "precision": checkpoint.get("precision", "fp32"),
             "memory_format": None if onnx else "channels_last",
             "image_size": image_size, "val_images": metrics["count"]}
+
+
+def time_models(rows, models, args, device):
+    """Add each model's batch-1 latency and batch-32 throughput to its row, all models
+    timed interleaved on the same random inputs (one set per image size)."""
+    generator = torch.Generator().manual_seed(args.seed)
+    inputs = {}
+    for row in rows:
+        size = row["image_size"]
+        if size not in inputs:
+            inputs[size] = (torch.randn(1, 3, size, size, generator=generator),
+                            torch.randn(32, 3, size, size, generator=generator))
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    for batch_index, (field, spread_field) in enumerate([("latency_ms", "latency_iqr_ms"),
+                                                          ("batch_ms", "batch_iqr_ms")]):
+        runs = []
+        for row, model in zip(rows, models):
+            batch = inputs[row["image_size"]][batch_index].to(device)
+            if row["runtime"] == "torch":
+                batch = batch.to(memory_format=torch.channels_last)
+            runs.append(lambda model=model, batch=batch: model(batch))
+        with torch.inference_mode():
+            timings = interleaved_seconds(runs, sync, args.warmup, args.repeats,
+                                          args.max_repeats, PRECISION)
+        for row, timing in zip(rows, timings):
+            row.update({field: timing.median * 1000, spread_field: timing.iqr * 1000,
+                        field.replace("_ms", "_runs"): timing.runs,
+                        field.replace("_ms", "_uncertainty"): timing.uncertainty})
+    for row in rows:
+        row.update(batch_size=32, throughput_ips=32 / row["batch_ms"] * 1000,
+                   timing_uncertainty=max(row["latency_uncertainty"], row["batch_uncertainty"]))
 
 
 def compare(args, device):
@@ -174,25 +200,22 @@ def compare(args, device):
         raise UserError("no checkpoint to compare: none of "
                         + ", ".join(p for _, p in COMPARED) + " exists here")
     names = {path: name for name, path in COMPARED}
-    generator = torch.Generator().manual_seed(args.seed)
-    inputs = {}
-    rows = []
+    rows, models = [], []
     for path in paths:
         checkpoint, model = load_model(path, args, device)
         warn_if_exported_earlier(path, checkpoint)
-        size = checkpoint["image_size"]
-        if size not in inputs:  # the very same inputs for every model of that size
-            inputs[size] = (torch.randn(1, 3, size, size, generator=generator),
-                            torch.randn(32, 3, size, size, generator=generator))
         rows.append(measure(names.get(path, os.path.basename(path)), path, checkpoint, model,
-                            args, device, inputs))
-        del model  # one model in memory at a time
+                            args, device))
+        models.append(model)  # all in memory: they are timed interleaved (dense VGG16: 0.5 GB)
         print(f"measured {path}", flush=True)
+    print(f"timing {len(models)} models interleaved ...", flush=True)
+    time_models(rows, models, args, device)
     print_table(rows)
     write_json(rows, args.report)
     figure = os.path.splitext(args.report)[0] + ".png"
     plot_comparison(rows, figure, args.show)
     print(f"Saved {args.report}, {figure} and a confusion matrix beside each checkpoint")
+    return rows
 
 
 def warn_if_exported_earlier(path, description):
@@ -209,19 +232,26 @@ def print_table(rows):
     base = rows[0]
     width = max(10, *(len(row["name"]) for row in rows))  # the model column fits every name
     header = (f"{'model':<{width}} {'val acc':>8} {'params':>14} {'FLOPs':>14} {'file size':>14} "
-              f"{'latency b=1':>16} {'throughput b=32':>18}")
+              f"{'latency b=1 (IQR)':>24} {'throughput b=32':>18}")
     print(f"\nMeasured on {base['device']} with {base['threads']} threads (PyTorch in "
-          "channels-last, .onnx files in onnxruntime), median of the timed runs; ratios against "
-          f"{base['name']}\n{header}\n{'-' * len(header)}")
+          "channels-last, .onnx files in onnxruntime), timed interleaved, median and "
+          f"interquartile range; ratios against {base['name']}\n{header}\n{'-' * len(header)}")
     for row in rows:
         print(f"{row['name']:<{width}} {row['accuracy']:>8.1%} "
               f"{row['params'] / 1e6:>6.1f}M {row['params'] / base['params']:>5.2f}x "
               f"{row['flops'] / 1e9:>6.2f}G {row['flops'] / base['flops']:>5.2f}x "
               f"{row['file_bytes'] / 2**20:>6.1f}MB {row['file_bytes'] / base['file_bytes']:>5.2f}x "
-              f"{row['latency_ms']:>7.1f}ms {base['latency_ms'] / row['latency_ms']:>5.2f}x↑ "
+              f"{row['latency_ms']:>7.1f}ms ({row['latency_iqr_ms']:>5.2f}) "
+              f"{base['latency_ms'] / row['latency_ms']:>5.2f}x↑ "
               f"{row['throughput_ips']:>7.1f}img/s "
               f"{row['throughput_ips'] / base['throughput_ips']:>5.2f}x↑")
-    print("(x: model / first model; x↑: speed-up over the first model)\n")
+    print("(x: model / first model; x↑: speed-up over the first model)")
+    loose = [row["name"] for row in rows if row["timing_uncertainty"] > PRECISION]
+    if loose:
+        print(f"The medians of {', '.join(loose)} are known only to more than {PRECISION:.0%} "
+              "(IQR / sqrt(runs)) after --max-repeats runs: the machine was busy; compare them "
+              "with care, or time them again")
+    print()
 
 
 def plot_comparison(rows, path, show):

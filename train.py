@@ -9,6 +9,7 @@ Writes OUTPUT (vgg16Net.pth)      the checkpoint with the best validation accura
     python train.py                                   # VGG16, 224 px, Adam 1e-4, 30 epochs
     python train.py --image-size 64 --epochs 5 --batch-norm
     python train.py --pretrained imagenet --epochs 5   # from torchvision's ImageNet weights
+    python train.py --batch-norm --bn-sparsity 1e-4    # for pruner.py --method slim
 """
 import http.client
 import os
@@ -25,6 +26,8 @@ from data import ORIGINAL_NORMALIZATION, training_loaders
 from distributed import distributed, init_distributed
 from training import MEMORY_FORMAT, fit
 
+NEAR_ZERO = 1e-2  # a batch-norm scale this small all but switches its channel off
+
 
 def get_args_parser():
     parser = make_parser(__doc__)
@@ -38,6 +41,17 @@ def get_args_parser():
     parser.add_argument("--epochs", type=positive_int, default=30,
                         help="passes over the training set")
     parser.add_argument("--lr", type=positive_float, default=1e-4, help="Adam learning rate")
+    parser.add_argument("--bn-sparsity", type=positive_float, metavar="LAMBDA",
+                        help="network slimming's sparsity training: add LAMBDA * sum(|gamma|) "
+                             "over the batch-norm scales to the loss, so the scales of channels "
+                             "that matter little approach zero and pruner.py --method slim "
+                             "--global removes them; needs --batch-norm. The history records "
+                             f"the penalty and the scales below {NEAR_ZERO:g}")
+    parser.add_argument("--bn-lr", type=positive_float,
+                        help="Adam learning rate of the batch-norm scales (default: --lr). Adam "
+                             "moves a weight by about its learning rate per step whatever the "
+                             "gradient's size, so for --bn-sparsity to bring scales from 1 to "
+                             "near zero, steps x BN_LR must reach about 1")
     parser.add_argument("--pretrained", metavar="imagenet|PATH",
                         help="start from weights: 'imagenet' takes torchvision's ImageNet "
                              "weights for --arch (and --batch-norm), downloaded once into "
@@ -127,7 +141,21 @@ def check_class_index(path, class_names):
                         "--class-index, or move it first")
 
 
+def batch_norm_scales(model):
+    return [m.weight for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+
+
+def scale_sparsity(scales, bn_sparsity):
+    """The sparsity penalty now and how many of the scales are near zero."""
+    magnitudes = torch.cat([scale.detach().abs().flatten() for scale in scales])
+    return {"bn_penalty": bn_sparsity * magnitudes.sum().item(),
+            "bn_scales_near_zero": int((magnitudes < NEAR_ZERO).sum())}
+
+
 def main(args):
+    for flag, value in (("--bn-sparsity", args.bn_sparsity), ("--bn-lr", args.bn_lr)):
+        if value and not args.batch_norm:
+            raise UserError(f"{flag}: needs --batch-norm (it is about the batch-norm scales)")
     check_replaceable(args.output)
     torch.manual_seed(args.seed)
     device = init_distributed(args.device)
@@ -148,27 +176,40 @@ def main(args):
     if args.pretrained:
         load_pretrained_weights(model, pretrained, source, args.arch, args.batch_norm)
     model.to(device, memory_format=MEMORY_FORMAT)
+    scales = batch_norm_scales(model)
+    groups = model.parameters()
+    if args.bn_lr:  # the scales in a group of their own
+        groups = [{"params": [p for p in model.parameters() if all(p is not s for s in scales)]},
+                  {"params": scales, "lr": args.bn_lr}]
     # fused: one kernel updates all parameters; the step is ~3x faster on CPU
-    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, fused=True)
+    optimizer = torch.optim.Adam(groups, lr=args.lr, fused=True)
     # what a resumed run must keep, or it would not continue exactly
     settings = {"batch_size": args.batch_size, "seed": args.seed, "crop_scale": args.crop_scale,
                 "cache": args.cache, "lr": args.lr, "image_size": args.image_size,
                 "amp": args.amp}
     if args.pretrained:  # it sets how pictures are normalised
         settings["pretrained"] = args.pretrained
+    if args.bn_sparsity or args.bn_lr:
+        settings.update(bn_sparsity=args.bn_sparsity, bn_lr=args.bn_lr)
 
     def compute_loss(net, images, labels):
         logits = net(images)
-        return F.cross_entropy(logits, labels), logits
+        loss = F.cross_entropy(logits, labels)
+        if args.bn_sparsity:
+            loss = loss + args.bn_sparsity * sum(scale.abs().sum() for scale in scales)
+        return loss, logits
 
     def save_best(metrics):
-        metrics.update(lr=args.lr, epochs=args.epochs, seed=args.seed, pretrained=args.pretrained)
+        metrics.update(lr=args.lr, epochs=args.epochs, seed=args.seed, pretrained=args.pretrained,
+                       bn_sparsity=args.bn_sparsity, bn_lr=args.bn_lr)
         atomic_save(make_checkpoint(model, "dense", args.arch, class_names, args.image_size,
                                     normalization, metrics), args.output)
 
     history = fit(model, optimizer, compute_loss, train_loader, val_loader, device,
                   epochs=args.epochs, output=args.output, settings=settings, on_best=save_best,
-                  title="train", resume=args.resume, amp=args.amp, memory_format=MEMORY_FORMAT)
+                  title="train", resume=args.resume, amp=args.amp, memory_format=MEMORY_FORMAT,
+                  epoch_metrics=(lambda: scale_sparsity(scales, args.bn_sparsity))
+                  if args.bn_sparsity else None)
     best = max(history, key=lambda r: r["val_accuracy"])
     print(f"Best validation accuracy {best['val_accuracy']:.1%} at epoch {best['epoch']}; "
           f"saved {args.output}")

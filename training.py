@@ -215,13 +215,15 @@ def refuse_pending_state(path, device):
 
 
 def fit(model, optimizer, compute_loss, train_loader, val_loader, device, *, epochs, output,
-        settings, on_best, title, resume=None, amp=False, memory_format=torch.contiguous_format):
+        settings, on_best, title, resume=None, amp=False, memory_format=torch.contiguous_format,
+        epoch_metrics=None):
     """Train for `epochs`, validating after each, and call `on_best(metrics)` on a new best.
 
     `train_loader` takes its order from a data.EpochSampler; `settings` are what a
     resumed run must keep. Ctrl-C saves <output>.state.pth and raises Interrupted;
     `resume` continues from such a file exactly as if never stopped. Under torchrun
     the model is wrapped in DistributedDataParallel and rank 0 alone writes files.
+    `epoch_metrics()`, if given, returns more figures (a dict) for each epoch's record.
     Returns the per-epoch history (also <output>.history.json and .png).
     """
     rank, world = distributed()
@@ -264,6 +266,8 @@ def fit(model, optimizer, compute_loss, train_loader, val_loader, device, *, epo
             # and DDP's forward would wait for a process that has finished
             val = evaluate(model, val_loader, device, len(val_loader.dataset.class_names))
             record = epoch_record(epoch, progress.totals, val, trained, train_seconds, started)
+            more = epoch_metrics() if epoch_metrics else {}
+            record.update(more)
             progress.history.append(record)
             is_best = val["accuracy"] > progress.best
             if is_best:
@@ -274,6 +278,7 @@ def fit(model, optimizer, compute_loss, train_loader, val_loader, device, *, epo
                                  confusion=val["confusion"]))
                 print(f"{title} epoch {epoch + 1}/{epochs}: {describe(record)}"
                       f"{'  (best, saved)' if is_best else ''} | "
+                      + "".join(f"{name} {value:g}, " for name, value in more.items()) +
                       f"{(record['images_per_second'] or 0):.1f} img/s, {record['seconds']:.0f}s",
                       flush=True)
                 save_history(progress.history, output_path(output, "history.json"), title)

@@ -146,7 +146,8 @@ def test_test_py_classifies_one_picture(pipeline):
 
 @pytest.fixture(scope="module")
 def comparison(pipeline):
-    proc = run_script("test.py", "--compare", "--repeats", 2, "--warmup", 1, "--workers", 0,
+    proc = run_script("test.py", "--compare", "--repeats", 2, "--max-repeats", 4, "--warmup", 1,
+                      "--workers", 0,
                       cwd=pipeline.root)
     assert proc.returncode == 0, proc.stderr
     return proc, json.loads(pipeline.path("compare.json").read_text())

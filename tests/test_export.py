@@ -133,7 +133,8 @@ def test_test_py_classifies_a_picture_with_the_int8_file(exported, tmp_path):
 def test_compare_ends_with_the_int8_row(exported, tmp_path):
     folder = tmp_path / "compare"
     shutil.copytree(exported.folder, folder)
-    proc = run_in_process(test_py, "--compare", "--repeats", 1, "--warmup", 0, "--workers", 0,
+    proc = run_in_process(test_py, "--compare", "--repeats", 1, "--max-repeats", 2, "--warmup", 0,
+                          "--workers", 0,
                           cwd=folder)
     assert proc.returncode == 0, proc.stderr
     rows = json.loads((folder / "compare.json").read_text())

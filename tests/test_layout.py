@@ -9,7 +9,7 @@ import pytest
 
 from conftest import REPO
 
-STAGES = ["split_dataset", "train", "pruner", "knowledge_distillation", "test", "export"]
+STAGES = ["split_dataset", "train", "pruner", "knowledge_distillation", "test", "export", "sweep"]
 SHARED = ["cli", "model", "checkpoints", "distributed", "data", "measure", "training", "deploy"]
 
 

@@ -151,7 +151,7 @@ def shipping_rows(pruned, single, batch, args, device):
         deploy.quantize_int8(fp32, int8, calibration, args.verbose)
         for label, path in (("ONNX fp32, onnxruntime", fp32),
                             ("ONNX int8 static (QDQ), onnxruntime", int8)):
-            runner = deploy.OnnxModel(deploy.session(path, device))
+            runner = deploy.OnnxModel(deploy.session(path, device, spinning=True))
             rows.append((label, *timed(runner), os.path.getsize(path)))
             print(f"timed {label}", flush=True)
     if not args.alternatives:
@@ -202,8 +202,8 @@ def pt2e_row(pruned, single, batch, calibration, timed):
 
 def print_shipping(rows, eager, dense, args):
     """The shipping table: each row's speed against the pruned and the dense model in eager."""
-    print(f"\nThe pruned model as it could ship, same inputs and threads; ratios: faster than "
-          f"the pruned model (and the dense one) in PyTorch eager, channels-last")
+    print("\nThe pruned model as it could ship, same inputs and threads; ratios: faster than "
+          "the pruned model (and the dense one) in PyTorch eager, channels-last")
     rows = [("PyTorch eager fp32, channels-last", *eager), *rows]
     width = max(len(row[0]) for row in rows) + 2
     print(f"{'':<{width}}{'latency b=1':>20}{f'throughput b={args.batch_size}':>26}{'file':>10}")
