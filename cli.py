@@ -132,8 +132,8 @@ def add_timing_args(parser, precision):
                              "reported with the interquartile range (IQR)")
     parser.add_argument("--max-repeats", type=positive_int, default=60,
                         help=f"... and more runs, up to this many, until every model's median "
-                             f"is known within {precision:.0%} (IQR / sqrt(runs); the table says "
-                             "where it is not)")
+                             f"is known within {precision * 100:g}%% (IQR / sqrt(runs); the "
+                             "table says where it is not)")
 
 
 def int_within(minimum, requirement, maximum=None):

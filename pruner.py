@@ -97,8 +97,8 @@ def get_args_parser():
     parser.add_argument("--global", dest="global_ranking", action="store_true",
                         help="rank channels across all convolutions (and across the two hidden "
                              "layers) instead of taking SPARSITY from each; no layer loses more "
-                             f"than {MOST_REMOVED:.0%} of its channels. Suits slim and taylor, "
-                             "whose scores compare across layers; weight norms grow with a "
+                             f"than {MOST_REMOVED * 100:g}%% of its channels. Suits slim and "
+                             "taylor, whose scores compare across layers; weight norms grow with a "
                              "layer's inputs, so l1/l2/fpgm --global thin the first layers most")
     parser.add_argument("--output", default="pruned_vgg16_net.pth", help="pruned checkpoint")
     parser.add_argument("--image-size", type=image_size_type, default=None,

@@ -63,3 +63,16 @@ def test_distilling_for_zero_epochs_is_a_one_line_error(tmp_path, tiny_dataset):
 def test_distillation_refuses_alpha_outside_0_to_1(tmp_path):
     proc = run_in_process(load_script("knowledge_distillation"), "--alpha", 1.5, cwd=tmp_path)
     assert_clean_error(proc, "--alpha")
+
+
+# --- --help -----------------------------------------------------------------------
+# argparse formats every help text with %: a stray "%" in one breaks --help.
+
+@pytest.mark.parametrize("script", ["split_dataset", "train", "pruner", "knowledge_distillation",
+                                    "test", "export", "sweep"])
+def test_help_explains_every_stage(tmp_path, script):
+    module = load_script(script)
+    proc = run_in_process(module, "--help", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("usage:")
+    assert module.__doc__.splitlines()[0] in proc.stdout
