@@ -75,9 +75,13 @@ def measure_latency(model, inputs, device, warmup=3, repeats=10):
     """
     model.eval()
     inputs = inputs.to(device)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     with torch.inference_mode():
-        return median_seconds(lambda: model(inputs), sync, warmup, repeats)
+        return median_seconds(lambda: model(inputs), synchronizer(device), warmup, repeats)
+
+
+def synchronizer(device):
+    """What waits for the work queued on `device`: CUDA's synchronize, or nothing."""
+    return torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
 
 def median_seconds(run, sync, warmup, repeats):
@@ -86,15 +90,7 @@ def median_seconds(run, sync, warmup, repeats):
     `sync()` is called before starting and before stopping each clock, so work
     queued on an accelerator is finished inside the measured interval.
     """
-    times = []
-    for index in range(warmup + repeats):
-        sync()
-        started = time.perf_counter()
-        run()
-        sync()
-        if index >= warmup:
-            times.append(time.perf_counter() - started)
-    return statistics.median(times)
+    return interleaved_seconds([run], sync, warmup, repeats, repeats)[0].median
 
 
 class Timing(typing.NamedTuple):

@@ -25,7 +25,7 @@ from checkpoints import (check_made_for, file_sha256, load_checkpoint, model_fro
 from cli import (UserError, add_data_args, add_timing_args, make_parser, pyplot, resolve_device,
                  run_cli)
 from data import eval_transform, find_classes, load_rgb, make_loader, val_set
-from measure import count_flops, evaluate, interleaved_seconds
+from measure import count_flops, evaluate, interleaved_seconds, synchronizer
 
 prune_test = False  # False: test the dense vgg16Net.pth; True: the distilled pruned model
 
@@ -173,7 +173,7 @@ def time_models(rows, models, args, device):
         if size not in inputs:
             inputs[size] = (torch.randn(1, 3, size, size, generator=generator),
                             torch.randn(32, 3, size, size, generator=generator))
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync = synchronizer(device)
     for batch_index, (field, spread_field) in enumerate([("latency_ms", "latency_iqr_ms"),
                                                           ("batch_ms", "batch_iqr_ms")]):
         runs = []
