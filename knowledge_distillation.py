@@ -109,7 +109,9 @@ def mobilenet_student(args, teacher_checkpoint):
                            {"student_arch": vgg.MOBILENET_V2, "pretrained": args.pretrained})
 
 
-def main(args):
+def main(args, on_epoch=None):
+    """Distil; `on_epoch(record)`, if given, is told each epoch's figures (sweep.py's NNI
+    trials report the validation accuracy to NNI's assessor)."""
     if not 0 <= args.alpha <= 1:
         raise UserError(f"--alpha {args.alpha}: must be within 0..1")
     output = args.output or DEFAULT_OUTPUT[args.student_arch]
@@ -184,7 +186,8 @@ def main(args):
 
     history = fit(student, optimizer, compute_loss, train_loader, val_loader, device,
                   epochs=args.epochs, output=output, settings=settings, on_best=save_best,
-                  title="distill", resume=args.resume, amp=args.amp, memory_format=MEMORY_FORMAT)
+                  title="distill", resume=args.resume, amp=args.amp, memory_format=MEMORY_FORMAT,
+                  on_epoch=on_epoch)
     best = max(history, key=lambda r: r["val_accuracy"])
     print(f"Student validation accuracy {before['accuracy']:.1%} -> {best['val_accuracy']:.1%} "
           f"(epoch {best['epoch']}); teacher {teacher_val}; saved {output}")

@@ -25,25 +25,45 @@ distillation flags, earlier runs' too.
 
 --max-drop D names the fastest model within D points of the dense accuracy;
 --search METHOD bisects the sparsity of METHOD for the largest one within that
-budget.
+budget. --engine nni runs the search as an NNI experiment instead (a TPE tuner
+proposes settings, a Medianstop assessor stops trials that fall behind, trials
+run --concurrency at a time, on this machine or on NNI's other training services
+through --nni-config); its results land in the same sweep.json and sweep.png.
 
     python sweep.py                                   # l1 at 0.5, 0.7, 0.9; 3 KD epochs
     python sweep.py --methods l1 slim:global --sparsities 0.5 0.7 --mobilenet-v2
     python sweep.py --max-drop 1.0 --search l1
+    python sweep.py --engine nni --max-drop 1.0 --methods l1 taylor --sparsities 0.5 0.9
 """
+import argparse
+import contextlib
+import dataclasses
+import glob
 import json
 import os
+import shlex
+import shutil
+import signal
+import sys
+import textwrap
 import time
 
+import torch
+from tqdm import tqdm
+
+import experiment
 import knowledge_distillation
 import pruner
 import test
-from checkpoints import (check_made_for, file_sha256, load_checkpoint, model_from_checkpoint,
-                         write_json)
+from checkpoints import (atomic_write, check_made_for, check_replaceable, file_sha256,
+                         load_checkpoint, model_from_checkpoint, write_json)
 from cli import (CheckFailed, Interrupted, UserError, add_data_args, add_timing_args, fraction,
                  int_within, make_parser, positive_float, positive_int, pyplot, resolve_device,
                  run_cli)
 from model import MOBILENET_V2, count_parameters
+
+SPARSITY_STEP = 0.025  # --engine nni: the sparsities the tuner may propose
+
 
 def points(text):
     """--max-drop: accuracy points, 0 to 100."""
@@ -93,6 +113,38 @@ def get_args_parser():
     parser.add_argument("--output-dir", default="sweep", help="folder of the sweep's files")
     add_timing_args(parser, test.PRECISION)
     parser.add_argument("--verbose", action="store_true", help="show NNI's warnings and logs")
+    engine = parser.add_argument_group("--engine nni", textwrap.fill(
+        "An NNI experiment searches --methods x the sparsity range of "
+        "--sparsities (from the smallest to the largest, in steps of "
+        f"{SPARSITY_STEP:g}) for the fastest student within --max-drop (needed): NNI's "
+        f"{experiment.TUNER} tuner proposes settings, its {experiment.ASSESSOR} assessor "
+        "stops a trial whose best validation accuracy falls below the median of the finished "
+        "trials' (from half its epochs on). The objective each trial "
+        "reports (maximised): how many times faster than the dense model at batch 1 it is "
+        "(the two timed together in the trial) if within the budget, else minus the points "
+        "it is over the budget. Trials write OUTPUT_DIR/trials/TRIAL_ID/; NNI keeps its "
+        "files in OUTPUT_DIR/nni/. The finished students are then measured together as in "
+        "the plain sweep (sweep.json, sweep.png), the picked one copied to "
+        "OUTPUT_DIR/NAME.pth. Run the same command again to resume a stopped experiment.",
+        width=76))
+    engine.add_argument("--engine", choices=["plain", "nni"], default="plain",
+                        help="plain: every setting in turn, in this process; nni: an NNI "
+                             "experiment")
+    engine.add_argument("--trials", type=positive_int, default=8,
+                        help="trials of the experiment (its maxTrialNumber)")
+    engine.add_argument("--concurrency", type=positive_int, default=2,
+                        help="trials run at once (each with cores / concurrency threads)")
+    engine.add_argument("--port", type=int_within(1, "a port number (1 to 65535)", 65535),
+                        default=8080, help="of NNI's manager and its web portal")
+    engine.add_argument("--host", choices=["127.0.0.1", "0.0.0.0"], default="127.0.0.1",
+                        help="address the manager and portal listen on: this machine only, or "
+                             "every address (0.0.0.0: anyone who reaches this machine can "
+                             "follow and stop the experiment; remote trials need it)")
+    engine.add_argument("--nni-config", metavar="YAML",
+                        help="NNI's own experiment config (e.g. trainingService: remote, with "
+                             "its machines): its settings win; sweep.py sets the trial "
+                             "command and folder, the search space and the working directory")
+    engine.add_argument("--nni-trial", action="store_true", help=argparse.SUPPRESS)
     return parser
 
 
@@ -112,8 +164,61 @@ def flags(args, *names):
     return given
 
 
-def run_stage(stage, argv):
-    stage.main(stage.get_args_parser().parse_args(argv))
+def run_stage(stage, argv, **options):
+    stage.main(stage.get_args_parser().parse_args(argv), **options)
+
+
+def prune_and_distil(args, student, method, global_ranking, sparsity, on_epoch=None):
+    """One setting through pruner.py and knowledge_distillation.py's own command lines:
+    the student is written to `student` (NAME.pth; the pruned model beside it as
+    NAME.pruned.pth), a MobileNetV2 if `method` is None. A distillation stopped by Ctrl-C
+    continues from its state file. `on_epoch(record)` is told each distillation epoch."""
+    common = flags(args, "data", "image-size", "batch-size", "device", "workers", "seed")
+    distil = [*common, "--teacher", args.weights, "--output", student,
+              "--epochs", str(args.kd_epochs), "--lr", str(args.lr),
+              *flags(args, "crop-scale", "cache", "amp")]
+    state = os.path.splitext(student)[0] + ".state.pth"
+    if os.path.isfile(state):
+        distil += ["--resume", state]
+    if method is None:
+        distil += ["--student-arch", MOBILENET_V2]
+    else:
+        pruned = os.path.splitext(student)[0] + ".pruned.pth"
+        if "--resume" not in distil:  # (a resumed distillation keeps its student)
+            run_stage(pruner, ["--weights", args.weights, "--output", pruned,
+                               "--method", method, "--sparsity", str(sparsity),
+                               *(["--global"] if global_ranking else []),
+                               *flags(args, "data", "image-size", "batch-size", "seed",
+                                      "verbose")])
+        distil += ["--student", pruned]
+    run_stage(knowledge_distillation, distil, on_epoch=on_epoch)
+
+
+def training_settings(args):
+    """What makes two students comparable: the same teacher, data and distillation."""
+    return {"kd_epochs": args.kd_epochs, "lr": args.lr, "batch_size": args.batch_size,
+            "seed": args.seed, "crop_scale": args.crop_scale, "data": os.path.abspath(args.data),
+            "image_size": args.image_size, "amp": args.amp, "cache": args.cache,
+            # (retrained in place, it is another teacher)
+            "teacher_sha256": file_sha256(args.weights)}
+
+
+def read_report(path, engine):
+    """The settings' rows of a sweep.json made by `engine` (plain or nni)."""
+    try:
+        with open(path) as file:
+            rows = [row for row in json.load(file) if row.get("kind") != "dense"]
+        if not all(isinstance(row.get("training"), dict) and isinstance(row["name"], str)
+                   for row in rows):
+            raise ValueError
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        raise UserError(f"{path}: not a sweep report; give another --output-dir, or move it "
+                        "first") from None
+    other = {row.get("engine", "plain") for row in rows} - {engine}
+    if other:
+        raise UserError(f"{path}: made by sweep.py --engine {other.pop()}; give another "
+                        "--output-dir")
+    return rows
 
 
 class Sweep:
@@ -126,21 +231,8 @@ class Sweep:
         if os.path.exists(args.output_dir) and not os.path.isdir(args.output_dir):
             raise UserError(f"--output-dir {args.output_dir}: exists and is not a folder")
         if os.path.isfile(self.report):
-            try:
-                with open(self.report) as file:
-                    self.rows = {row["name"]: row for row in json.load(file)
-                                 if row.get("kind") != "dense"}
-                if not all(isinstance(row.get("training"), dict) for row in self.rows.values()):
-                    raise ValueError
-            except (OSError, ValueError, KeyError, TypeError, AttributeError):
-                raise UserError(f"{self.report}: not a sweep report; give another "
-                                "--output-dir, or move it first") from None
-        self.training = {"kd_epochs": args.kd_epochs, "lr": args.lr,
-                         "batch_size": args.batch_size, "seed": args.seed,
-                         "crop_scale": args.crop_scale, "data": os.path.abspath(args.data),
-                         "image_size": args.image_size, "amp": args.amp, "cache": args.cache,
-                         # (retrained in place, it is another teacher)
-                         "teacher_sha256": file_sha256(args.weights)}
+            self.rows = {row["name"]: row for row in read_report(self.report, "plain")}
+        self.training = training_settings(args)
 
     def student(self, name):
         return os.path.join(self.args.output_dir, f"{name}.pth")
@@ -155,29 +247,11 @@ class Sweep:
         if self.done(name):
             print(f"{name}: done before ({self.rows[name]['accuracy']:.1%}), not run again")
             return self.rows[name]
-        args, started = self.args, time.perf_counter()
+        started = time.perf_counter()
         student = self.student(name)
-        common = flags(args, "data", "image-size", "batch-size", "device", "workers", "seed")
         print(f"\n=== {name} ({position}) ===", flush=True)
-        distil = [*common, "--teacher", args.weights, "--output", student,
-                  "--epochs", str(args.kd_epochs), "--lr", str(args.lr),
-                  *flags(args, "crop-scale", "cache", "amp")]
-        state = os.path.splitext(student)[0] + ".state.pth"
-        if os.path.isfile(state):
-            distil += ["--resume", state]
-        if method is None:
-            distil += ["--student-arch", MOBILENET_V2]
-        else:
-            pruned = os.path.join(args.output_dir, f"{name}.pruned.pth")
-            if "--resume" not in distil:  # (a resumed distillation keeps its student)
-                run_stage(pruner, ["--weights", args.weights, "--output", pruned,
-                                   "--method", method, "--sparsity", str(sparsity),
-                                   *(["--global"] if global_ranking else []),
-                                   *flags(args, "data", "image-size", "batch-size", "seed",
-                                          "verbose")])
-            distil += ["--student", pruned]
         try:
-            run_stage(knowledge_distillation, distil)
+            prune_and_distil(self.args, student, method, global_ranking, sparsity)
         except Interrupted:
             raise Interrupted(f"Stopped while distilling {name}; its state is saved: run the "
                               "same sweep.py command again to continue (finished settings are "
@@ -286,20 +360,14 @@ def plot(rows, dense, path, max_drop):
     plt.close(figure)
 
 
-def measure(sweep, args):
-    """(rows, dense row): the settings done with these training settings and the dense
-    model, measured together by test.py --compare, the Pareto fronts marked."""
-    left_out = [name for name in sweep.rows if not sweep.done(name)]
-    if left_out:
-        print(f"Left out (distilled with other settings, or their file is gone): "
-              f"{', '.join(left_out)}; their rows leave sweep.json, their files stay")
-    done = [dict(row, path=sweep.student(name)) for name, row in sweep.rows.items()
-            if name not in left_out]
-    print(f"\nMeasuring the dense model and {len(done)} settings as test.py --compare ...",
+def measure(done, args, report):
+    """(rows, dense row): the students of `done` (rows with a "path") and the dense model,
+    measured together by test.py --compare (its report: `report`), the Pareto fronts
+    marked."""
+    print(f"\nMeasuring the dense model and {len(done)} students as test.py --compare ...",
           flush=True)
     measured = test.compare(test.get_args_parser().parse_args(
-        ["--compare", args.weights, *(row["path"] for row in done),
-         "--report", os.path.join(args.output_dir, "compare.json"),
+        ["--compare", args.weights, *(row["path"] for row in done), "--report", report,
          *flags(args, "warmup", "repeats", "max-repeats", "data", "image-size", "batch-size",
                 "device", "workers", "seed", "verbose")]),
         resolve_device(args.device))
@@ -316,20 +384,284 @@ def measure(sweep, args):
     return rows, dict(measured[0], name="dense")
 
 
-def main(args):
-    if args.search and args.max_drop is None:
-        raise UserError("--search: needs --max-drop (the budget the sparsity must stay within)")
-    dense_checkpoint = load_checkpoint(args.weights, kinds=("dense",))
-    # what the stages would refuse only when their turn comes, refused before any work
-    check_made_for(dense_checkpoint, args.weights, "--image-size", image_size=args.image_size)
-    dense_accuracy = dense_checkpoint["metrics"].get("val_accuracy")
-    if args.search and dense_accuracy is None:
-        raise UserError(f"{args.weights}: records no validation accuracy to --search against")
+def present(rows, dense, args):
+    """Mark, print and draw the measured rows; returns the row --max-drop picks (or None)."""
+    chosen = pick(rows, dense, args.max_drop) if args.max_drop is not None else None
+    for row in rows:
+        row["picked"] = row is chosen
+    print_table(rows, dense)
+    plot(rows, dense, os.path.join(args.output_dir, "sweep.png"), args.max_drop)
+    if args.max_drop is not None:
+        print(f"--max-drop {args.max_drop:g}: " + (
+            f"{chosen['name']} ({chosen['path']}): {chosen['accuracy']:.1%} vs dense "
+            f"{dense['accuracy']:.1%}, {dense['params'] / chosen['params']:.1f}x fewer "
+            f"parameters, {dense['latency_ms'] / chosen['latency_ms']:.1f}x faster at batch 1"
+            if chosen else f"no setting is within {args.max_drop:g} points of the dense "
+                           f"{dense['accuracy']:.1%}"))
+    return chosen
+
+
+def search_space(methods, sparsities):
+    """NNI's search space: --methods x the range of --sparsities (UserError if one point)."""
+    low, high = min(sparsities), max(sparsities)
+    names = [method + (":global" if global_ranking else "") for method, global_ranking in methods]
+    if len(set(names)) == 1 and high - low < SPARSITY_STEP:
+        raise UserError(f"--engine nni: the search space holds one setting ({names[0]} at "
+                        f"{low:g}); give --sparsities a range (e.g. 0.5 0.9) or more --methods")
+    return {"method": {"_type": "choice", "_value": sorted(set(names), key=names.index)},
+            "sparsity": {"_type": "quniform", "_value": [low, high, SPARSITY_STEP]}}
+
+
+def objective(accuracy, dense_accuracy, speedup, max_drop):
+    """What an NNI trial reports to the tuner (maximised): `speedup` within the budget; minus
+    the points over it outside, so every student within the budget beats every one outside,
+    and a near miss beats a far one."""
+    if within_budget(accuracy, dense_accuracy, max_drop):
+        return speedup
+    return -round(100 * (dense_accuracy - accuracy) - max_drop, 9)
+
+
+def run_trial(args):
+    """One trial of the NNI experiment (NNI runs it): the setting its tuner proposes, pruned
+    and distilled in OUTPUT_DIR/trials/TRIAL_ID/, each epoch's validation accuracy reported
+    to the assessor, then timed beside the dense model and its final result reported."""
+    if "NNI_TRIAL_JOB_ID" not in os.environ:  # (set by NNI for each trial it runs)
+        raise UserError("--nni-trial: run by NNI's experiment (sweep.py --engine nni), not "
+                        "by hand")
+    import nni
+
+    parameters = nni.get_next_parameter()
+    trial = nni.get_trial_id()
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // args.concurrency))
+    method, global_ranking = method_setting(parameters["method"])
+    sparsity = round(float(parameters["sparsity"]), 4)
+    folder = os.path.join(args.output_dir, "trials", trial)
+    os.makedirs(folder, exist_ok=True)
+    name = setting_name(method, global_ranking, sparsity)
+    student = os.path.join(folder, f"{name}.pth")
+    epochs = []
+
+    def report_epoch(record):
+        epochs.append(record["val_accuracy"])
+        nni.report_intermediate_result(record["val_accuracy"])
+
+    try:
+        prune_and_distil(args, student, method, global_ranking, sparsity, on_epoch=report_epoch)
+        (row,), dense = measure([{"name": name, "path": student}], args,
+                                os.path.join(folder, "compare.json"))
+    except (Interrupted, KeyboardInterrupt):
+        # NNI's assessor stops a trial with SIGINT (a distillation saves its state first);
+        # ending by that signal tells NNI the trial was stopped, not that it failed
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGINT)
+    speedup = dense["latency_ms"] / row["latency_ms"]
+    nni.report_final_result({
+        "default": objective(row["accuracy"], dense["accuracy"], speedup, args.max_drop),
+        "trial": trial, "parameters": parameters, "name": name, "method": method,
+        "global": global_ranking, "sparsity": sparsity, "path": student,
+        "accuracy": row["accuracy"], "dense_accuracy": dense["accuracy"],
+        "within_budget": within_budget(row["accuracy"], dense["accuracy"], args.max_drop),
+        "speedup": speedup, "latency_ms": row["latency_ms"],
+        "dense_latency_ms": dense["latency_ms"], "params": row["params"],
+        "flops": row["flops"], "file_bytes": row["file_bytes"], "epochs": epochs})
+
+
+def trial_command(args):
+    """The command NNI runs for each trial: this script with the flags a trial needs, its
+    files by absolute path (NNI runs trials in this script's folder)."""
+    absolute = argparse.Namespace(**vars(args))
+    for name in ("data", "weights", "output_dir"):
+        setattr(absolute, name, os.path.abspath(getattr(args, name)))
+    return shlex.join([sys.executable, os.path.abspath(__file__), *flags(
+        absolute, "data", "weights", "output-dir", "image-size", "batch-size", "device",
+        "workers", "seed", "crop-scale", "cache", "amp", "kd-epochs", "lr", "max-drop",
+        "concurrency", "warmup", "repeats", "max-repeats", "verbose"), "--nni-trial"])
+
+
+def describe_trial(trial, epochs):
+    """One line on a trial's news (a trial's setting: from the parameters NNI gave it)."""
+    if trial.parameters:
+        method, global_ranking = method_setting(trial.parameters["method"])
+        setting = setting_name(method, global_ranking, round(trial.parameters["sparsity"], 4))
+    else:
+        setting = "(setting known at its first epoch)"
+    line = f"trial {trial.id} {setting}: "
+    if trial.status == "SUCCEEDED" and trial.final:
+        final = trial.final
+        return line + (f"finished: {final['accuracy']:.1%} (dense {final['dense_accuracy']:.1%}), "
+                       f"{final['speedup']:.1f}x faster, objective {final['default']:.3g}")
+    if trial.status == "EARLY_STOPPED":
+        return line + (f"stopped by the assessor after {len(trial.epochs)} of {epochs} epochs "
+                       f"(best {max(trial.epochs, default=0):.1%})")
+    if trial.status == "FAILED":
+        return line + "failed; its log ends:\n    " + "\n    ".join(trial.last_lines())
+    if trial.status == "USER_CANCELED":
+        return line + "stopped with the experiment (runs again when it resumes)"
+    if trial.status in experiment.FINISHED:
+        return line + trial.status.lower().replace("_", " ")
+    if trial.epochs:
+        return line + f"epoch {len(trial.epochs)}/{epochs} val {trial.epochs[-1]:.1%}"
+    return line + trial.status.lower()
+
+
+def reported_rows(trials, training):
+    """sweep.json's rows of the trials that finished: the setting and numbers each trial
+    reported, checked against the parameters NNI gave it."""
+    rows = []
+    for trial in trials:
+        if trial.status != "SUCCEEDED" or not trial.final:
+            continue
+        final = trial.final
+        if final["trial"] != trial.id or final["parameters"] != trial.parameters:
+            raise CheckFailed(f"trial {trial.id}: its result (trial {final['trial']}, "
+                              f"{final['parameters']}) is not of the parameters the tuner "
+                              f"gave it ({trial.parameters})")
+        rows.append({"name": f"{final['name']} [{trial.id}]", "engine": "nni",
+                     "trial": trial.id, "method": final["method"], "global": final["global"],
+                     "sparsity": final["sparsity"], "path": final["path"],
+                     "accuracy": final["accuracy"], "params": final["params"],
+                     "training": training, "reported": final,
+                     "minutes": round((trial.end - trial.start) / 60000, 2)})
+    return rows
+
+
+@contextlib.contextmanager
+def stop_signals():
+    """`kill` and a closed terminal stop the experiment as Ctrl-C does: NNI's manager runs in
+    a process group of its own and would outlive this process."""
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+    previous = {number: signal.signal(number, interrupt)
+                for number in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+
+
+def run_experiment(args):
+    """The search as an NNI experiment: start or resume it, follow its trials, then measure
+    the finished students together and pick, as the plain sweep does."""
+    if args.max_drop is None:
+        raise UserError("--engine nni: needs --max-drop (the budget of the objective)")
+    for given, flag in ((args.search, "--search"), (args.mobilenet_v2, "--mobilenet-v2")):
+        if given:
+            raise UserError(f"{flag}: not with --engine nni (the plain sweep runs it)")
     methods = args.methods or [("l1", False)]
+    space = search_space(methods, args.sparsities)
+    check_teacher(args, methods)
+    if args.nni_config and not os.path.isfile(args.nni_config):
+        raise UserError(f"--nni-config {args.nni_config}: no such file")
+    report = os.path.join(args.output_dir, "sweep.json")
+    if os.path.isfile(report):
+        read_report(report, "nni")
+    try:
+        os.makedirs(os.path.join(args.output_dir, "nni"), exist_ok=True)
+    except OSError as error:
+        raise UserError(f"--output-dir {args.output_dir}: cannot write there "
+                        f"({error.strerror})") from None
+    training = training_settings(args)
+    settings = {"training": training, "search_space": space, "max_drop": args.max_drop,
+                "trials": args.trials, "concurrency": args.concurrency,
+                "nni_config": args.nni_config and os.path.abspath(args.nni_config)}
+    state_path = os.path.join(args.output_dir, "experiment.json")
+    state = {}
+    if os.path.isfile(state_path):
+        try:
+            with open(state_path) as file:
+                state = json.load(file)
+            if not (isinstance(state["settings"], dict) and isinstance(state["id"], str)):
+                raise ValueError
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            raise UserError(f"{state_path}: not an experiment's record; give another "
+                            "--output-dir, or move it first") from None
+        if state["settings"] != settings:
+            changed = [key for key in settings if state["settings"].get(key) != settings[key]]
+            raise UserError(f"{args.output_dir}: holds the NNI experiment {state['id']} of other "
+                            f"settings ({', '.join(changed)}); give another --output-dir")
+    experiment_id = state.get("id") or experiment.new_id()
+    config = experiment.make_config(
+        args.nni_config, trial_command(args), os.path.dirname(os.path.abspath(__file__)), space,
+        args.trials, args.concurrency, startup_trials=max(args.concurrency, args.trials // 2),
+        assessor_start=max(1, args.kd_epochs // 2), seed=args.seed,
+        working_directory=os.path.abspath(os.path.join(args.output_dir, "nni")))
+    run = experiment.NniExperiment(config, experiment_id, args.host, args.port, args.verbose)
+    how = run.start()
+    write_json({"id": experiment_id, "settings": settings}, state_path)
+    total = config.max_trial_number
+    print(f"NNI experiment {experiment_id} {how}: {total} trials of "
+          f"{' / '.join(space['method']['_value'])} at sparsity {min(args.sparsities):g}.."
+          f"{max(args.sparsities):g}, {config.trial_concurrency} at a time, "
+          f"{args.kd_epochs} distillation epochs each\nWeb portal: http://{args.host}:{args.port}"
+          f"  (trials' files: {os.path.join(args.output_dir, 'trials')}/)", flush=True)
+    try:
+        with tqdm(total=total, desc="trials finished", unit="trial") as bar, stop_signals():
+            for trial in run.follow():
+                bar.write(describe_trial(trial, args.kd_epochs))
+                bar.n = sum(t.status in experiment.FINISHED for t in run.latest)
+                bar.refresh()
+        trials = run.latest
+    except KeyboardInterrupt:
+        run.stop()
+        raise Interrupted(f"stopped the NNI experiment {experiment_id}, its manager and its "
+                          f"trials; run the same command again to resume it (finished trials "
+                          "are kept)") from None
+    finally:
+        if run.running:
+            run.stop()
+    for trial in trials:  # a trial the assessor stopped never continues: its state goes
+        if trial.status == "EARLY_STOPPED":
+            folder = os.path.join(args.output_dir, "trials", trial.id)
+            for state in glob.glob(os.path.join(folder, "*.state.pth")):
+                os.remove(state)
+    stopped, saved = experiment.assessor_savings(trials, args.kd_epochs)
+    counts = {status: sum(t.status == status for t in trials) for status in experiment.FINISHED}
+    summary = (f"{len(trials)} trials: {counts['SUCCEEDED']} finished, {stopped} stopped early "
+               f"by the assessor (~{saved / 60:.1f} min of distillation saved), "
+               f"{counts['FAILED']} failed")
+    write_json({"id": experiment_id, "settings": settings, "summary": summary,
+                "assessor_stopped": stopped, "assessor_saved_seconds": round(saved, 1),
+                "trials": [dataclasses.asdict(t) for t in trials]}, state_path)
+    print(summary, flush=True)
+    done = reported_rows(trials, training)
+    if not done:
+        raise CheckFailed(f"no trial of the experiment {experiment_id} finished; see {state_path}")
+    rows, dense = measure(done, args, os.path.join(args.output_dir, "compare.json"))
+    chosen = present(rows, dense, args)
+    write_json([dense, *rows], report)
+    if chosen:
+        copy = os.path.join(args.output_dir, f"{chosen['reported']['name']}.pth")
+        check_replaceable(copy, "--output-dir")
+        with open(chosen["path"], "rb") as source:
+            atomic_write(copy, lambda file: shutil.copyfileobj(source, file))
+        print(f"Copied the picked trial's student to {copy}")
+    print(f"Saved {report}, {os.path.join(args.output_dir, 'sweep.png')} and {state_path}")
+
+
+def check_teacher(args, methods):
+    """The dense checkpoint, refused now for what the stages would refuse later."""
+    dense_checkpoint = load_checkpoint(args.weights, kinds=("dense",))
+    check_made_for(dense_checkpoint, args.weights, "--image-size", image_size=args.image_size)
     if any(method == "slim" for method, _ in methods) and \
             not dense_checkpoint["architecture"]["batch_norm"]:
         raise UserError(f"{args.weights}: has no batch norm, and --methods slim ranks channels "
                         "by their batch-norm scales")
+    return dense_checkpoint
+
+
+def main(args):
+    if args.nni_trial:
+        return run_trial(args)
+    if args.engine == "nni":
+        return run_experiment(args)
+    if args.search and args.max_drop is None:
+        raise UserError("--search: needs --max-drop (the budget the sparsity must stay within)")
+    methods = args.methods or [("l1", False)]
+    dense_checkpoint = check_teacher(args, methods)
+    dense_accuracy = dense_checkpoint["metrics"].get("val_accuracy")
+    if args.search and dense_accuracy is None:
+        raise UserError(f"{args.weights}: records no validation accuracy to --search against")
     sweep = Sweep(args)
     os.makedirs(args.output_dir, exist_ok=True)
     settings = [(setting_name(m, g, s), m, g, s) for m, g in methods for s in args.sparsities]
@@ -345,23 +677,17 @@ def main(args):
         print(f"search: the largest {args.search[0]} sparsity within {args.max_drop:g} points "
               f"is {found:g}" if found else "search: no sparsity tried stays within the budget")
 
-    rows, dense = measure(sweep, args)
-    chosen = pick(rows, dense, args.max_drop) if args.max_drop is not None else None
-    for row in rows:
-        row["picked"] = row is chosen
+    left_out = [name for name in sweep.rows if not sweep.done(name)]
+    if left_out:
+        print(f"Left out (distilled with other settings, or their file is gone): "
+              f"{', '.join(left_out)}; their rows leave sweep.json, their files stay")
+    done = [dict(row, path=sweep.student(name)) for name, row in sweep.rows.items()
+            if name not in left_out]
+    rows, dense = measure(done, args, os.path.join(args.output_dir, "compare.json"))
+    present(rows, dense, args)
     sweep.rows = {row["name"]: row for row in rows}
     sweep.save(dense)
-    print_table(rows, dense)
-    figure = os.path.join(args.output_dir, "sweep.png")
-    plot(rows, dense, figure, args.max_drop)
-    if args.max_drop is not None:
-        print(f"--max-drop {args.max_drop:g}: " + (
-            f"{chosen['name']} ({chosen['path']}): {chosen['accuracy']:.1%} vs dense "
-            f"{dense['accuracy']:.1%}, {dense['params'] / chosen['params']:.1f}x fewer "
-            f"parameters, {dense['latency_ms'] / chosen['latency_ms']:.1f}x faster at batch 1"
-            if chosen else f"no setting is within {args.max_drop:g} points of the dense "
-                           f"{dense['accuracy']:.1%}"))
-    print(f"Saved {sweep.report} and {figure}")
+    print(f"Saved {sweep.report} and {os.path.join(args.output_dir, 'sweep.png')}")
 
 
 if __name__ == "__main__":

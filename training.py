@@ -216,14 +216,15 @@ def refuse_pending_state(path, device):
 
 def fit(model, optimizer, compute_loss, train_loader, val_loader, device, *, epochs, output,
         settings, on_best, title, resume=None, amp=False, memory_format=torch.contiguous_format,
-        epoch_metrics=None):
+        epoch_metrics=None, on_epoch=None):
     """Train for `epochs`, validating after each, and call `on_best(metrics)` on a new best.
 
     `train_loader` takes its order from a data.EpochSampler; `settings` are what a
     resumed run must keep. Ctrl-C saves <output>.state.pth and raises Interrupted;
     `resume` continues from such a file exactly as if never stopped. Under torchrun
     the model is wrapped in DistributedDataParallel and rank 0 alone writes files.
-    `epoch_metrics()`, if given, returns more figures (a dict) for each epoch's record.
+    `epoch_metrics()`, if given, returns more figures (a dict) for each epoch's record;
+    `on_epoch(record)`, if given, is told each finished epoch's record (on rank 0).
     Returns the per-epoch history (also <output>.history.json and .png).
     """
     rank, world = distributed()
@@ -282,6 +283,8 @@ def fit(model, optimizer, compute_loss, train_loader, val_loader, device, *, epo
                       f"{(record['images_per_second'] or 0):.1f} img/s, {record['seconds']:.0f}s",
                       flush=True)
                 save_history(progress.history, output_path(output, "history.json"), title)
+                if on_epoch:
+                    on_epoch(record)
             progress.samples_done, progress.totals = 0, Totals()
     if rank == 0 and os.path.exists(state_path):
         os.remove(state_path)

@@ -10,7 +10,8 @@ import pytest
 from conftest import REPO
 
 STAGES = ["split_dataset", "train", "pruner", "knowledge_distillation", "test", "export", "sweep"]
-SHARED = ["cli", "model", "checkpoints", "distributed", "data", "measure", "training", "deploy"]
+SHARED = ["cli", "model", "checkpoints", "distributed", "data", "measure", "training", "deploy",
+          "experiment"]
 
 
 def imports_of(module):

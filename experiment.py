@@ -1,0 +1,344 @@
+"""How sweep.py --engine nni runs its search as an NNI experiment (NNI 3.0's own engine).
+
+- `make_config()`: NNI's ExperimentConfig -- the user's --nni-config YAML (any of NNI's
+  training services: local, remote machines, a cluster) or this machine, completed with
+  our trial command, search space, TPE tuner and Medianstop assessor.
+- `NniExperiment`: creates the experiment, or resumes it (NNI's own resume: finished
+  trials are kept), with NNI's manager listening on one address only (127.0.0.1 unless
+  asked) and each trial given its own parameters (mends of NNI 3.0, see
+  MANAGER_PRELOAD); `follow()` yields each trial when it changes; `stop()` stops the manager, its
+  tuner and its trials, and frees the port.
+- `Trial`: one trial as NNI recorded it (status, parameters, per-epoch and final
+  results, times); `last_lines()` shows a failed trial's log; `assessor_savings()` what
+  the early stops saved.
+
+Imports nothing of the pipeline's stages.
+"""
+import contextlib
+import dataclasses
+import json
+import os
+import signal
+import socket
+import time
+
+from cli import CheckFailed, UserError, quiet_nni
+
+TUNER, ASSESSOR = "TPE", "Medianstop"
+# Given to NNI's manager (Node.js) through NODE_OPTIONS, three mends of NNI 3.0:
+# - it listens on every address and has no option for it: a listen(port) call gets the
+#   address of $SWEEP_NNI_HOST;
+# - its V3 training services (local, remote) queue the tuner's parameters and hand them to
+#   trials in the order the trials ask, not to the trial each was submitted for: with two
+#   trials starting together, each may run the other's parameters while NNI's records, its
+#   portal, its tuner's bookkeeping (NNI's TPE then crashes with a KeyError) and a resumed
+#   experiment's history pair them the other way. Each trial is given its own;
+# - a trial its assessor stops ends as USER_CANCELED, as if a user had stopped it: the
+#   "early stopped" mark is set only after the trial has ended. It is set before.
+MANAGER_PRELOAD = """\
+// written by sweep.py (experiment.py): see MANAGER_PRELOAD there
+const net = require('net');
+const host = process.env.SWEEP_NNI_HOST;
+const listen = net.Server.prototype.listen;
+net.Server.prototype.listen = function (...args) {
+  if (host && typeof args[0] === 'number' && typeof args[1] !== 'string') {
+    args.splice(1, 0, host);
+  }
+  return listen.apply(this, args);
+};
+
+const Module = require('module');
+const load = Module._load;
+Module._load = function (request, ...rest) {
+  const exported = load.call(this, request, ...rest);
+  const V3asV1 = exported && exported.V3asV1;
+  if (request.endsWith('v3/compat') && V3asV1 && !V3asV1.ownParameters) {
+    const submit = V3asV1.prototype.submitTrialJob;
+    V3asV1.prototype.submitTrialJob = async function (form) {
+      const trial = await submit.call(this, form);
+      const queued = this.parameters.indexOf(form.hyperParameters.value);
+      if (queued >= 0) {  // a new trial (a resumed one already has its own)
+        this.parameters.splice(queued, 1);
+        this.allocatedParameters.set(trial.id, form.hyperParameters.value);
+      }
+      return trial;
+    };
+    const cancel = V3asV1.prototype.cancelTrialJob;
+    V3asV1.prototype.cancelTrialJob = async function (trialJobId, isEarlyStopped) {
+      if (this.trialJobs[trialJobId]) {  // known before the trial ends, not after
+        this.trialJobs[trialJobId].isEarlyStopped = Boolean(isEarlyStopped);
+      }
+      return cancel.call(this, trialJobId, isEarlyStopped);
+    };
+    V3asV1.ownParameters = true;
+  }
+  return exported;
+};
+"""
+FINISHED = ("SUCCEEDED", "FAILED", "EARLY_STOPPED", "USER_CANCELED", "SYS_CANCELED")
+
+
+def make_config(nni_config, trial_command, code_directory, search_space, trials, concurrency,
+                startup_trials, assessor_start, seed, working_directory):
+    """The experiment's config: --nni-config's YAML (its settings win) or the local machine,
+    and what sweep.py sets."""
+    from nni.experiment import ExperimentConfig
+    from nni.experiment.config import AlgorithmConfig
+    from nni.experiment.config import utils
+
+    if nni_config:
+        try:
+            config = ExperimentConfig.load(nni_config)
+        except (OSError, ValueError, TypeError, AttributeError) as error:
+            raise UserError(f"--nni-config {nni_config}: not an NNI experiment config "
+                            f"({one_line(error)})") from None
+        ours = [name for name in ("trial_command", "search_space", "search_space_file",
+                                  "experiment_working_directory")
+                if getattr(config, name) not in (None, ".", "~/nni-experiments")]
+        if ours:
+            raise UserError(f"--nni-config {nni_config}: sets {', '.join(ours)}, which "
+                            "sweep.py sets itself (from its flags and --output-dir)")
+    else:
+        config = ExperimentConfig("local")
+    config.trial_command = trial_command
+    config.trial_code_directory = code_directory
+    config.search_space = search_space
+    config.experiment_working_directory = working_directory
+    if utils.is_missing(config.trial_concurrency):
+        config.trial_concurrency = concurrency
+    if config.max_trial_number is None:
+        config.max_trial_number = trials
+    if unset(config.tuner):
+        # NNI's TPE draws its first 20 trials at random: a small experiment would be only that
+        config.tuner = AlgorithmConfig(name=TUNER, class_args={
+            "optimize_mode": "maximize", "seed": seed,
+            "tpe_args": {"n_startup_jobs": startup_trials}})
+    if unset(config.assessor):
+        # (Medianstop's default judges from the first epoch, when a student's accuracy
+        # says little yet)
+        config.assessor = AlgorithmConfig(name=ASSESSOR, class_args={
+            "optimize_mode": "maximize", "start_step": assessor_start})
+    try:
+        config.validate()
+    except (ValueError, TypeError, AssertionError) as error:
+        if not nni_config:
+            raise
+        raise UserError(f"--nni-config {nni_config}: {str(error).splitlines()[0]}") from None
+    return config
+
+
+def unset(algorithm):
+    """Whether a tuner or assessor is not given (ExperimentConfig's placeholder is '_none_')."""
+    return algorithm is None or (algorithm.name in (None, "_none_")
+                                 and algorithm.class_name is None)
+
+
+def check_port(host, port):
+    """A UserError unless `port` on `host` is free for the manager (and its web portal)."""
+    with socket.socket() as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as Node.js binds
+        try:
+            probe.bind((host, port))
+        except OSError as error:
+            raise UserError(f"--port {port} on {host}: cannot listen there ({error.strerror}); "
+                            "give another --port (or --host)") from None
+
+
+@dataclasses.dataclass
+class Trial:
+    id: str
+    status: str
+    parameters: dict  # what the trial ran (see NniExperiment.trials), or None
+    epochs: list  # the per-epoch results reported, in order
+    epoch_times: list  # when each was reported (ms since the epoch)
+    final: dict  # the final result reported, or None
+    start: int  # ms since the epoch, or None
+    end: int
+    log_folder: str
+
+    def last_lines(self, count=5):
+        """The last lines of the trial's error output (progress bars left out)."""
+        try:
+            with open(os.path.join(self.log_folder, "trial.stderr"), errors="replace") as file:
+                text = file.read()[-20000:]
+        except OSError:
+            return [f"(no log found in {self.log_folder})"]
+        lines = [line.strip() for chunk in text.split("\n") for line in chunk.split("\r")[-1:]]
+        return [line for line in lines if line][-count:]
+
+
+class NniExperiment:
+    """An NNI experiment of `config`, known to NNI by `experiment_id`, its manager on
+    host:port."""
+
+    def __init__(self, config, experiment_id, host, port, verbose=False):
+        from nni.experiment import Experiment
+
+        self.experiment = Experiment(config, id=experiment_id)
+        self.host, self.port, self.verbose = host, port, verbose
+        self.running = False
+        self.latest = []
+
+    def start(self):
+        """Resume the experiment if NNI has it (finished trials are kept), else create it;
+        returns 'resumed' or 'created'."""
+        check_port(self.host, self.port)
+        try:
+            self.tuner_log_start = os.path.getsize(os.path.join(self.log_folder, "dispatcher.log"))
+        except OSError:
+            self.tuner_log_start = 0
+        folder = os.path.join(self.experiment.config.experiment_working_directory,
+                              self.experiment.id)
+        os.makedirs(folder, exist_ok=True)
+        preload = os.path.join(folder, "manager_preload.js")
+        with open(preload, "w") as file:
+            file.write(MANAGER_PRELOAD)
+        options = os.environ.get("NODE_OPTIONS", "")
+        environment = {"NODE_OPTIONS": f'{options} --require "{preload}"'.strip(),
+                       "SWEEP_NNI_HOST": self.host}
+        with quiet_nni(self.verbose), environment_set(environment):
+            try:  # (NNI's list of experiments is in ~/nni-experiments)
+                resume = self.experiment.has_checkpoint()
+                if resume:
+                    self.experiment.resume(self.port, wait_completion=False)
+                else:
+                    self.experiment.start(self.port)
+            except Exception as error:  # NNI raises bare RuntimeErrors, requests' errors...
+                self.stop()
+                raise UserError(f"NNI's manager did not start ({one_line(error)}); its log: "
+                                f"{os.path.join(folder, 'log', 'nnimanager.log')}") from None
+        self.running = True
+        return "resumed" if resume else "created"
+
+    def status(self):
+        return self.experiment.get_status()
+
+    def trials(self):
+        """Every trial so far, as NNI recorded it, in the order NNI started them.
+
+        A trial's parameters are those of the parameter ID its own results carry (None
+        before its first result): what it ran, whatever NNI's job record says (unmended,
+        NNI 3.0 records another trial's parameters for it; see MANAGER_PRELOAD)."""
+        jobs = sorted(self.experiment.list_trial_jobs(), key=lambda job: job.sequenceId)
+        generated = {str(p.parameter_id): p.parameters
+                     for job in jobs for p in job.hyperParameters or []}
+        metrics = self.experiment.get_job_metrics()
+        trials = []
+        for job in jobs:
+            # a trial that a resumed experiment runs again keeps its ID: its latest run's
+            # results are those reported since it (re)started
+            results = sorted((m for m in metrics.get(job.trialJobId, [])
+                              if job.startTime and m.timestamp >= job.startTime),
+                             key=lambda m: m.timestamp)
+            periodic = [m for m in results if m.type == "PERIODICAL"]
+            finals = [m for m in results if m.type == "FINAL"]
+            final = finals[-1].data if finals else None
+            trials.append(Trial(
+                job.trialJobId, job.status,
+                generated.get(str(results[-1].parameterId)) if results else None,
+                [metric_value(m.data) for m in periodic], [m.timestamp for m in periodic],
+                json.loads(final) if isinstance(final, str) else final,
+                job.startTime, job.endTime, job.logPath))
+        return trials
+
+    def follow(self, every=2.0):
+        """Yield each trial when it starts, reports an epoch or finishes, until the
+        experiment is done; `self.latest` holds every trial as last seen."""
+        seen = {}
+        while True:
+            status = self.status()
+            trials = self.latest = self.trials()
+            for trial in trials:
+                state = (trial.status, len(trial.epochs))
+                if seen.get(trial.id) != state:
+                    seen[trial.id] = state
+                    yield trial
+            if status in ("DONE", "STOPPED"):
+                return
+            if status == "ERROR" or self.tuner_ended() and self.status() not in ("DONE", "STOPPED"):
+                raise CheckFailed(f"the NNI experiment {self.experiment.id} failed: "
+                                  f"{self.tuner_error() or status}; its logs: {self.log_folder}")
+            time.sleep(every)
+
+    @property
+    def log_folder(self):
+        return os.path.join(self.experiment.config.experiment_working_directory,
+                            self.experiment.id, "log")
+
+    def tuner_log(self):
+        """What NNI's tuner process logged since this start (its log is kept across runs)."""
+        try:
+            with open(os.path.join(self.log_folder, "dispatcher.log"), errors="replace") as file:
+                file.seek(self.tuner_log_start)
+                return file.read()
+        except OSError:
+            return ""
+
+    def tuner_ended(self):
+        """Whether NNI's tuner process ended while the experiment runs (its manager then
+        waits for parameters that never come)."""
+        return "Dispatcher exiting" in self.tuner_log()
+
+    def tuner_error(self):
+        """The tuner's last error line (the exception), if its log holds one."""
+        lines = self.tuner_log().splitlines()
+        errors = [line for line in lines if line and not line.startswith((" ", "[", "Traceback"))]
+        return f"its tuner stopped ({errors[-1]})" if errors else None
+
+    def stop(self):
+        """Stop the manager, its tuner and its trials (NNI keeps all it needs to resume);
+        a second Ctrl-C meanwhile is ignored, or processes would be left running."""
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+        try:
+            with quiet_nni(self.verbose):
+                self.experiment.stop()
+        finally:
+            signal.signal(signal.SIGINT, previous)
+            self.running = False
+
+
+def new_id():
+    """A new experiment ID (NNI's kind: 8 letters and digits)."""
+    from nni.experiment import management
+    return management.generate_experiment_id()
+
+
+def metric_value(data):
+    """An NNI metric's number: the value itself, or its 'default' entry."""
+    if isinstance(data, str):
+        data = json.loads(data)
+    return data["default"] if isinstance(data, dict) else data
+
+
+def assessor_savings(trials, epochs):
+    """(trials stopped early, seconds saved): each stopped trial's epochs not run, at the
+    pace of its own reported epochs (the first epoch's pace: from its start)."""
+    stopped = [t for t in trials if t.status == "EARLY_STOPPED"]
+    saved = 0.0
+    for trial in stopped:
+        if trial.epochs and trial.start:
+            pace = (trial.epoch_times[-1] - trial.start) / len(trial.epochs)
+            if len(trial.epochs) > 1:  # the first interval also holds the pruning
+                pace = (trial.epoch_times[-1] - trial.epoch_times[0]) / (len(trial.epochs) - 1)
+            saved += (epochs - len(trial.epochs)) * pace / 1000
+    return len(stopped), saved
+
+
+def one_line(error):
+    text = str(error).strip().splitlines()
+    return text[-1] if text else type(error).__name__
+
+
+@contextlib.contextmanager
+def environment_set(values):
+    """os.environ with `values` set (what NNI's manager inherits), restored after."""
+    previous = {name: os.environ.get(name) for name in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for name, value in previous.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
