@@ -78,57 +78,74 @@ Module._load = function (request, ...rest) {
 FINISHED = ("SUCCEEDED", "FAILED", "EARLY_STOPPED", "USER_CANCELED", "SYS_CANCELED")
 
 
-def make_config(nni_config, trial_command, code_directory, search_space, trials, concurrency,
-                startup_trials, assessor_start, seed, working_directory):
+def make_config(nni_config, trial_command_for, code_directory, search_space, trials,
+                concurrency, assessor_start, seed, working_directory):
     """The experiment's config: --nni-config's YAML (its settings win) or the local machine,
-    and what sweep.py sets."""
+    and what sweep.py sets; `trial_command_for(concurrency)` is the trial command."""
     from nni.experiment import ExperimentConfig
+
+    if not nni_config:
+        return complete(ExperimentConfig("local"), trial_command_for, code_directory,
+                        search_space, trials, concurrency, assessor_start, seed,
+                        working_directory)
+    try:
+        config = ExperimentConfig.load(nni_config)
+        services = config.training_service
+        services = services if isinstance(services, list) else [services]
+        ours = [name for name in ("trial_command", "search_space", "search_space_file")
+                if getattr(config, name) is not None]
+        ours += [f"trainingService {name}" for service in services
+                 for name in ("trial_command", "trial_code_directory")
+                 if not unset_field(getattr(service, name, None))]
+        if ours:
+            raise UserError(f"--nni-config {nni_config}: sets {', '.join(ours)}, which "
+                            "sweep.py sets itself (from its flags)")
+        return complete(config, trial_command_for, code_directory, search_space, trials,
+                        concurrency, assessor_start, seed, working_directory)
+    except UserError:
+        raise
+    except Exception as error:  # NNI's config classes raise anything from yaml to asserts
+        raise UserError(f"--nni-config {nni_config}: not an NNI experiment config "
+                        f"({one_line(error)})") from None
+
+
+def complete(config, trial_command_for, code_directory, search_space, trials, concurrency,
+             assessor_start, seed, working_directory):
+    """`config` with what it leaves unset filled in, and what sweep.py sets, validated."""
     from nni.experiment.config import AlgorithmConfig
     from nni.experiment.config import utils
 
-    if nni_config:
-        try:
-            config = ExperimentConfig.load(nni_config)
-        except (OSError, ValueError, TypeError, AttributeError) as error:
-            raise UserError(f"--nni-config {nni_config}: not an NNI experiment config "
-                            f"({one_line(error)})") from None
-        ours = [name for name in ("trial_command", "search_space", "search_space_file",
-                                  "experiment_working_directory")
-                if getattr(config, name) not in (None, ".", "~/nni-experiments")]
-        if ours:
-            raise UserError(f"--nni-config {nni_config}: sets {', '.join(ours)}, which "
-                            "sweep.py sets itself (from its flags and --output-dir)")
-    else:
-        config = ExperimentConfig("local")
-    config.trial_command = trial_command
-    config.trial_code_directory = code_directory
-    config.search_space = search_space
-    config.experiment_working_directory = working_directory
     if utils.is_missing(config.trial_concurrency):
         config.trial_concurrency = concurrency
     if config.max_trial_number is None:
         config.max_trial_number = trials
+    config.trial_command = trial_command_for(config.trial_concurrency)
+    config.trial_code_directory = code_directory
+    config.search_space = search_space
+    config.experiment_working_directory = working_directory
     if unset(config.tuner):
         # NNI's TPE draws its first 20 trials at random: a small experiment would be only that
         config.tuner = AlgorithmConfig(name=TUNER, class_args={
-            "optimize_mode": "maximize", "seed": seed,
-            "tpe_args": {"n_startup_jobs": startup_trials}})
+            "optimize_mode": "maximize", "seed": seed, "tpe_args": {
+                "n_startup_jobs": max(config.trial_concurrency, config.max_trial_number // 2)}})
     if unset(config.assessor):
         # (Medianstop's default judges from the first epoch, when a student's accuracy
         # says little yet)
         config.assessor = AlgorithmConfig(name=ASSESSOR, class_args={
             "optimize_mode": "maximize", "start_step": assessor_start})
-    try:
-        config.validate()
-    except (ValueError, TypeError, AssertionError) as error:
-        if not nni_config:
-            raise
-        raise UserError(f"--nni-config {nni_config}: {str(error).splitlines()[0]}") from None
+    config.validate()
     return config
+
+
+def unset_field(value):
+    from nni.experiment.config import utils
+    return value is None or utils.is_missing(value)
 
 
 def unset(algorithm):
     """Whether a tuner or assessor is not given (ExperimentConfig's placeholder is '_none_')."""
+    if isinstance(algorithm, dict):  # what NNI's loader leaves of a block it does not know
+        raise ValueError(f"not a tuner or assessor: {algorithm}")
     return algorithm is None or (algorithm.name in (None, "_none_")
                                  and algorithm.class_name is None)
 
@@ -181,33 +198,37 @@ class NniExperiment:
 
     def start(self):
         """Resume the experiment if NNI has it (finished trials are kept), else create it;
-        returns 'resumed' or 'created'."""
+        returns 'resumed' or 'created'. Ctrl-C or `kill` meanwhile wait until it is done
+        (then stop it): NNI's manager half started would be left running."""
         check_port(self.host, self.port)
-        try:
-            self.tuner_log_start = os.path.getsize(os.path.join(self.log_folder, "dispatcher.log"))
-        except OSError:
-            self.tuner_log_start = 0
         folder = os.path.join(self.experiment.config.experiment_working_directory,
                               self.experiment.id)
-        os.makedirs(folder, exist_ok=True)
-        preload = os.path.join(folder, "manager_preload.js")
-        with open(preload, "w") as file:
-            file.write(MANAGER_PRELOAD)
-        options = os.environ.get("NODE_OPTIONS", "")
-        environment = {"NODE_OPTIONS": f'{options} --require "{preload}"'.strip(),
-                       "SWEEP_NNI_HOST": self.host}
-        with quiet_nni(self.verbose), environment_set(environment):
+        with quiet_nni(self.verbose), deferred_signals():
             try:  # (NNI's list of experiments is in ~/nni-experiments)
+                self.tuner_log_start = file_size(os.path.join(self.log_folder, "dispatcher.log"))
+                os.makedirs(folder, exist_ok=True)
+                preload = os.path.join(folder, "manager_preload.js")
+                with open(preload, "w") as file:
+                    file.write(MANAGER_PRELOAD)
                 resume = self.experiment.has_checkpoint()
-                if resume:
-                    self.experiment.resume(self.port, wait_completion=False)
-                else:
-                    self.experiment.start(self.port)
+                if not resume and os.path.isdir(os.path.join(folder, "db")):
+                    raise UserError(f"{folder}: NNI does not know this experiment (its list in "
+                                    "~/nni-experiments lacks it) and would mix a new one into "
+                                    "its files; give another --output-dir")
+                options = os.environ.get("NODE_OPTIONS", "")
+                with environment_set({"NODE_OPTIONS": f'{options} --require "{preload}"'.strip(),
+                                      "SWEEP_NNI_HOST": self.host}):
+                    if resume:
+                        self.experiment.resume(self.port, wait_completion=False)
+                    else:
+                        self.experiment.start(self.port)
+                self.running = True
+            except UserError:
+                raise
             except Exception as error:  # NNI raises bare RuntimeErrors, requests' errors...
                 self.stop()
                 raise UserError(f"NNI's manager did not start ({one_line(error)}); its log: "
                                 f"{os.path.join(folder, 'log', 'nnimanager.log')}") from None
-        self.running = True
         return "resumed" if resume else "created"
 
     def status(self):
@@ -249,12 +270,13 @@ class NniExperiment:
             status = self.status()
             trials = self.latest = self.trials()
             for trial in trials:
-                state = (trial.status, len(trial.epochs))
+                state = (trial.status, len(trial.epochs), trial.final is not None)
                 if seen.get(trial.id) != state:
                     seen[trial.id] = state
                     yield trial
-            if status in ("DONE", "STOPPED"):
-                return
+            if status in ("DONE", "STOPPED") or status == "TUNER_NO_MORE_TRIAL" and not any(
+                    trial.status in ("WAITING", "RUNNING", "UNKNOWN") for trial in trials):
+                return  # (NNI stays at TUNER_NO_MORE_TRIAL: TPE never repeats a setting)
             if status == "ERROR" or self.tuner_ended() and self.status() not in ("DONE", "STOPPED"):
                 raise CheckFailed(f"the NNI experiment {self.experiment.id} failed: "
                                   f"{self.tuner_error() or status}; its logs: {self.log_folder}")
@@ -316,12 +338,33 @@ def assessor_savings(trials, epochs):
     stopped = [t for t in trials if t.status == "EARLY_STOPPED"]
     saved = 0.0
     for trial in stopped:
-        if trial.epochs and trial.start:
+        if trial.epochs and trial.start is not None:
             pace = (trial.epoch_times[-1] - trial.start) / len(trial.epochs)
             if len(trial.epochs) > 1:  # the first interval also holds the pruning
                 pace = (trial.epoch_times[-1] - trial.epoch_times[0]) / (len(trial.epochs) - 1)
             saved += (epochs - len(trial.epochs)) * pace / 1000
     return len(stopped), saved
+
+
+def file_size(path):
+    return os.path.getsize(path) if os.path.exists(path) else 0
+
+
+@contextlib.contextmanager
+def deferred_signals():
+    """Ctrl-C, `kill` and a closed terminal wait until the block is done, then raise
+    KeyboardInterrupt."""
+    received = []
+    numbers = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    previous = {number: signal.signal(number, lambda number, frame: received.append(number))
+                for number in numbers}
+    try:
+        yield
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+    if received:
+        raise KeyboardInterrupt
 
 
 def one_line(error):

@@ -55,11 +55,11 @@ import experiment
 import knowledge_distillation
 import pruner
 import test
-from checkpoints import (atomic_write, check_made_for, check_replaceable, file_sha256,
-                         load_checkpoint, model_from_checkpoint, write_json)
+from checkpoints import (atomic_write, check_made_for, file_sha256,
+                         load_checkpoint, model_from_checkpoint, output_path, write_json)
 from cli import (CheckFailed, Interrupted, UserError, add_data_args, add_timing_args, fraction,
-                 int_within, make_parser, positive_float, positive_int, pyplot, resolve_device,
-                 run_cli)
+                 int_within, make_parser, positive_float, positive_int, pyplot, quiet_nni,
+                 resolve_device, run_cli)
 from model import MOBILENET_V2, count_parameters
 
 SPARSITY_STEP = 0.025  # --engine nni: the sparsities the tuner may propose
@@ -318,12 +318,12 @@ def pick(rows, dense, max_drop):
 
 
 def print_table(rows, dense):
-    header = (f"{'setting':<22}{'val acc':>9}{'params':>10}{'x fewer':>9}{'FLOPs':>9}"
+    header = (f"{'setting':<30}{'val acc':>9}{'params':>10}{'x fewer':>9}{'FLOPs':>9}"
               f"{'latency b=1':>14}{'IQR':>7}{'x faster':>10}{'img/s b=32':>12}")
     print(f"\n{header}\n{'-' * len(header)}")
     for row in [dense, *rows]:
         mark = "*" if row.get("picked") else "p" if row.get("pareto_latency") else ""
-        print(f"{row['name'][:19] + ' ' + mark:<22}{row['accuracy']:>9.1%}"
+        print(f"{row['name'][:27] + ' ' + mark:<30}{row['accuracy']:>9.1%}"
               f"{row['params'] / 1e6:>9.2f}M{dense['params'] / row['params']:>8.1f}x"
               f"{row['flops'] / 1e9:>8.3f}G{row['latency_ms']:>12.2f}ms"
               f"{row['latency_iqr_ms']:>7.2f}{dense['latency_ms'] / row['latency_ms']:>9.1f}x"
@@ -439,14 +439,9 @@ def run_trial(args):
     os.makedirs(folder, exist_ok=True)
     name = setting_name(method, global_ranking, sparsity)
     student = os.path.join(folder, f"{name}.pth")
-    epochs = []
-
-    def report_epoch(record):
-        epochs.append(record["val_accuracy"])
-        nni.report_intermediate_result(record["val_accuracy"])
-
     try:
-        prune_and_distil(args, student, method, global_ranking, sparsity, on_epoch=report_epoch)
+        prune_and_distil(args, student, method, global_ranking, sparsity, on_epoch=lambda record:
+                         nni.report_intermediate_result(record["val_accuracy"]))
         (row,), dense = measure([{"name": name, "path": student}], args,
                                 os.path.join(folder, "compare.json"))
     except (Interrupted, KeyboardInterrupt):
@@ -463,10 +458,18 @@ def run_trial(args):
         "within_budget": within_budget(row["accuracy"], dense["accuracy"], args.max_drop),
         "speedup": speedup, "latency_ms": row["latency_ms"],
         "dense_latency_ms": dense["latency_ms"], "params": row["params"],
-        "flops": row["flops"], "file_bytes": row["file_bytes"], "epochs": epochs})
+        "flops": row["flops"], "file_bytes": row["file_bytes"],
+        # every epoch of the student, a distillation resumed from its state included
+        "epochs": [record["val_accuracy"] for record in read_json(
+            output_path(student, "history.json"))]})
 
 
-def trial_command(args):
+def read_json(path):
+    with open(path) as file:
+        return json.load(file)
+
+
+def trial_command(args, concurrency):
     """The command NNI runs for each trial: this script with the flags a trial needs, its
     files by absolute path (NNI runs trials in this script's folder)."""
     absolute = argparse.Namespace(**vars(args))
@@ -475,7 +478,8 @@ def trial_command(args):
     return shlex.join([sys.executable, os.path.abspath(__file__), *flags(
         absolute, "data", "weights", "output-dir", "image-size", "batch-size", "device",
         "workers", "seed", "crop-scale", "cache", "amp", "kd-epochs", "lr", "max-drop",
-        "concurrency", "warmup", "repeats", "max-repeats", "verbose"), "--nni-trial"])
+        "warmup", "repeats", "max-repeats", "verbose"),
+        "--concurrency", str(concurrency), "--nni-trial"])
 
 
 def describe_trial(trial, epochs):
@@ -486,7 +490,10 @@ def describe_trial(trial, epochs):
     else:
         setting = "(setting known at its first epoch)"
     line = f"trial {trial.id} {setting}: "
-    if trial.status == "SUCCEEDED" and trial.final:
+    if trial.status == "SUCCEEDED" and not trial.final:
+        return line + "ended without a result; its log ends:\n    " + "\n    ".join(
+            trial.last_lines())
+    if trial.status == "SUCCEEDED":
         final = trial.final
         return line + (f"finished: {final['accuracy']:.1%} (dense {final['dense_accuracy']:.1%}), "
                        f"{final['speedup']:.1f}x faster, objective {final['default']:.3g}")
@@ -496,7 +503,7 @@ def describe_trial(trial, epochs):
     if trial.status == "FAILED":
         return line + "failed; its log ends:\n    " + "\n    ".join(trial.last_lines())
     if trial.status == "USER_CANCELED":
-        return line + "stopped with the experiment (runs again when it resumes)"
+        return line + "canceled (the experiment stopped, or from the portal)"
     if trial.status in experiment.FINISHED:
         return line + trial.status.lower().replace("_", " ")
     if trial.epochs:
@@ -571,7 +578,8 @@ def run_experiment(args):
         try:
             with open(state_path) as file:
                 state = json.load(file)
-            if not (isinstance(state["settings"], dict) and isinstance(state["id"], str)):
+            if not (isinstance(state["settings"], dict) and isinstance(state["id"], str)
+                    and state["id"].replace("-", "").replace("_", "").isalnum()):
                 raise ValueError
         except (OSError, ValueError, KeyError, TypeError, AttributeError):
             raise UserError(f"{state_path}: not an experiment's record; give another "
@@ -581,29 +589,31 @@ def run_experiment(args):
             raise UserError(f"{args.output_dir}: holds the NNI experiment {state['id']} of other "
                             f"settings ({', '.join(changed)}); give another --output-dir")
     experiment_id = state.get("id") or experiment.new_id()
-    config = experiment.make_config(
-        args.nni_config, trial_command(args), os.path.dirname(os.path.abspath(__file__)), space,
-        args.trials, args.concurrency, startup_trials=max(args.concurrency, args.trials // 2),
-        assessor_start=max(1, args.kd_epochs // 2), seed=args.seed,
-        working_directory=os.path.abspath(os.path.join(args.output_dir, "nni")))
+    with quiet_nni(args.verbose):
+        config = experiment.make_config(
+            args.nni_config, lambda concurrency: trial_command(args, concurrency),
+            os.path.dirname(os.path.abspath(__file__)), space, args.trials, args.concurrency,
+            assessor_start=max(1, args.kd_epochs // 2), seed=args.seed,
+            working_directory=os.path.abspath(os.path.join(args.output_dir, "nni")))
     run = experiment.NniExperiment(config, experiment_id, args.host, args.port, args.verbose)
-    how = run.start()
-    write_json({"id": experiment_id, "settings": settings}, state_path)
     total = config.max_trial_number
-    print(f"NNI experiment {experiment_id} {how}: {total} trials of "
-          f"{' / '.join(space['method']['_value'])} at sparsity {min(args.sparsities):g}.."
-          f"{max(args.sparsities):g}, {config.trial_concurrency} at a time, "
-          f"{args.kd_epochs} distillation epochs each\nWeb portal: http://{args.host}:{args.port}"
-          f"  (trials' files: {os.path.join(args.output_dir, 'trials')}/)", flush=True)
     try:
+        how = run.start()
+        write_json({"id": experiment_id, "settings": settings, **{
+            key: state[key] for key in ("picked_copy",) if key in state}}, state_path)
+        print(f"NNI experiment {experiment_id} {how}: {total} trials of "
+              f"{' / '.join(space['method']['_value'])} at sparsity {min(args.sparsities):g}.."
+              f"{max(args.sparsities):g}, {config.trial_concurrency} at a time, "
+              f"{args.kd_epochs} distillation epochs each\nWeb portal: "
+              f"http://{args.host}:{args.port}  (trials' files: "
+              f"{os.path.join(args.output_dir, 'trials')}/)", flush=True)
         with tqdm(total=total, desc="trials finished", unit="trial") as bar, stop_signals():
             for trial in run.follow():
                 bar.write(describe_trial(trial, args.kd_epochs))
                 bar.n = sum(t.status in experiment.FINISHED for t in run.latest)
                 bar.refresh()
         trials = run.latest
-    except KeyboardInterrupt:
-        run.stop()
+    except KeyboardInterrupt:  # (the manager is stopped below)
         raise Interrupted(f"stopped the NNI experiment {experiment_id}, its manager and its "
                           f"trials; run the same command again to resume it (finished trials "
                           "are kept)") from None
@@ -613,29 +623,39 @@ def run_experiment(args):
     for trial in trials:  # a trial the assessor stopped never continues: its state goes
         if trial.status == "EARLY_STOPPED":
             folder = os.path.join(args.output_dir, "trials", trial.id)
-            for state in glob.glob(os.path.join(folder, "*.state.pth")):
-                os.remove(state)
+            for leftover in glob.glob(os.path.join(folder, "*.state.pth")):
+                os.remove(leftover)
     stopped, saved = experiment.assessor_savings(trials, args.kd_epochs)
-    counts = {status: sum(t.status == status for t in trials) for status in experiment.FINISHED}
-    summary = (f"{len(trials)} trials: {counts['SUCCEEDED']} finished, {stopped} stopped early "
-               f"by the assessor (~{saved / 60:.1f} min of distillation saved), "
-               f"{counts['FAILED']} failed")
-    write_json({"id": experiment_id, "settings": settings, "summary": summary,
+    finished = sum(t.status == "SUCCEEDED" and t.final is not None for t in trials)
+    failed = sum(t.status == "FAILED" or t.status == "SUCCEEDED" and t.final is None
+                 for t in trials)
+    summary = (f"{len(trials)} trials: {finished} finished, {stopped} stopped early "
+               f"by the assessor (~{saved / 60:.1f} min of distillation saved), {failed} failed")
+    record = {"id": experiment_id, "settings": settings, "summary": summary,
                 "assessor_stopped": stopped, "assessor_saved_seconds": round(saved, 1),
-                "trials": [dataclasses.asdict(t) for t in trials]}, state_path)
+              "trials": [dataclasses.asdict(t) for t in trials]}
+    write_json(record, state_path)
     print(summary, flush=True)
     done = reported_rows(trials, training)
     if not done:
         raise CheckFailed(f"no trial of the experiment {experiment_id} finished; see {state_path}")
+    copies = {row["name"]: os.path.join(args.output_dir, f"{row['reported']['name']}.pth")
+              for row in done}
+    for copy in copies.values():  # refused now, not after the measurement
+        if os.path.exists(copy) and copy != state.get("picked_copy"):
+            raise UserError(f"{copy}: exists, and the picked trial's student may be copied "
+                            "there; move it first")
     rows, dense = measure(done, args, os.path.join(args.output_dir, "compare.json"))
     chosen = present(rows, dense, args)
     write_json([dense, *rows], report)
+    if state.get("picked_copy") and os.path.exists(state["picked_copy"]):
+        os.remove(state["picked_copy"])  # an earlier run's pick: not this one's
     if chosen:
-        copy = os.path.join(args.output_dir, f"{chosen['reported']['name']}.pth")
-        check_replaceable(copy, "--output-dir")
+        record["picked_copy"] = copies[chosen["name"]]
         with open(chosen["path"], "rb") as source:
-            atomic_write(copy, lambda file: shutil.copyfileobj(source, file))
-        print(f"Copied the picked trial's student to {copy}")
+            atomic_write(record["picked_copy"], lambda file: shutil.copyfileobj(source, file))
+        print(f"Copied the picked trial's student to {record['picked_copy']}")
+    write_json(record, state_path)
     print(f"Saved {report}, {os.path.join(args.output_dir, 'sweep.png')} and {state_path}")
 
 

@@ -191,8 +191,11 @@ def test_ctrl_c_stops_everything_frees_the_port_and_the_same_command_resumes(pip
     command = [sys.executable, str(REPO / "sweep.py"), *map(str, TINY), "--trials", "2",
                "--kd-epochs", "8", "--port", str(port), "--nni-config", str(local_config(tmp_path))]
     env = dict(os.environ, HOME=str(tmp_path / "home"))
+    # (a shell running commands in the background hands them SIGINT ignored: a terminal's
+    # Ctrl-C is what this test means)
     process = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True)
+                               stderr=subprocess.PIPE, text=True,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     out = tmp_path / "sweep"
     deadline = time.time() + 300
     while not list(out.glob("trials/*/*.history.json")):  # a trial is distilling
@@ -253,6 +256,22 @@ def test_a_crashing_trial_is_reported_and_the_experiment_completes(pipeline, tmp
     assert processes_of(tmp_path / "sweep") == []
 
 
+def test_a_search_space_smaller_than_the_trials_ends_when_the_tuner_runs_out(pipeline,
+                                                                            tmp_path):
+    """TPE never proposes a setting twice: NNI then waits at TUNER_NO_MORE_TRIAL forever."""
+    os.symlink(pipeline.path("dataset"), tmp_path / "dataset")
+    os.symlink(pipeline.path("vgg16Net.pth"), tmp_path / "vgg16Net.pth")
+    tiny = [*TINY[:-2], 0.5, 0.525, "--kd-epochs", 1]  # two settings
+    proc = run_script("sweep.py", *tiny, "--trials", 4, "--port", free_port(),
+                      "--nni-config", local_config(tmp_path), cwd=tmp_path,
+                      env=nni_env(tmp_path / "home"), timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "2 trials: 2 finished" in proc.stdout
+    rows = json.loads((tmp_path / "sweep" / "sweep.json").read_text())
+    assert sorted(row["sparsity"] for row in rows[1:]) == [0.5, 0.525]
+    assert processes_of(tmp_path / "sweep") == []
+
+
 # --- refusals: one line, nothing started ---
 
 @pytest.fixture
@@ -287,32 +306,47 @@ def test_a_taken_port_is_a_one_line_error_and_starts_nothing(teacher_folder):
     assert processes_of(teacher_folder / "sweep") == []
 
 
-def test_nni_config_may_not_set_what_sweep_sets(teacher_folder):
-    (teacher_folder / "remote.yml").write_text(
-        "trialCommand: python3 train.py\ntrialConcurrency: 1\n"
-        "trainingService:\n  platform: local\n")
+@pytest.mark.parametrize("yaml, named", [
+    ("trialCommand: python3 train.py\ntrainingService:\n  platform: local\n", "trial_command"),
+    ("trainingService:\n  platform: local\n  trialCommand: python3 train.py\n",
+     "trainingService trial_command"),
+    ("trainingService:\n  platform: local\nsearchSpace: {}\n", "search_space"),
+    ("trialConcurrency: 2\n", "not an NNI experiment config"),  # no training service
+    ("trialConcurrency: 0\ntrainingService:\n  platform: local\n", "not an NNI experiment"),
+    ("trainingService: [unclosed\n", "not an NNI experiment config"),
+    ("tuner:\n  nme: TPE\ntrainingService:\n  platform: local\n", "not an NNI experiment"),
+    ("- a list\n", "not an NNI experiment config"),
+])
+def test_a_bad_nni_config_is_a_one_line_error(teacher_folder, yaml, named):
+    (teacher_folder / "config.yml").write_text(yaml)
     proc = run_script("sweep.py", "--engine", "nni", "--max-drop", 1, "--sparsities", 0.5, 0.8,
-                      "--nni-config", "remote.yml", cwd=teacher_folder,
+                      "--nni-config", "config.yml", cwd=teacher_folder,
                       env=nni_env(teacher_folder / "home"))
-    assert_clean_error(proc, "remote.yml", "trial_command")
+    assert_clean_error(proc, "config.yml", named)
+    assert processes_of(teacher_folder / "sweep") == []
 
 
 def test_nni_config_settings_win_and_sweep_fills_the_rest(tmp_path):
     (tmp_path / "config.yml").write_text(
         "trialConcurrency: 3\nmaxTrialNumber: 5\ntrainingService:\n  platform: local\n")
     space = {"sparsity": {"_type": "quniform", "_value": [0.5, 0.9, 0.025]}}
-    config = experiment.make_config(str(tmp_path / "config.yml"), "python3 sweep.py", ".", space,
-                                    trials=8, concurrency=2, startup_trials=4,
-                                    assessor_start=2, seed=0,
+
+    def command(concurrency):
+        return f"python3 sweep.py --concurrency {concurrency}"
+
+    config = experiment.make_config(str(tmp_path / "config.yml"), command, ".", space,
+                                    trials=8, concurrency=2, assessor_start=2, seed=0,
                                     working_directory=str(tmp_path / "nni"))
     assert (config.trial_concurrency, config.max_trial_number) == (3, 5)
+    assert config.trial_command == "python3 sweep.py --concurrency 3"  # (threads per trial)
     assert config.tuner.name == "TPE" and config.assessor.name == "Medianstop"
-    assert config.tuner.class_args["tpe_args"]["n_startup_jobs"] == 4
+    assert config.tuner.class_args["tpe_args"]["n_startup_jobs"] == 3  # half of 5, at least 3
     assert config.assessor.class_args["start_step"] == 2
-    local = experiment.make_config(None, "python3 sweep.py", ".", {}, trials=8, concurrency=2,
-                                   startup_trials=4, assessor_start=2, seed=0,
+    local = experiment.make_config(None, command, ".", {}, trials=8, concurrency=2,
+                                   assessor_start=2, seed=0,
                                    working_directory=str(tmp_path / "nni"))
     assert (local.trial_concurrency, local.max_trial_number) == (2, 8)
+    assert local.tuner.class_args["tpe_args"]["n_startup_jobs"] == 4
 
 
 def test_a_trial_run_by_hand_is_refused(teacher_folder):
