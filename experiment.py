@@ -8,6 +8,8 @@
   asked) and each trial given its own parameters (mends of NNI 3.0, see
   MANAGER_PRELOAD); `follow()` yields each trial when it changes; `stop()` stops the manager, its
   tuner and its trials, and frees the port.
+- `interrupting_signals()` / `deferred_signals()`: `kill` and a closed terminal stop an
+  experiment as Ctrl-C does; while the manager starts, all three wait.
 - `Trial`: one trial as NNI recorded it (status, parameters, per-epoch and final
   results, times); `last_lines()` shows a failed trial's log; `assessor_savings()` what
   the early stops saved.
@@ -348,6 +350,21 @@ def assessor_savings(trials, epochs):
 
 def file_size(path):
     return os.path.getsize(path) if os.path.exists(path) else 0
+
+
+@contextlib.contextmanager
+def interrupting_signals():
+    """`kill` and a closed terminal raise KeyboardInterrupt, as Ctrl-C does: NNI's manager
+    runs in a process group of its own and would outlive this process."""
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+    previous = {number: signal.signal(number, interrupt)
+                for number in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
 
 
 @contextlib.contextmanager

@@ -36,7 +36,6 @@ through --nni-config); its results land in the same sweep.json and sweep.png.
     python sweep.py --engine nni --max-drop 1.0 --methods l1 taylor --sparsities 0.5 0.9
 """
 import argparse
-import contextlib
 import dataclasses
 import glob
 import json
@@ -444,6 +443,8 @@ def run_trial(args):
                          nni.report_intermediate_result(record["val_accuracy"]))
         (row,), dense = measure([{"name": name, "path": student}], args,
                                 os.path.join(folder, "compare.json"))
+        with open(output_path(student, "history.json")) as file:
+            history = json.load(file)  # every epoch, a distillation resumed from its state too
     except (Interrupted, KeyboardInterrupt):
         # NNI's assessor stops a trial with SIGINT (a distillation saves its state first);
         # ending by that signal tells NNI the trial was stopped, not that it failed
@@ -459,14 +460,7 @@ def run_trial(args):
         "speedup": speedup, "latency_ms": row["latency_ms"],
         "dense_latency_ms": dense["latency_ms"], "params": row["params"],
         "flops": row["flops"], "file_bytes": row["file_bytes"],
-        # every epoch of the student, a distillation resumed from its state included
-        "epochs": [record["val_accuracy"] for record in read_json(
-            output_path(student, "history.json"))]})
-
-
-def read_json(path):
-    with open(path) as file:
-        return json.load(file)
+        "epochs": [record["val_accuracy"] for record in history]})
 
 
 def trial_command(args, concurrency):
@@ -532,21 +526,6 @@ def reported_rows(trials, training):
     return rows
 
 
-@contextlib.contextmanager
-def stop_signals():
-    """`kill` and a closed terminal stop the experiment as Ctrl-C does: NNI's manager runs in
-    a process group of its own and would outlive this process."""
-    def interrupt(signum, frame):
-        raise KeyboardInterrupt
-    previous = {number: signal.signal(number, interrupt)
-                for number in (signal.SIGTERM, signal.SIGHUP)}
-    try:
-        yield
-    finally:
-        for number, handler in previous.items():
-            signal.signal(number, handler)
-
-
 def run_experiment(args):
     """The search as an NNI experiment: start or resume it, follow its trials, then measure
     the finished students together and pick, as the plain sweep does."""
@@ -607,7 +586,7 @@ def run_experiment(args):
               f"{args.kd_epochs} distillation epochs each\nWeb portal: "
               f"http://{args.host}:{args.port}  (trials' files: "
               f"{os.path.join(args.output_dir, 'trials')}/)", flush=True)
-        with tqdm(total=total, desc="trials finished", unit="trial") as bar, stop_signals():
+        with tqdm(total=total, desc="trials finished", unit="trial") as bar, experiment.interrupting_signals():
             for trial in run.follow():
                 bar.write(describe_trial(trial, args.kd_epochs))
                 bar.n = sum(t.status in experiment.FINISHED for t in run.latest)
