@@ -175,6 +175,16 @@ class Trial:
     end: int
     log_folder: str
 
+    @property
+    def succeeded(self):
+        """Ended well and reported its result."""
+        return self.status == "SUCCEEDED" and self.final is not None
+
+    @property
+    def failed(self):
+        """Crashed, or ended without reporting a result."""
+        return self.status == "FAILED" or self.status == "SUCCEEDED" and self.final is None
+
     def last_lines(self, count=5):
         """The last lines of the trial's error output (progress bars left out)."""
         try:

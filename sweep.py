@@ -484,18 +484,16 @@ def describe_trial(trial, epochs):
     else:
         setting = "(setting known at its first epoch)"
     line = f"trial {trial.id} {setting}: "
-    if trial.status == "SUCCEEDED" and not trial.final:
-        return line + "ended without a result; its log ends:\n    " + "\n    ".join(
-            trial.last_lines())
-    if trial.status == "SUCCEEDED":
+    if trial.succeeded:
         final = trial.final
         return line + (f"finished: {final['accuracy']:.1%} (dense {final['dense_accuracy']:.1%}), "
                        f"{final['speedup']:.1f}x faster, objective {final['default']:.3g}")
     if trial.status == "EARLY_STOPPED":
         return line + (f"stopped by the assessor after {len(trial.epochs)} of {epochs} epochs "
                        f"(best {max(trial.epochs, default=0):.1%})")
-    if trial.status == "FAILED":
-        return line + "failed; its log ends:\n    " + "\n    ".join(trial.last_lines())
+    if trial.failed:
+        ended = "failed" if trial.status == "FAILED" else "ended without a result"
+        return line + f"{ended}; its log ends:\n    " + "\n    ".join(trial.last_lines())
     if trial.status == "USER_CANCELED":
         return line + "canceled (the experiment stopped, or from the portal)"
     if trial.status in experiment.FINISHED:
@@ -510,7 +508,7 @@ def reported_rows(trials, training):
     reported, checked against the parameters NNI gave it."""
     rows = []
     for trial in trials:
-        if trial.status != "SUCCEEDED" or not trial.final:
+        if not trial.succeeded:
             continue
         final = trial.final
         if final["trial"] != trial.id or final["parameters"] != trial.parameters:
@@ -605,9 +603,7 @@ def run_experiment(args):
             for leftover in glob.glob(os.path.join(folder, "*.state.pth")):
                 os.remove(leftover)
     stopped, saved = experiment.assessor_savings(trials, args.kd_epochs)
-    finished = sum(t.status == "SUCCEEDED" and t.final is not None for t in trials)
-    failed = sum(t.status == "FAILED" or t.status == "SUCCEEDED" and t.final is None
-                 for t in trials)
+    finished, failed = sum(t.succeeded for t in trials), sum(t.failed for t in trials)
     summary = (f"{len(trials)} trials: {finished} finished, {stopped} stopped early "
                f"by the assessor (~{saved / 60:.1f} min of distillation saved), {failed} failed")
     record = {"id": experiment_id, "settings": settings, "summary": summary,
