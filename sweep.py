@@ -524,9 +524,9 @@ def reported_rows(trials, training):
     return rows
 
 
-def run_experiment(args):
-    """The search as an NNI experiment: start or resume it, follow its trials, then measure
-    the finished students together and pick, as the plain sweep does."""
+def experiment_settings(args):
+    """(search space, settings) of the experiment --engine nni would run, after refusing
+    what it cannot run; the settings are what experiment.json records to resume by."""
     if args.max_drop is None:
         raise UserError("--engine nni: needs --max-drop (the budget of the objective)")
     for given, flag in ((args.search, "--search"), (args.mobilenet_v2, "--mobilenet-v2")):
@@ -545,26 +545,78 @@ def run_experiment(args):
     except OSError as error:
         raise UserError(f"--output-dir {args.output_dir}: cannot write there "
                         f"({error.strerror})") from None
-    training = training_settings(args)
-    settings = {"training": training, "search_space": space, "max_drop": args.max_drop,
-                "trials": args.trials, "concurrency": args.concurrency,
-                "nni_config": args.nni_config and os.path.abspath(args.nni_config)}
+    return space, {"training": training_settings(args), "search_space": space,
+                   "max_drop": args.max_drop, "trials": args.trials,
+                   "concurrency": args.concurrency,
+                   "nni_config": args.nni_config and os.path.abspath(args.nni_config)}
+
+
+def read_state(state_path, settings, output_dir):
+    """experiment.json of an earlier run ({} if none), refused if it is not one or was
+    recorded with other settings."""
+    if not os.path.isfile(state_path):
+        return {}
+    try:
+        with open(state_path) as file:
+            state = json.load(file)
+        if not (isinstance(state["settings"], dict) and isinstance(state["id"], str)
+                and state["id"].replace("-", "").replace("_", "").isalnum()):
+            raise ValueError
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        raise UserError(f"{state_path}: not an experiment's record; give another "
+                        "--output-dir, or move it first") from None
+    if state["settings"] != settings:
+        changed = [key for key in settings if state["settings"].get(key) != settings[key]]
+        raise UserError(f"{output_dir}: holds the NNI experiment {state['id']} of other "
+                        f"settings ({', '.join(changed)}); give another --output-dir")
+    return state
+
+
+def summarise(trials, experiment_id, settings, epochs):
+    """experiment.json's record of the ended experiment: every trial, and the assessor's
+    savings; its summary printed as one line."""
+    stopped, saved = experiment.assessor_savings(trials, epochs)
+    finished, failed = sum(t.succeeded for t in trials), sum(t.failed for t in trials)
+    summary = (f"{len(trials)} trials: {finished} finished, {stopped} stopped early "
+               f"by the assessor (~{saved / 60:.1f} min of distillation saved), {failed} failed")
+    print(summary, flush=True)
+    return {"id": experiment_id, "settings": settings, "summary": summary,
+            "assessor_stopped": stopped, "assessor_saved_seconds": round(saved, 1),
+            "trials": [dataclasses.asdict(t) for t in trials]}
+
+
+def collect(trials, record, earlier_copy, args):
+    """The finished trials' students and the dense model measured together into sweep.json
+    and sweep.png, as the plain sweep does; the pick copied to OUTPUT_DIR/SETTING.pth (its
+    path set in `record`), `earlier_copy` (an earlier run's pick, or None) removed."""
+    done = reported_rows(trials, record["settings"]["training"])
+    if not done:
+        raise CheckFailed(f"no trial of the experiment {record['id']} finished; see "
+                          f"{os.path.join(args.output_dir, 'experiment.json')}")
+    copies = {row["name"]: os.path.join(args.output_dir, f"{row['reported']['name']}.pth")
+              for row in done}
+    for copy in copies.values():  # refused now, not after the measurement
+        if os.path.exists(copy) and copy != earlier_copy:
+            raise UserError(f"{copy}: exists, and the picked trial's student may be copied "
+                            "there; move it first")
+    rows, dense = measure(done, args, os.path.join(args.output_dir, "compare.json"))
+    chosen = present(rows, dense, args)
+    write_json([dense, *rows], os.path.join(args.output_dir, "sweep.json"))
+    if earlier_copy and os.path.exists(earlier_copy):
+        os.remove(earlier_copy)
+    if chosen:
+        record["picked_copy"] = copies[chosen["name"]]
+        with open(chosen["path"], "rb") as source:
+            atomic_write(record["picked_copy"], lambda file: shutil.copyfileobj(source, file))
+        print(f"Copied the picked trial's student to {record['picked_copy']}")
+
+
+def run_experiment(args):
+    """The search as an NNI experiment: start or resume it, follow its trials, then measure
+    the finished students together and pick, as the plain sweep does."""
+    space, settings = experiment_settings(args)
     state_path = os.path.join(args.output_dir, "experiment.json")
-    state = {}
-    if os.path.isfile(state_path):
-        try:
-            with open(state_path) as file:
-                state = json.load(file)
-            if not (isinstance(state["settings"], dict) and isinstance(state["id"], str)
-                    and state["id"].replace("-", "").replace("_", "").isalnum()):
-                raise ValueError
-        except (OSError, ValueError, KeyError, TypeError, AttributeError):
-            raise UserError(f"{state_path}: not an experiment's record; give another "
-                            "--output-dir, or move it first") from None
-        if state["settings"] != settings:
-            changed = [key for key in settings if state["settings"].get(key) != settings[key]]
-            raise UserError(f"{args.output_dir}: holds the NNI experiment {state['id']} of other "
-                            f"settings ({', '.join(changed)}); give another --output-dir")
+    state = read_state(state_path, settings, args.output_dir)
     experiment_id = state.get("id") or experiment.new_id()
     with quiet_nni(args.verbose):
         config = experiment.make_config(
@@ -584,7 +636,8 @@ def run_experiment(args):
               f"{args.kd_epochs} distillation epochs each\nWeb portal: "
               f"http://{args.host}:{args.port}  (trials' files: "
               f"{os.path.join(args.output_dir, 'trials')}/)", flush=True)
-        with tqdm(total=total, desc="trials finished", unit="trial") as bar, experiment.interrupting_signals():
+        with tqdm(total=total, desc="trials finished", unit="trial") as bar, \
+                experiment.interrupting_signals():
             for trial in run.follow():
                 bar.write(describe_trial(trial, args.kd_epochs))
                 bar.n = sum(t.status in experiment.FINISHED for t in run.latest)
@@ -602,36 +655,12 @@ def run_experiment(args):
             folder = os.path.join(args.output_dir, "trials", trial.id)
             for leftover in glob.glob(os.path.join(folder, "*.state.pth")):
                 os.remove(leftover)
-    stopped, saved = experiment.assessor_savings(trials, args.kd_epochs)
-    finished, failed = sum(t.succeeded for t in trials), sum(t.failed for t in trials)
-    summary = (f"{len(trials)} trials: {finished} finished, {stopped} stopped early "
-               f"by the assessor (~{saved / 60:.1f} min of distillation saved), {failed} failed")
-    record = {"id": experiment_id, "settings": settings, "summary": summary,
-                "assessor_stopped": stopped, "assessor_saved_seconds": round(saved, 1),
-              "trials": [dataclasses.asdict(t) for t in trials]}
+    record = summarise(trials, experiment_id, settings, args.kd_epochs)
     write_json(record, state_path)
-    print(summary, flush=True)
-    done = reported_rows(trials, training)
-    if not done:
-        raise CheckFailed(f"no trial of the experiment {experiment_id} finished; see {state_path}")
-    copies = {row["name"]: os.path.join(args.output_dir, f"{row['reported']['name']}.pth")
-              for row in done}
-    for copy in copies.values():  # refused now, not after the measurement
-        if os.path.exists(copy) and copy != state.get("picked_copy"):
-            raise UserError(f"{copy}: exists, and the picked trial's student may be copied "
-                            "there; move it first")
-    rows, dense = measure(done, args, os.path.join(args.output_dir, "compare.json"))
-    chosen = present(rows, dense, args)
-    write_json([dense, *rows], report)
-    if state.get("picked_copy") and os.path.exists(state["picked_copy"]):
-        os.remove(state["picked_copy"])  # an earlier run's pick: not this one's
-    if chosen:
-        record["picked_copy"] = copies[chosen["name"]]
-        with open(chosen["path"], "rb") as source:
-            atomic_write(record["picked_copy"], lambda file: shutil.copyfileobj(source, file))
-        print(f"Copied the picked trial's student to {record['picked_copy']}")
+    collect(trials, record, state.get("picked_copy"), args)
     write_json(record, state_path)
-    print(f"Saved {report}, {os.path.join(args.output_dir, 'sweep.png')} and {state_path}")
+    print(f"Saved {os.path.join(args.output_dir, 'sweep.json')}, "
+          f"{os.path.join(args.output_dir, 'sweep.png')} and {state_path}")
 
 
 def check_teacher(args, methods):
