@@ -110,8 +110,9 @@ def mobilenet_student(args, teacher_checkpoint):
 
 
 def main(args, on_epoch=None):
-    """Distil; `on_epoch(record)`, if given, is told each epoch's figures (sweep.py's NNI
-    trials report the validation accuracy to NNI's assessor)."""
+    """Distil; returns the history (one record per epoch). `on_epoch(record)`, if given, is
+    told each epoch's figures (sweep.py's NNI trials report the validation accuracy to NNI's
+    assessor)."""
     if not 0 <= args.alpha <= 1:
         raise UserError(f"--alpha {args.alpha}: must be within 0..1")
     output = args.output or DEFAULT_OUTPUT[args.student_arch]
@@ -191,6 +192,7 @@ def main(args, on_epoch=None):
     best = max(history, key=lambda r: r["val_accuracy"])
     print(f"Student validation accuracy {before['accuracy']:.1%} -> {best['val_accuracy']:.1%} "
           f"(epoch {best['epoch']}); teacher {teacher_val}; saved {output}")
+    return history
 
 
 if __name__ == "__main__":

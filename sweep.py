@@ -164,25 +164,26 @@ def flags(args, *names):
 
 
 def run_stage(stage, argv, **options):
-    stage.main(stage.get_args_parser().parse_args(argv), **options)
+    return stage.main(stage.get_args_parser().parse_args(argv), **options)
 
 
 def prune_and_distil(args, student, method, global_ranking, sparsity, on_epoch=None):
     """One setting through pruner.py and knowledge_distillation.py's own command lines:
     the student is written to `student` (NAME.pth; the pruned model beside it as
     NAME.pruned.pth), a MobileNetV2 if `method` is None. A distillation stopped by Ctrl-C
-    continues from its state file. `on_epoch(record)` is told each distillation epoch."""
+    continues from its state file. `on_epoch(record)` is told each distillation epoch.
+    Returns the distillation's history (every epoch, those before a resume too)."""
     common = flags(args, "data", "image-size", "batch-size", "device", "workers", "seed")
     distil = [*common, "--teacher", args.weights, "--output", student,
               "--epochs", str(args.kd_epochs), "--lr", str(args.lr),
               *flags(args, "crop-scale", "cache", "amp")]
-    state = os.path.splitext(student)[0] + ".state.pth"
+    state = output_path(student, "state.pth")
     if os.path.isfile(state):
         distil += ["--resume", state]
     if method is None:
         distil += ["--student-arch", MOBILENET_V2]
     else:
-        pruned = os.path.splitext(student)[0] + ".pruned.pth"
+        pruned = output_path(student, "pruned.pth")
         if "--resume" not in distil:  # (a resumed distillation keeps its student)
             run_stage(pruner, ["--weights", args.weights, "--output", pruned,
                                "--method", method, "--sparsity", str(sparsity),
@@ -190,7 +191,7 @@ def prune_and_distil(args, student, method, global_ranking, sparsity, on_epoch=N
                                *flags(args, "data", "image-size", "batch-size", "seed",
                                       "verbose")])
         distil += ["--student", pruned]
-    run_stage(knowledge_distillation, distil, on_epoch=on_epoch)
+    return run_stage(knowledge_distillation, distil, on_epoch=on_epoch)
 
 
 def training_settings(args):
@@ -372,8 +373,6 @@ def measure(done, args, report):
         resolve_device(args.device))
     rows = []
     for row, numbers in zip(done, measured[1:]):  # test.py keeps the order it was given
-        if numbers["path"] != row["path"]:
-            raise CheckFailed(f"sweep.py: measured {numbers['path']} for {row['name']}")
         # the setting as it was made, the numbers as measured now
         rows.append({**row, **numbers, "name": row["name"]})
     for key in ("latency_ms", "params"):
@@ -439,12 +438,11 @@ def run_trial(args):
     name = setting_name(method, global_ranking, sparsity)
     student = os.path.join(folder, f"{name}.pth")
     try:
-        prune_and_distil(args, student, method, global_ranking, sparsity, on_epoch=lambda record:
-                         nni.report_intermediate_result(record["val_accuracy"]))
+        history = prune_and_distil(
+            args, student, method, global_ranking, sparsity,
+            on_epoch=lambda record: nni.report_intermediate_result(record["val_accuracy"]))
         (row,), dense = measure([{"name": name, "path": student}], args,
                                 os.path.join(folder, "compare.json"))
-        with open(output_path(student, "history.json")) as file:
-            history = json.load(file)  # every epoch, a distillation resumed from its state too
     except (Interrupted, KeyboardInterrupt):
         # NNI's assessor stops a trial with SIGINT (a distillation saves its state first);
         # ending by that signal tells NNI the trial was stopped, not that it failed
