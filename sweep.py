@@ -583,10 +583,11 @@ def summarise(trials, experiment_id, settings, epochs):
             "trials": [dataclasses.asdict(t) for t in trials]}
 
 
-def collect(trials, record, earlier_copy, args):
+def collect(trials, record, args):
     """The finished trials' students and the dense model measured together into sweep.json
-    and sweep.png, as the plain sweep does; the pick copied to OUTPUT_DIR/SETTING.pth (its
-    path set in `record`), `earlier_copy` (an earlier run's pick, or None) removed."""
+    and sweep.png, as the plain sweep does; the pick copied to OUTPUT_DIR/SETTING.pth, its
+    path in record["picked_copy"] in place of an earlier run's pick (that copy removed)."""
+    earlier_copy = record.get("picked_copy")
     done = reported_rows(trials, record["settings"]["training"])
     if not done:
         raise CheckFailed(f"no trial of the experiment {record['id']} finished; see "
@@ -602,6 +603,7 @@ def collect(trials, record, earlier_copy, args):
     write_json([dense, *rows], os.path.join(args.output_dir, "sweep.json"))
     if earlier_copy and os.path.exists(earlier_copy):
         os.remove(earlier_copy)
+    record.pop("picked_copy", None)
     if chosen:
         record["picked_copy"] = copies[chosen["name"]]
         with open(chosen["path"], "rb") as source:
@@ -654,8 +656,10 @@ def run_experiment(args):
             for leftover in glob.glob(os.path.join(folder, "*.state.pth")):
                 os.remove(leftover)
     record = summarise(trials, experiment_id, settings, args.kd_epochs)
+    if "picked_copy" in state:  # an earlier run's pick: kept until collect() replaces it
+        record["picked_copy"] = state["picked_copy"]
     write_json(record, state_path)
-    collect(trials, record, state.get("picked_copy"), args)
+    collect(trials, record, args)
     write_json(record, state_path)
     print(f"Saved {os.path.join(args.output_dir, 'sweep.json')}, "
           f"{os.path.join(args.output_dir, 'sweep.png')} and {state_path}")

@@ -183,6 +183,37 @@ def test_same_command_again_resumes_and_trains_nothing(experimented):
     assert processes_of(out) == []
 
 
+def test_a_resume_refused_before_its_pick_keeps_the_earlier_pick(experimented):
+    """A run that stops before picking (here: a file where another trial's student would be
+    copied) keeps the record of the earlier run's copy, so the next run replaces it instead
+    of refusing it as someone else's file."""
+    folder, out = experimented.folder, experimented.out
+    command = ["sweep.py", *TINY, "--trials", 3, "--port", experimented.port,
+               "--nni-config", folder / "local.yml"]
+    picked, = [row for row in experimented.rows[1:] if row["picked"]]
+    other = next(row for row in experimented.rows[1:] if not row["picked"])
+    blocker = out / f"{other['reported']['name']}.pth"
+    blocker.write_text("the user's own file")
+    try:
+        refused = run_script(*command, cwd=folder, env=nni_env(folder / "home"))
+    finally:
+        kept = blocker.read_text()
+        blocker.unlink()
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr, refused.stderr
+    assert blocker.name in refused.stderr.strip().splitlines()[-1]  # (after the trials' bar)
+    assert kept == "the user's own file"
+    again = run_script(*command, cwd=folder, env=nni_env(folder / "home"))
+    assert again.returncode == 0, again.stderr
+    rows = json.loads((out / "sweep.json").read_text())
+    now, = [row for row in rows[1:] if row["picked"]]
+    copy = out / f"{now['reported']['name']}.pth"
+    assert copy.read_bytes() == Path(now["path"]).read_bytes()
+    recorded = json.loads((out / "experiment.json").read_text())["picked_copy"]
+    assert (folder / recorded).resolve() == copy.resolve()
+    if now["name"] != picked["name"]:  # timed again: another may be the fastest now
+        assert not (out / f"{picked['reported']['name']}.pth").exists()
+
+
 def test_ctrl_c_stops_everything_frees_the_port_and_the_same_command_resumes(pipeline,
                                                                              tmp_path):
     os.symlink(pipeline.path("dataset"), tmp_path / "dataset")
