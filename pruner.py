@@ -293,13 +293,18 @@ def taylor_batches(args, checkpoint):
     return [batch for batch, _ in zip(loader, range(args.taylor_batches))]
 
 
+def check_rankable(checkpoint, path, method, flag):
+    """UserError if `method` (given by `flag`) cannot rank the channels of `checkpoint`."""
+    if method == "slim" and not checkpoint["architecture"]["batch_norm"]:
+        raise UserError(f"{path}: has no batch norm, and {flag} slim ranks channels by their "
+                        "batch-norm scales: train with --batch-norm (and --bn-sparsity), or "
+                        f"choose another {flag}")
+
+
 def main(args):
     check_replaceable(args.output)
     checkpoint = load_checkpoint(args.weights, kinds=("dense",), image_size=args.image_size)
-    if args.method == "slim" and not checkpoint["architecture"]["batch_norm"]:
-        raise UserError(f"{args.weights}: has no batch norm, and --method slim ranks channels by "
-                        "their batch-norm scales: train with --batch-norm (and --bn-sparsity), "
-                        "or choose another --method")
+    check_rankable(checkpoint, args.weights, args.method, "--method")
     model = model_from_checkpoint(checkpoint, args.weights)
     image_size = args.image_size or checkpoint["image_size"]
     arch = checkpoint["architecture"]["arch"]

@@ -669,10 +669,8 @@ def check_teacher(args, methods):
     """The dense checkpoint, refused now for what the stages would refuse later."""
     dense_checkpoint = load_checkpoint(args.weights, kinds=("dense",))
     check_made_for(dense_checkpoint, args.weights, "--image-size", image_size=args.image_size)
-    if any(method == "slim" for method, _ in methods) and \
-            not dense_checkpoint["architecture"]["batch_norm"]:
-        raise UserError(f"{args.weights}: has no batch norm, and --methods slim ranks channels "
-                        "by their batch-norm scales")
+    for method, _ in methods:
+        pruner.check_rankable(dense_checkpoint, args.weights, method, "--methods")
     return dense_checkpoint
 
 
