@@ -118,7 +118,7 @@ def get_args_parser():
         f"{SPARSITY_STEP:g}) for the fastest student within --max-drop (needed): NNI's "
         f"{experiment.TUNER} tuner proposes settings, its {experiment.ASSESSOR} assessor "
         "stops a trial whose best validation accuracy falls below the median of the finished "
-        "trials' (from half its epochs on). The objective each trial "
+        "trials' (from half its epochs on, not after its last). The objective each trial "
         "reports (maximised): how many times faster than the dense model at batch 1 it is "
         "(the two timed together in the trial) if within the budget, else minus the points "
         "it is over the budget. Trials write OUTPUT_DIR/trials/TRIAL_ID/; NNI keeps its "
@@ -421,8 +421,9 @@ def objective(accuracy, dense_accuracy, speedup, max_drop):
 
 def run_trial(args):
     """One trial of the NNI experiment (NNI runs it): the setting its tuner proposes, pruned
-    and distilled in OUTPUT_DIR/trials/TRIAL_ID/, each epoch's validation accuracy reported
-    to the assessor, then timed beside the dense model and its final result reported."""
+    and distilled in OUTPUT_DIR/trials/TRIAL_ID/, each epoch's validation accuracy but the
+    last reported to the assessor, then timed beside the dense model and its final result
+    (every epoch's accuracy in it) reported."""
     if "NNI_TRIAL_JOB_ID" not in os.environ:  # (set by NNI for each trial it runs)
         raise UserError("--nni-trial: run by NNI's experiment (sweep.py --engine nni), not "
                         "by hand")
@@ -437,10 +438,16 @@ def run_trial(args):
     os.makedirs(folder, exist_ok=True)
     name = setting_name(method, global_ranking, sparsity)
     student = os.path.join(folder, f"{name}.pth")
+
+    def report_epoch(record):
+        # not the last: the assessor would judge a trial that has distilled every epoch,
+        # and stopping it then saves nothing and loses its result
+        if record["epoch"] < args.kd_epochs:
+            nni.report_intermediate_result(record["val_accuracy"])
+
     try:
-        history = prune_and_distil(
-            args, student, method, global_ranking, sparsity,
-            on_epoch=lambda record: nni.report_intermediate_result(record["val_accuracy"]))
+        history = prune_and_distil(args, student, method, global_ranking, sparsity,
+                                   on_epoch=report_epoch)
         (row,), dense = measure([{"name": name, "path": student}], args,
                                 os.path.join(folder, "compare.json"))
     except (Interrupted, KeyboardInterrupt):
