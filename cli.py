@@ -146,11 +146,12 @@ def int_within(minimum, requirement, maximum=None):
     return integer
 
 
-def float_within(low, high, requirement, include_high=False):
-    """An argparse type: a number above `low` and below `high` (or equal to it)."""
+def float_within(low, high, requirement, include_high=False, include_low=False):
+    """An argparse type: a number above `low` and below `high` (or equal to either)."""
     def number(text):
         value = float(text)
-        if not (low < value < high or include_high and value == high):
+        if not (low < value < high or include_high and value == high
+                or include_low and value == low):
             raise argparse.ArgumentTypeError(f"must be {requirement}, got {text}")
         return value
     return number
@@ -162,6 +163,9 @@ image_size_type = int_within(32, "at least 32 (VGG halves it five times)")
 fraction = float_within(0, 1, "between 0 and 1")  # a split ratio, a sparsity
 crop_fraction = float_within(0, 1, "above 0 and at most 1", include_high=True)
 positive_float = float_within(0, float("inf"), "a positive number")
+# accuracy points, 0 to 100 (--max-drop, --int8-max-drop)
+points = float_within(0, 100, "a number of accuracy points from 0 to 100", include_high=True,
+                      include_low=True)
 
 
 def resolve_device(name):

@@ -20,6 +20,7 @@ import torch
 
 import deploy
 import model as vgg
+from cpu import cpu_class, saturates
 from checkpoints import (check_made_for, file_sha256, load_checkpoint, model_from_checkpoint,
                          output_path, write_json)
 from cli import (UserError, add_data_args, add_timing_args, make_parser, pyplot, resolve_device,
@@ -61,11 +62,33 @@ def load_model(path, args, device):
         # CPU build of onnxruntime, so --device auto's CUDA is not taken for granted
         onnx_device = device if args.device != "auto" else torch.device("cpu")
         checkpoint, model = deploy.load_onnx(path, onnx_device)
+        if onnx_device.type == "cpu":
+            warn_if_quantised_for_another_cpu(path, checkpoint)
     else:
         checkpoint = load_checkpoint(path, image_size=args.image_size)
         model = model_from_checkpoint(checkpoint, path).to(device).eval()
     check_made_for(checkpoint, path, "--image-size", image_size=args.image_size)
     return checkpoint, model
+
+
+def warn_if_quantised_for_another_cpu(path, description):
+    """An int8 file made for another CPU class than this one: say so, and whether its
+    accuracy may suffer here (8-bit weights where u8 x s8 products saturate)."""
+    if description["precision"] != "int8":
+        return
+    # (files written before export.py recorded it: 8-bit weights, for no CPU in particular)
+    quantization = description.get("quantization", {"cpu": None, "reduce_range": False})
+    made_for, here = quantization["cpu"], cpu_class()
+    if made_for == here:
+        return
+    line = (f"note: {path} was quantised for {made_for} CPUs" if made_for else
+            f"note: {path} records no CPU class (exported by an earlier export.py)")
+    line += f", this one is {here}"
+    if saturates(here) and not quantization.get("reduce_range"):
+        line += ("; its 8-bit weights can saturate here (u8 x s8 products summed in int16), "
+                 "so its accuracy may be below what export.py measured: export it again here, "
+                 f"or with --int8-for {here}")
+    print(line, flush=True)
 
 
 def val_loader(args, checkpoint, path, device):

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 import checkpoints
+import cpu
 import deploy
 import model as vgg
 import training
@@ -93,6 +94,95 @@ def test_the_onnx_files_describe_themselves(exported):
         for field in ("class_names", "image_size", "normalization", "architecture"):
             assert description[field] == exported.checkpoint[field], field
         assert description["source_sha256"] == checkpoints.file_sha256(source)
+
+
+def test_the_int8_file_records_the_cpu_class_it_was_quantised_for(exported):
+    description, _ = deploy.load_onnx(str(exported.folder / "finetuned_vgg16_net.int8.onnx"))
+    here = cpu.cpu_class()
+    assert description["quantization"] == {"cpu": here, "reduce_range": cpu.saturates(here),
+                                           "per_channel": True}
+    assert f"Quantizing to int8 for {here} CPUs" in exported.proc.stdout
+    assert ("7-bit" if cpu.saturates(here) else "8-bit") + " weights per channel" \
+        in exported.proc.stdout
+
+
+def export_copy(exported, folder, *flags):
+    """export.py of the toy checkpoint in a copy of its folder."""
+    shutil.copytree(exported.folder / "dataset", folder / "dataset")
+    shutil.copy(exported.folder / "finetuned_vgg16_net.pth", folder)
+    return run_in_process(export, "--calibration", 8, *flags, cwd=folder)
+
+
+def test_int8_for_another_cpu_class_quantises_for_it_and_test_py_says_so(exported, tmp_path):
+    # 7-bit weights for an AVX2 CPU, 8-bit ones for one with VNNI
+    other = "avx2" if cpu.cpu_class() != "avx2" else "amx"
+    proc = export_copy(exported, tmp_path, "--int8-for", other)
+    assert proc.returncode == 0, proc.stderr
+    description, _ = deploy.load_onnx(str(tmp_path / "finetuned_vgg16_net.int8.onnx"))
+    assert description["quantization"]["cpu"] == other
+    assert description["quantization"]["reduce_range"] == (other == "avx2")
+    proc = run_in_process(test_py, "--weights", "finetuned_vgg16_net.int8.onnx", "--workers", 0,
+                          cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert (f"note: finetuned_vgg16_net.int8.onnx was quantised for {other} CPUs, this one is "
+            f"{cpu.cpu_class()}") in proc.stdout
+
+
+def test_test_py_notes_an_int8_file_that_records_no_cpu_class(exported, tmp_path):
+    import onnx
+
+    proto = onnx.load(str(exported.folder / "finetuned_vgg16_net.int8.onnx"))
+    kept = [(p.key, p.value) for p in proto.metadata_props if p.key != "quantization"]
+    del proto.metadata_props[:]
+    for key, value in kept:
+        proto.metadata_props.add(key=key, value=value)
+    onnx.save(proto, str(tmp_path / "older.int8.onnx"))  # as export.py wrote it before
+    shutil.copytree(exported.folder / "dataset", tmp_path / "dataset")
+    proc = run_in_process(test_py, "--weights", "older.int8.onnx", "--workers", 0, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "note: older.int8.onnx records no CPU class (exported by an earlier export.py)" \
+        in proc.stdout
+    if cpu.saturates(cpu.cpu_class()):
+        assert "can saturate here" in proc.stdout
+
+
+def squeezed_calibration(monkeypatch):
+    """Calibrate on pictures scaled down 100-fold: every activation range set far too
+    narrow, so the int8 file clips what it sees and loses its accuracy."""
+    batches = export.calibration_batches
+    monkeypatch.setattr(export, "calibration_batches",
+                        lambda args, pictures: (images / 100 for images in batches(args, pictures)))
+
+
+def test_an_int8_file_that_lost_accuracy_is_not_saved(exported, tmp_path, monkeypatch):
+    squeezed_calibration(monkeypatch)
+    proc = export_copy(exported, tmp_path)
+    line = assert_clean_error(proc, "finetuned_vgg16_net.int8.onnx", "--int8-max-drop 1",
+                              "not saved", "--force-int8", status=1)
+    lost = float(re.search(r"lost ([\d.]+) points", line).group(1))
+    assert lost > 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == [  # the fp32 file is saved
+        "dataset", "finetuned_vgg16_net.onnx", "finetuned_vgg16_net.pth"]
+    assert "Saved finetuned_vgg16_net.onnx" in proc.stdout
+
+
+def test_force_int8_saves_it_with_a_warning(exported, tmp_path, monkeypatch):
+    squeezed_calibration(monkeypatch)
+    proc = export_copy(exported, tmp_path, "--force-int8")
+    assert proc.returncode == 0, proc.stderr
+    assert re.search(r"^WARNING: finetuned_vgg16_net.int8.onnx lost [\d.]+ points .* saved "
+                     r"anyway \(--force-int8\)$", proc.stderr, re.MULTILINE), proc.stderr
+    assert (tmp_path / "finetuned_vgg16_net.int8.onnx").is_file()
+
+
+def test_int8_max_drop_sets_how_much_int8_may_lose(exported, tmp_path, monkeypatch):
+    squeezed_calibration(monkeypatch)
+    proc = export_copy(exported, tmp_path, "--int8-max-drop", 100)
+    assert proc.returncode == 0 and not proc.stderr, proc.stderr
+    assert (tmp_path / "finetuned_vgg16_net.int8.onnx").is_file()
+    for bad in ("-1", "101", "many"):
+        assert_clean_error(run_in_process(export, "--int8-max-drop", bad, cwd=tmp_path),
+                           "--int8-max-drop")
 
 
 @pytest.mark.parametrize("batch", [1, 3, 7])

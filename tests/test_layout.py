@@ -10,7 +10,7 @@ import pytest
 from conftest import REPO
 
 STAGES = ["split_dataset", "train", "pruner", "knowledge_distillation", "test", "export", "sweep"]
-SHARED = ["cli", "model", "checkpoints", "distributed", "data", "measure", "training", "deploy",
+SHARED = ["cli", "cpu", "model", "checkpoints", "distributed", "data", "measure", "training", "deploy",
           "experiment"]
 
 
@@ -51,7 +51,7 @@ def test_no_module_imports_itself_through_others(module):
     assert module not in reachable(module)
 
 
-@pytest.mark.parametrize("module", ["cli", "model"])
+@pytest.mark.parametrize("module", ["cli", "cpu", "model"])
 def test_the_bottom_layer_imports_nothing_of_the_pipeline(module):
     assert imports_of(module) == set()
 
