@@ -11,22 +11,19 @@ Writes OUTPUT (vgg16Net.pth)      the checkpoint with the best validation accura
     python train.py --pretrained imagenet --epochs 5   # from torchvision's ImageNet weights
     python train.py --batch-norm --bn-sparsity 1e-4    # for pruner.py --method slim
 """
-import http.client
-import os
-
 import torch
 import torch.nn.functional as F
-import torchvision
 
 import model as vgg
-from checkpoints import (atomic_save, check_replaceable, guess_normalization, is_state_dict,
-                         make_checkpoint, read_class_index, safe_load, write_json)
-from cli import UserError, add_data_args, make_parser, positive_float, positive_int, run_cli
-from data import ORIGINAL_NORMALIZATION, training_loaders
-from distributed import distributed, init_distributed
-from training import MEMORY_FORMAT, fit
-
-NEAR_ZERO = 1e-2  # a batch-norm scale this small all but switches its channel off
+from compress.checkpoints import (atomic_save, check_class_index, check_replaceable,
+                                  make_checkpoint, write_json)
+from compress.cli import (UserError, add_data_args, make_parser, positive_float, positive_int,
+                          run_cli)
+from compress.data import ORIGINAL_NORMALIZATION
+from compress.distributed import distributed, init_distributed
+from compress.pretrained import load_pretrained_weights, pretrained_weights
+from compress.training import (MEMORY_FORMAT, NEAR_ZERO, Recipe, batch_norm_scales, fit,
+                               scale_sparsity)
 
 
 def get_args_parser():
@@ -67,91 +64,6 @@ def get_args_parser():
     return parser
 
 
-def pretrained_weights(source, arch, batch_norm):
-    """(state dict, normalisation, where from) of --pretrained imagenet|PATH."""
-    if source != "imagenet":
-        loaded = safe_load(source, "a torchvision VGG state dict or a checkpoint of this pipeline")
-        if isinstance(loaded, dict) and isinstance(loaded.get("state_dict"), dict):  # ours
-            return (loaded["state_dict"], loaded.get("normalization", ORIGINAL_NORMALIZATION),
-                    source)
-        if not is_state_dict(loaded):
-            raise UserError(f"{source}: not a state dict of tensors (a torchvision VGG .pth)")
-        final = loaded.get("classifier.6.weight")
-        return loaded, guess_normalization(len(final) if final is not None else 0), source
-    # torchvision's weights API, and the folder torchvision caches its downloads in
-    weights = torchvision.models.get_weight(
-        f"{arch.upper()}{'_BN' if batch_norm else ''}_Weights.IMAGENET1K_V1")
-    cached = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(weights.url))
-    if not os.path.isfile(cached):
-        download(weights.url, cached)
-    state_dict = safe_load(cached, f"torchvision's {weights}; delete it to download it again")
-    if not is_state_dict(state_dict):
-        raise UserError(f"{cached}: not a state dict of tensors; delete it to download it again")
-    mean_std = weights.transforms()
-    return (state_dict, {"mean": list(mean_std.mean), "std": list(mean_std.std)},
-            f"torchvision's {weights}")
-
-
-def download(url, path):
-    """Fetch `url` into `path` as torch.hub does (checking the hash in its name), or say why not."""
-    print(f"Downloading {url} into {path} ...", flush=True)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    prefix = torch.hub.HASH_REGEX.search(os.path.basename(path))
-    try:
-        torch.hub.download_url_to_file(url, path, hash_prefix=prefix and prefix.group(1))
-    except (OSError, RuntimeError, http.client.HTTPException) as error:
-        # no network (URLError), a page instead of the file (a hash mismatch), a cut download
-        reason = getattr(error, "reason", None) or error
-        raise UserError(f"--pretrained imagenet: {os.path.basename(path)} is not in torch's "
-                        f"cache and could not be downloaded ({reason}); put {url} into "
-                        f"{os.path.dirname(path)}, or give --pretrained PATH") from None
-
-
-def load_pretrained_weights(model, state_dict, source, arch, batch_norm):
-    try:
-        new = vgg.load_pretrained(model, state_dict)
-    except (ValueError, AttributeError) as error:
-        raise UserError(f"{source}: {error}{architecture_hint(state_dict, arch, batch_norm)}") \
-            from None
-    layers = sorted({name.rsplit(".", 1)[0] for name in new})
-    print(f"Starting from {source}" + (f"; new {', '.join(layers)} (not in those weights, or "
-                                       "of another shape)" if layers else ""))
-
-
-def architecture_hint(state_dict, arch, batch_norm):
-    """' (they are a vgg19 with batch norm: ...)' when the weights are of another VGG."""
-    try:
-        theirs = vgg.architecture_from_state_dict(state_dict)
-    except (ValueError, AttributeError, TypeError):
-        return ""
-    if (theirs["arch"], theirs["batch_norm"]) == (arch, batch_norm):
-        return ""
-    flags = f"--arch {theirs['arch']}" + (" --batch-norm" if theirs["batch_norm"] else "")
-    return f" (they are a {theirs['arch']}{' with batch norm' if theirs['batch_norm'] else ''}: " \
-           f"add {flags})"
-
-
-def check_class_index(path, class_names):
-    """Refuse, before training, to overwrite a class index that names other classes (the
-    one beside the original demo's model, say)."""
-    existing = read_class_index(path)
-    if existing is not None and existing != list(class_names):
-        raise UserError(f"{path}: exists and names other classes {existing} than "
-                        f"{list(class_names)}; refusing to overwrite it: give another "
-                        "--class-index, or move it first")
-
-
-def batch_norm_scales(model):
-    return [m.weight for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
-
-
-def scale_sparsity(scales, bn_sparsity):
-    """The sparsity penalty now and how many of the scales are near zero."""
-    magnitudes = torch.cat([scale.detach().abs().flatten() for scale in scales])
-    return {"bn_penalty": bn_sparsity * magnitudes.sum().item(),
-            "bn_scales_near_zero": int((magnitudes < NEAR_ZERO).sum())}
-
-
 def main(args):
     for flag, value in (("--bn-sparsity", args.bn_sparsity), ("--bn-lr", args.bn_lr)):
         if value and not args.batch_norm:
@@ -159,11 +71,13 @@ def main(args):
     check_replaceable(args.output)
     torch.manual_seed(args.seed)
     device = init_distributed(args.device)
+    recipe = Recipe(args.epochs, args.lr, args.batch_size, args.seed, args.crop_scale, args.cache,
+                    args.amp, args.workers)
     normalization = ORIGINAL_NORMALIZATION
     if args.pretrained:
         pretrained, normalization, source = pretrained_weights(args.pretrained, args.arch,
                                                                args.batch_norm)
-    train_loader, val_loader = training_loaders(args, args.image_size, device, normalization)
+    train_loader, val_loader = recipe.loaders(args.data, args.image_size, device, normalization)
     class_names = train_loader.dataset.class_names
     print(f"Training {args.arch}{' with batch norm' if args.batch_norm else ''} on {device}: "
           f"{len(train_loader.dataset)} train / {len(val_loader.dataset)} val images, "
@@ -184,9 +98,7 @@ def main(args):
     # fused: one kernel updates all parameters; the step is ~3x faster on CPU
     optimizer = torch.optim.Adam(groups, lr=args.lr, fused=True)
     # what a resumed run must keep, or it would not continue exactly
-    settings = {"batch_size": args.batch_size, "seed": args.seed, "crop_scale": args.crop_scale,
-                "cache": args.cache, "lr": args.lr, "image_size": args.image_size,
-                "amp": args.amp}
+    settings = recipe.resume_settings(args.image_size)
     if args.pretrained:  # it sets how pictures are normalised
         settings["pretrained"] = args.pretrained
     if args.bn_sparsity or args.bn_lr:

@@ -31,13 +31,16 @@ import warnings
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import deploy  # noqa: E402
-from cli import (fraction, image_size_type, make_parser, non_negative_int,  # noqa: E402
-                 positive_int, resolve_device, run_cli)
-from data import ORIGINAL_NORMALIZATION  # noqa: E402
-from measure import count_flops, measure_latency  # noqa: E402
+from compress.cli import (fraction, image_size_type, make_parser, non_negative_int,  # noqa: E402
+                          positive_int, resolve_device, run_cli)
+from compress.cpu import cpu_class  # noqa: E402
+from compress.data import ORIGINAL_NORMALIZATION  # noqa: E402
+from compress.deployment import export_onnx, quantize_int8  # noqa: E402
+from compress.evaluation import count_flops  # noqa: E402
+from compress.onnx_files import OnnxModel, describe, session  # noqa: E402
+from compress.pruning import prune  # noqa: E402
+from compress.timing import measure_latency  # noqa: E402
 from model import architecture_of, build_model  # noqa: E402
-from pruner import prune  # noqa: E402
 
 
 def get_args_parser():
@@ -140,18 +143,18 @@ def shipping_rows(pruned, single, batch, args, device):
     generator = torch.Generator().manual_seed(1)
     calibration = [torch.randn(8, 3, args.image_size, args.image_size, generator=generator)
                    for _ in range(4)]  # random weights: random pictures calibrate as well
-    description = deploy.describe(
+    description = describe(
         {"kind": "pruned", "class_names": ["class_0", "class_1"], "image_size": args.image_size,
          "normalization": ORIGINAL_NORMALIZATION, "architecture": architecture_of(pruned, "vgg16")},
         "benchmark", "-")
     rows = []
     with tempfile.TemporaryDirectory(prefix="benchmark.") as folder:
         fp32, int8 = os.path.join(folder, "fp32.onnx"), os.path.join(folder, "int8.onnx")
-        deploy.export_onnx(pruned, fp32, description, args.verbose)
-        deploy.quantize_int8(fp32, int8, calibration, args.verbose)
+        export_onnx(pruned, fp32, description, args.verbose)
+        quantize_int8(fp32, int8, calibration, cpu_class(), args.verbose)  # as export.py does
         for label, path in (("ONNX fp32, onnxruntime", fp32),
                             ("ONNX int8 static (QDQ), onnxruntime", int8)):
-            runner = deploy.OnnxModel(deploy.session(path, device, spinning=True))
+            runner = OnnxModel(session(path, device, spinning=True))
             rows.append((label, *timed(runner), os.path.getsize(path)))
             print(f"timed {label}", flush=True)
     if not args.alternatives:

@@ -20,10 +20,10 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from checkpoints import (atomic_save, check_replaceable,  # noqa: E402
-                         checkpoint_from_state_dict, is_state_dict, make_checkpoint,
-                         model_from_checkpoint, output_path)
-from cli import UserError, image_size_type, make_parser, run_cli  # noqa: E402
+from compress.checkpoints import (atomic_save, check_replaceable,  # noqa: E402
+                                  checkpoint_from_state_dict, is_state_dict, make_checkpoint,
+                                  model_from_checkpoint, output_path)
+from compress.cli import UserError, image_size_type, make_parser, run_cli  # noqa: E402
 
 
 def get_args_parser():

@@ -52,8 +52,8 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from cli import (UserError, int_within, make_parser, non_negative_int,  # noqa: E402
-                 positive_int, run_cli)
+from compress.cli import (UserError, int_within, make_parser, non_negative_int,  # noqa: E402
+                          positive_int, run_cli)
 
 CLASSES = ("cat", "dog")
 MARKER_NAME = ".demo_data"

@@ -7,7 +7,7 @@ of their training images per second is printed (validation is not counted):
 - plain loop: torchvision's ImageFolder, a default DataLoader (shuffled, with the
   original's min(cores, batch, 8) workers), plain Adam, fp32, PyTorch's default
   memory format: the loop of the original demo's train.py.
-- train.py: its own main() and training loop (training.fit), so fused Adam,
+- train.py: run as a user runs it, its own training loop (training.fit), so fused Adam,
   channels-last, and on CUDA pinned memory and cudnn.benchmark; --amp and
   --cache are passed on to it.
 - --nproc N adds train.py under torchrun in N processes with the same global
@@ -23,7 +23,6 @@ temporary folder.
     python tools/train_benchmark.py --amp --cache --per-class 1000   # on a GPU
     python tools/train_benchmark.py --nproc 2 --device cpu   # also 2 processes vs 1
 """
-import contextlib
 import json
 import os
 import subprocess
@@ -38,12 +37,11 @@ from tqdm import tqdm
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
-import train  # noqa: E402
-from data import ImageFolder, default_workers, train_transform, val_set  # noqa: E402
+from compress.cli import (UserError, image_size_type, int_within, make_parser,  # noqa: E402
+                          non_negative_int, positive_int, resolve_device, run_cli)
+from compress.data import ImageFolder, default_workers, train_transform, val_set  # noqa: E402
 from make_demo_data import generate  # noqa: E402  (tools/ is on the path: this script's folder)
 from model import build_model  # noqa: E402
-from cli import (Interrupted, UserError, image_size_type, int_within,  # noqa: E402
-                 make_parser, non_negative_int, positive_int, resolve_device, run_cli)
 
 
 def get_args_parser():
@@ -133,34 +131,29 @@ def history_rates(folder):
         return [record["images_per_second"] for record in json.load(file)]
 
 
-def train_py_rates(args, folder):
-    """train.py's main() in this process (its epoch lines silenced; its bars still shown)."""
-    argv = train_py_argv(args, folder, args.batch_size)
+def train_py_rates(args, folder, processes=1):
+    """train.py's own rates: run in a process of its own, or launched by torchrun in
+    `processes` processes with the global batch kept (its epoch lines silenced; its bars
+    and errors still shown). The rates are those its history records: training alone,
+    timed inside each epoch, so the interpreter's start is not counted."""
+    script = os.path.join(REPO, "train.py")
+    launcher = [sys.executable, script] if processes == 1 else [
+        sys.executable, "-m", "torch.distributed.run", "--standalone",
+        f"--nproc_per_node={processes}", script]
+    command = [*launcher, *train_py_argv(args, folder, args.batch_size // processes)]
+    env = dict(os.environ)
+    if processes > 1:  # the cores shared out, as train.py does (and torchrun stays quiet)
+        print(f"Running train.py in {processes} processes (torchrun) ...", flush=True)
+        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // processes))
+    child = subprocess.Popen(command, stdout=subprocess.DEVNULL, env=env)
     try:
-        with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet):
-            train.main(train.get_args_parser().parse_args(argv))
-    except Interrupted:  # its state is in the temporary folder, which goes now
-        raise KeyboardInterrupt from None
-    return history_rates(folder)
-
-
-def torchrun_rates(args, folder):
-    """train.py launched by torchrun in --nproc processes, the global batch kept."""
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-               f"--nproc_per_node={args.nproc}", os.path.join(REPO, "train.py"),
-               *train_py_argv(args, folder, args.batch_size // args.nproc)]
-    print(f"Running train.py in {args.nproc} processes (torchrun) ...", flush=True)
-    # the cores shared out, as train.py does (also keeps torchrun from warning that it chose 1)
-    env = dict(os.environ, OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 1) // args.nproc)))
-    launcher = subprocess.Popen(command, stdout=subprocess.DEVNULL, env=env)  # errors, bars show
-    try:
-        returncode = launcher.wait()
-    except KeyboardInterrupt:  # torchrun got it too and stops its processes: let it finish
-        launcher.wait()
+        returncode = child.wait()
+    except KeyboardInterrupt:  # the child got it too and stops: let it finish
+        child.wait()
         raise
     if returncode != 0:
-        raise UserError(f"train.py under torchrun failed with status {returncode} "
-                        "(its errors are above)")
+        how = "under torchrun " if processes > 1 else ""
+        raise UserError(f"train.py {how}failed with status {returncode} (its errors are above)")
     return history_rates(folder)
 
 
@@ -191,7 +184,7 @@ def main(args):
         if args.nproc > 1:
             os.makedirs(os.path.join(scratch, "many"))
             rows.append((f"  same, torchrun {args.nproc} processes",
-                         torchrun_rates(args, os.path.join(scratch, "many"))))
+                         train_py_rates(args, os.path.join(scratch, "many"), args.nproc)))
 
     head = "" if args.classifier_width == 4096 else f", classifier width {args.classifier_width}"
     print(f"\nTraining throughput: VGG16{' with batch norm' if args.batch_norm else ''}{head} at "

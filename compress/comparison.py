@@ -1,0 +1,132 @@
+"""Several models side by side: how good, how big and how fast each is, measured together.
+
+- `load_model()`: any model file of this pipeline -- a checkpoint (.pth), a bare VGG
+  state dict, or an .onnx file from export.py (run in onnxruntime) -- ready to run.
+- `compare()`: each model's accuracy on DATA/val, parameters, FLOPs and file size,
+  then all of them timed interleaved (batch-1 latency, batch-32 throughput) on the
+  same inputs: one row (a dict) per model, as test.py --compare reports them.
+
+    from compress.comparison import compare, load_model
+    models = [(name, path, *load_model(path, device)) for name, path in ...]
+    rows = compare(models, data="dataset", device=device)
+"""
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+
+import torch
+
+import model as vgg
+from compress.checkpoints import check_made_for, load_checkpoint, model_from_checkpoint
+from compress.data import find_classes, make_loader, val_set
+from compress.evaluation import count_flops, evaluate
+from compress.onnx_files import load_onnx
+from compress.timing import TimingPlan, interleaved_seconds, synchronizer
+
+CPU = torch.device("cpu")
+THROUGHPUT_BATCH = 32
+
+
+def load_model(path: str, device: torch.device, image_size: int | None = None,
+               onnx_device: torch.device = CPU) -> tuple[dict, torch.nn.Module]:
+    """(checkpoint, or an .onnx file's description; the model, in eval mode on `device`).
+
+    .onnx files run in onnxruntime on `onnx_device` (the CPU unless CUDA is asked for
+    by name: requirements.txt installs onnxruntime's CPU build). A bare state dict is
+    read for `image_size` px; a file made for another size than `image_size` is refused.
+    """
+    if path.endswith(".onnx"):
+        checkpoint, model = load_onnx(path, onnx_device)
+    else:
+        checkpoint = load_checkpoint(path, image_size=image_size)
+        model = model_from_checkpoint(checkpoint, path).to(device).eval()
+    check_made_for(checkpoint, path, "--image-size", image_size=image_size)
+    return checkpoint, model
+
+
+def val_loader(data: str, checkpoint: dict, path: str, device: torch.device, batch_size: int,
+               workers: int | None):
+    """DATA/val as the checkpoint sees it, refused if its classes are not the checkpoint's."""
+    folder = os.path.join(data, "val")
+    check_made_for(checkpoint, path, folder, class_names=find_classes(folder))
+    dataset = val_set(data, checkpoint["image_size"], checkpoint["class_names"],
+                      normalization=checkpoint["normalization"])
+    return make_loader(dataset, batch_size, workers, device, sampler=None)
+
+
+def measure(name: str, path: str, checkpoint: dict, model: torch.nn.Module, *, data: str,
+            device: torch.device, batch_size: int = 32, workers: int | None = None,
+            verbose: bool = False) -> dict:
+    """One model's row before timing: accuracy (and the confusion matrix), size, FLOPs."""
+    image_size = checkpoint["image_size"]
+    metrics = evaluate(model, val_loader(data, checkpoint, path, device, batch_size, workers),
+                       device, len(checkpoint["class_names"]), progress=f"evaluating {name}")
+    onnx = path.endswith(".onnx")
+    # an .onnx file's FLOPs and parameters are those of the widths it describes
+    counted = vgg.from_architecture(checkpoint["architecture"]) if onnx else model.cpu()
+    flops, params = count_flops(counted, image_size, verbose)
+    if not onnx:  # channels-last: measured faster on CPU for dense and pruned VGG16 alike
+        model.to(device, memory_format=torch.channels_last)  # (tools/benchmark.py times both)
+    return {"name": name, "path": path, "kind": checkpoint["kind"],
+            "arch": checkpoint["architecture"]["arch"],
+            "accuracy": metrics["accuracy"], "per_class_accuracy": metrics["per_class_accuracy"],
+            "confusion": metrics["confusion"], "class_names": checkpoint["class_names"],
+            "params": params, "flops": flops, "file_bytes": os.path.getsize(path),
+            "device": str(device), "threads": torch.get_num_threads(),
+            "runtime": "onnxruntime" if onnx else "torch",
+            "precision": checkpoint.get("precision", "fp32"),
+            "memory_format": None if onnx else "channels_last",
+            "image_size": image_size, "val_images": metrics["count"]}
+
+
+def time_models(rows: Sequence[dict], models: Sequence[torch.nn.Module], device: torch.device,
+                timing: TimingPlan) -> None:
+    """Add each model's batch-1 latency and batch-32 throughput to its row, all models
+    timed interleaved on the same random inputs (one set per image size)."""
+    generator = torch.Generator().manual_seed(timing.seed)
+    inputs = {}
+    for row in rows:
+        size = row["image_size"]
+        if size not in inputs:
+            inputs[size] = (torch.randn(1, 3, size, size, generator=generator),
+                            torch.randn(THROUGHPUT_BATCH, 3, size, size, generator=generator))
+    sync = synchronizer(device)
+    for batch_index, (field, spread_field) in enumerate([("latency_ms", "latency_iqr_ms"),
+                                                          ("batch_ms", "batch_iqr_ms")]):
+        runs = []
+        for row, model in zip(rows, models):
+            batch = inputs[row["image_size"]][batch_index].to(device)
+            if row["runtime"] == "torch":
+                batch = batch.to(memory_format=torch.channels_last)
+            runs.append(lambda model=model, batch=batch: model(batch))
+        with torch.inference_mode():
+            timings = interleaved_seconds(runs, sync, timing.warmup, timing.repeats,
+                                          timing.max_repeats, timing.precision, timing.seed)
+        for row, measured in zip(rows, timings):
+            row.update({field: measured.median * 1000, spread_field: measured.iqr * 1000,
+                        field.replace("_ms", "_runs"): measured.runs,
+                        field.replace("_ms", "_uncertainty"): measured.uncertainty})
+    for row in rows:
+        row.update(batch_size=THROUGHPUT_BATCH,
+                   throughput_ips=THROUGHPUT_BATCH / row["batch_ms"] * 1000,
+                   timing_uncertainty=max(row["latency_uncertainty"], row["batch_uncertainty"]))
+
+
+def compare(models: Sequence[tuple[str, str, dict, torch.nn.Module]], *, data: str,
+            device: torch.device, timing: TimingPlan = TimingPlan(), batch_size: int = 32,
+            workers: int | None = None, verbose: bool = False,
+            say: Callable = print) -> list[dict]:
+    """Measure `models` -- (name, path, checkpoint, model) each, as load_model() gives them --
+    on DATA/val, then time them all interleaved; a row per model, in the order given.
+
+    Every model stays in memory until all are timed (dense VGG16: 0.5 GB).
+    """
+    rows = []
+    for name, path, checkpoint, model in models:
+        rows.append(measure(name, path, checkpoint, model, data=data, device=device,
+                            batch_size=batch_size, workers=workers, verbose=verbose))
+        say(f"measured {path}", flush=True)
+    say(f"timing {len(models)} models interleaved ...", flush=True)
+    time_models(rows, [model for *_, model in models], device, timing)
+    return rows

@@ -1,0 +1,292 @@
+"""Images in, tensors out: the one place pictures are read, transformed and batched.
+
+- `load_rgb()` opens any PIL-readable picture as upright 8-bit RGB (EXIF
+  orientation applied; greyscale, palette, CMYK, 16-bit and transparent
+  images converted) and refuses decompression bombs.
+- `train_transform()` / `eval_transform()` are the transforms of every stage.
+- `ImageFolder` reads `<root>/<class>/<image>`; `make_loader()` batches it;
+  `training_loaders()` gives the two loaders both training stages use.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import warnings
+from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+from torchvision import transforms
+from tqdm import tqdm
+
+from compress.cli import UserError
+from compress.distributed import distributed
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+# The largest picture accepted: 2**27 pixels (e.g. 16384 x 8192), about 400 MB decoded.
+# Larger ones are refused before decoding, so a decompression bomb cannot exhaust memory.
+MAX_IMAGE_PIXELS = 2 ** 27
+Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS  # PIL's own guard, at the same limit
+# How pixel values (0..1) are shifted and scaled before the network sees them. Each
+# checkpoint records its own; the original demo's, and the default:
+ORIGINAL_NORMALIZATION = {"mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5]}
+# what torchvision's ImageNet weights were trained with (their weights.transforms())
+IMAGENET_NORMALIZATION = {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
+
+
+def load_rgb(path: str, draft_size: int | None = None) -> Image.Image:
+    """Open `path` as an upright RGB PIL image; raises OSError/ValueError if unreadable.
+
+    `draft_size` lets JPEGs decode at a reduced scale (still reading every byte).
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own limit below
+        try:
+            image = Image.open(path)
+        except Image.DecompressionBombError as error:
+            raise ValueError(str(error)) from None
+        with image:
+            if image.width * image.height > MAX_IMAGE_PIXELS:
+                raise ValueError(f"{image.width}x{image.height} pixels is too large "
+                                 f"(at most {MAX_IMAGE_PIXELS // 1_000_000}M pixels)")
+            if draft_size:
+                image.draft("RGB", (draft_size, draft_size))
+            image.load()
+            image = ImageOps.exif_transpose(image)
+    return to_rgb(image)
+
+
+def check_image(path: str) -> str | None:
+    """None if `path` decodes completely, else a short reason (for the split's report)."""
+    if os.path.getsize(path) == 0:
+        return "empty file"
+    try:
+        load_rgb(path, draft_size=256)
+    except Exception as error:  # PIL raises many types for broken files
+        return f"cannot be decoded ({str(error) or type(error).__name__})"
+    return None
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """`image` as 8-bit RGB (16-bit and float greyscale scaled, transparency on white)."""
+    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        # 16-bit or float greyscale: scale the real range into 0..255
+        array = np.asarray(image, dtype=np.float64)
+        low, high = float(array.min()), float(array.max())
+        array = (array - low) * (255.0 / (high - low)) if high > low else np.zeros_like(array)
+        image = Image.fromarray(array.astype(np.uint8), "L")
+    if image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "PA"):
+        background = Image.new("RGBA", image.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(background, image.convert("RGBA"))
+    return image.convert("RGB")
+
+
+def is_image_name(name: str) -> bool:
+    """Whether a file name is that of a picture (by extension; hidden files are not)."""
+    return name.lower().endswith(IMAGE_EXTENSIONS) and not name.startswith(".")
+
+
+def train_transform(image_size: int, crop_scale: float = 0.08,
+                    normalization: dict = ORIGINAL_NORMALIZATION) -> transforms.Compose:
+    """Random crop, flip, tensor, normalisation. `crop_scale`: the smallest crop, as a
+    fraction of the picture (torchvision's 0.08)."""
+    return transforms.Compose([
+        transforms.RandomResizedCrop(image_size, scale=(crop_scale, 1.0)),
+        transforms.RandomHorizontalFlip(),
+        transforms.ToTensor(),
+        transforms.Normalize(normalization["mean"], normalization["std"]),
+    ])
+
+
+def eval_transform(image_size: int,
+                   normalization: dict = ORIGINAL_NORMALIZATION) -> transforms.Compose:
+    """Resize to `image_size` square, tensor, normalisation."""
+    return transforms.Compose([
+        transforms.Resize((image_size, image_size)),
+        transforms.ToTensor(),
+        transforms.Normalize(normalization["mean"], normalization["std"]),
+    ])
+
+
+def find_classes(root: str) -> list[str]:
+    """Sorted class names: the sub-folders of `root` (hidden ones left out)."""
+    if not os.path.isdir(root):
+        raise UserError(f"{root}: folder not found (expected {root}/<class>/<images>; "
+                        "run split_dataset.py first)")
+    return sorted(entry.name for entry in os.scandir(root)
+                  if entry.is_dir() and not entry.name.startswith("."))
+
+
+class ImageFolder(torch.utils.data.Dataset):
+    """`<root>/<class>/<image>` as (tensor, class index) pairs.
+
+    Random augmentation is seeded per (seed, epoch, index), so an epoch gives the
+    same pictures whatever the number of workers or processes, and a run resumed
+    in the middle of an epoch continues exactly where it stopped.
+    """
+
+    def __init__(self, root, transform, class_names=None, seed=0, cache_size=None):
+        found = find_classes(root)
+        if class_names is None:
+            class_names = found
+        elif found != list(class_names):
+            raise UserError(f"{root}: has classes {found}, expected {list(class_names)}")
+        self.root, self.transform, self.seed = root, transform, seed
+        self.class_names = list(class_names)
+        self.samples = []
+        for index, name in enumerate(self.class_names):
+            folder = os.path.join(root, name)
+            files = sorted(f for f in os.listdir(folder) if is_image_name(f))
+            self.samples += [(os.path.join(folder, f), index) for f in files]
+        if not self.samples:
+            raise UserError(f"{root}: no images found in {self.class_names or 'any class folder'}")
+        self.bad_files = set()
+        self.cache = self._decode_all(cache_size) if cache_size else None
+
+    def _decode_all(self, size):
+        """Every picture decoded and resized once, kept as uint8 arrays (--cache).
+
+        `size` as for transforms.Resize: an int resizes the shorter side, (h, w)
+        exactly. Later epochs then skip JPEG decoding; augmentation stays random.
+        """
+        resize = transforms.Resize(size)
+
+        def decode(path):
+            try:
+                return np.asarray(resize(load_rgb(path)))
+            except (OSError, ValueError):
+                return None  # reported when the sample is first used
+
+        paths = [path for path, _ in self.samples]
+        with ThreadPoolExecutor(os.cpu_count() or 1) as pool:  # PIL decodes without the GIL
+            return list(tqdm(pool.map(decode, paths), total=len(paths), leave=False,
+                             desc=f"caching {self.root}", disable=None))
+
+    def _load(self, index):
+        if self.cache is None or self.cache[index] is None:  # uncached, or raise why it failed
+            return load_rgb(self.samples[index][0])
+        return Image.fromarray(self.cache[index])
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, key):
+        epoch, index = key if isinstance(key, tuple) else (0, key)
+        # One unreadable file must not end a long run: use the next readable one instead.
+        for offset in range(len(self)):
+            path, label = self.samples[(index + offset) % len(self)]
+            try:
+                image = self._load((index + offset) % len(self))
+                break
+            except (OSError, ValueError) as error:
+                if path not in self.bad_files:
+                    self.bad_files.add(path)
+                    warnings.warn(f"skipping unreadable image {path}: {error}")
+        else:
+            raise UserError(f"{self.root}: none of the {len(self)} images can be read")
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(hash((self.seed, epoch, index)) & 0xFFFF_FFFF)
+            return self.transform(image), label
+
+    def labels(self):
+        return [label for _, label in self.samples]
+
+
+def training_loaders(data: str, image_size: int, device: torch.device, *, batch_size: int,
+                     workers: int | None = None, seed: int = 0, crop_scale: float = 0.08,
+                     cache: bool = False, normalization: dict = ORIGINAL_NORMALIZATION):
+    """(train loader, val loader) of the split in `data`, as both training stages use them.
+
+    The training order comes from an EpochSampler (seeded by `seed`, each process its
+    share under torchrun). With `cache`, training pictures are kept a little above the
+    training size, so random crops still have room.
+    """
+    train_set = ImageFolder(os.path.join(data, "train"),
+                            train_transform(image_size, crop_scale, normalization), seed=seed,
+                            cache_size=round(image_size * 1.15) if cache else None)
+    rank, world = distributed()
+    sampler = EpochSampler(len(train_set), seed, rank=rank, world=world)
+    validation = val_set(data, image_size, train_set.class_names, cache, normalization)
+    return (make_loader(train_set, batch_size, workers, device, sampler),
+            make_loader(validation, batch_size, workers, device, sampler=None))
+
+
+def val_set(data: str, image_size: int, class_names: list[str] | None = None, cache: bool = False,
+            normalization: dict = ORIGINAL_NORMALIZATION) -> ImageFolder:
+    """DATA/val as every stage evaluates it.
+
+    With `cache`, pictures are kept at exactly the size the evaluation transform
+    resizes them to, so results equal those without a cache.
+    """
+    return ImageFolder(os.path.join(data, "val"), eval_transform(image_size, normalization),
+                       class_names,
+                       cache_size=(image_size, image_size) if cache else None)
+
+
+class EpochSampler(torch.utils.data.Sampler):
+    """Yields (epoch, index) keys in an order fixed by (seed, epoch).
+
+    With several processes each rank takes every world-th index of the same
+    order (padded so all ranks see as many batches). `set_epoch(epoch, skip)`
+    starts an epoch, skipping the first `skip` samples of a resumed one.
+    """
+
+    def __init__(self, size, seed, shuffle=True, rank=0, world=1):
+        self.size, self.seed, self.shuffle, self.rank, self.world = size, seed, shuffle, rank, world
+        self.epoch, self.skip = 0, 0
+
+    def set_epoch(self, epoch: int, skip: int = 0) -> None:
+        self.epoch, self.skip = epoch, skip
+
+    def _order(self):
+        if self.shuffle:
+            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+            order = torch.randperm(self.size, generator=generator).tolist()
+        else:
+            order = list(range(self.size))
+        order += order[:(-len(order)) % self.world]
+        return order[self.rank::self.world]
+
+    def __iter__(self):
+        return iter([(self.epoch, index) for index in self._order()[self.skip:]])
+
+    def __len__(self):
+        return len(self._order()) - self.skip
+
+
+def default_workers(device: torch.device) -> int:
+    """No workers on the CPU: training VGG16 on 2 cores with 2 loader workers measured 1.25x
+    slower at 224 px and no faster at 48 px; they take the cores the model computes on.
+    On a GPU up to 8 for each process, the machine's cores shared between them.
+    """
+    if device.type == "cpu":
+        return 0
+    return min(8, max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
+
+
+def make_loader(dataset: torch.utils.data.Dataset, batch_size: int, workers: int | None,
+                device: torch.device, sampler: Iterable | None) -> torch.utils.data.DataLoader:
+    """Batches of `dataset`; with no sampler, in order (each process its share under torchrun).
+
+    `workers` None: `default_workers(device)`.
+    """
+    if workers is None:
+        workers = default_workers(device)
+    rank, world = distributed()
+    if sampler is None and world > 1:
+        sampler = range(rank, len(dataset), world)
+    # its own generator: creating an iterator must not draw from the global RNG that
+    # dropout uses, or a resumed run would not continue exactly
+    return torch.utils.data.DataLoader(
+        dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
+        pin_memory=device.type == "cuda", persistent_workers=workers > 0,
+        generator=torch.Generator().manual_seed(0), worker_init_fn=ignore_ctrl_c)
+
+
+def ignore_ctrl_c(worker_id: int) -> None:
+    """Ctrl-C reaches every process of the terminal; the main process alone handles it."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)

@@ -1,0 +1,68 @@
+"""How good and how big a model is.
+
+- `evaluate()`: accuracy, mean cross-entropy and the confusion matrix on a loader
+  (all processes' shares added up under torchrun).
+- `count_flops()`: FLOPs and parameters of one image's forward pass (NNI's counter).
+- `relative_difference()`: how far one model's outputs are from another's.
+
+(How fast: timing.py; several models side by side: comparison.py.)
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from compress.cli import quiet_nni
+from compress.distributed import all_reduce_sum
+
+
+def evaluate(model: torch.nn.Module, loader: Iterable, device: torch.device, num_classes: int,
+             progress: str | None = None) -> dict:
+    """Accuracy, mean cross-entropy and the confusion matrix (rows: true, cols: predicted)."""
+    model.eval()
+    confusion = torch.zeros(num_classes, num_classes, dtype=torch.long)
+    total_loss, count = 0.0, 0
+    with torch.inference_mode():
+        for images, labels in tqdm(loader, desc=progress, leave=False,
+                                   disable=True if progress is None else None):
+            images, labels = images.to(device, non_blocking=True), labels.to(device)
+            logits = model(images).float()
+            total_loss += F.cross_entropy(logits, labels, reduction="sum").item()
+            count += labels.numel()
+            predictions = logits.argmax(1)
+            confusion += torch.bincount(labels.cpu() * num_classes + predictions.cpu(),
+                                        minlength=num_classes ** 2).view(num_classes, num_classes)
+    # under torchrun each process saw its share of the images: add them up
+    *flat, total_loss, count = all_reduce_sum(confusion.flatten().tolist() + [total_loss, count],
+                                              device)
+    confusion = torch.tensor(flat).round().long().view(num_classes, num_classes)
+    return summarise(confusion, total_loss, int(count))
+
+
+def summarise(confusion: torch.Tensor, total_loss: float, count: int) -> dict:
+    """evaluate()'s figures from the confusion matrix and the summed loss."""
+    per_class_total = confusion.sum(1).clamp(min=1)
+    return {"accuracy": confusion.diag().sum().item() / max(count, 1),
+            "loss": total_loss / max(count, 1),
+            "per_class_accuracy": (confusion.diag() / per_class_total).tolist(),
+            "confusion": confusion.tolist(), "count": count}
+
+
+def relative_difference(outputs: torch.Tensor, expected: torch.Tensor) -> float:
+    """The largest absolute difference between two outputs, relative to the expected
+    outputs' scale (NaN if either holds one)."""
+    return ((outputs - expected).abs().max() / expected.abs().max().clamp(min=1e-12)).item()
+
+
+def count_flops(model: torch.nn.Module, image_size: int, verbose: bool = False) -> tuple[int, int]:
+    """FLOPs and parameters of one image's forward pass, by NNI's counter (on the CPU)."""
+    with quiet_nni(verbose):
+        from nni.compression.utils.counter import count_flops_params
+        flops, params, _ = count_flops_params(model, torch.zeros(1, 3, image_size, image_size),
+                                              verbose=False)
+    return int(flops), int(params)
+
+

@@ -1,0 +1,263 @@
+"""sweep.py --engine nni: the search as an NNI experiment, launched and followed from here.
+
+NNI's TPE tuner proposes settings (a method of --methods, a sparsity within the range
+of --sparsities, in steps of SPARSITY_STEP), its Medianstop assessor stops trials that
+fall behind, and each trial (trial.py, run by NNI as `sweep.py --nni-trial`) prunes,
+distils and times its student and reports `objective()`. When the experiment ends,
+the finished trials' students are measured together with the dense model exactly as
+the plain sweep measures (search.measure), and the pick is copied beside them.
+
+- `ExperimentPlan`: the experiment's flags (methods, sparsities, budget, trials,
+  concurrency, where the manager listens, the user's NNI config).
+- `run_experiment()`: start or resume it, follow its trials, then measure and pick;
+  `experiment.json` records it so that the same command resumes it.
+- `search_space()` / `objective()`: what the tuner searches and maximises.
+
+(NNI's own mechanics, and three mends of NNI 3.0: nni_engine.py.)
+"""
+from __future__ import annotations
+
+import dataclasses
+import glob
+import json
+import os
+import shutil
+from collections.abc import Callable, Sequence
+
+from tqdm import tqdm
+
+from compress import nni_engine
+from compress.checkpoints import atomic_write, write_json
+from compress.cli import CheckFailed, Interrupted, UserError, quiet_nni
+from compress.search import (SweepSetup, measure, method_setting, present, read_report,
+                             setting_name, within_budget)
+
+SPARSITY_STEP = 0.025  # the sparsities the tuner may propose
+
+
+@dataclasses.dataclass(frozen=True)
+class ExperimentPlan:
+    """What the experiment searches and how it runs: `methods` ((method, global) pairs) x
+    the range of `sparsities`, for the fastest student within `max_drop` points; `trials`
+    in all, `concurrency` at a time; NNI's manager on `host`:`port`; `nni_config` the
+    user's NNI YAML (its settings win), if any."""
+    methods: Sequence[tuple[str, bool]]
+    sparsities: Sequence[float]
+    max_drop: float
+    trials: int = 8
+    concurrency: int = 2
+    host: str = "127.0.0.1"
+    port: int = 8080
+    nni_config: str | None = None
+
+
+def search_space(methods: Sequence[tuple[str, bool]], sparsities: Sequence[float]) -> dict:
+    """NNI's search space: --methods x the range of --sparsities (UserError if one point)."""
+    low, high = min(sparsities), max(sparsities)
+    names = [method + (":global" if global_ranking else "") for method, global_ranking in methods]
+    if len(set(names)) == 1 and high - low < SPARSITY_STEP:
+        raise UserError(f"--engine nni: the search space holds one setting ({names[0]} at "
+                        f"{low:g}); give --sparsities a range (e.g. 0.5 0.9) or more --methods")
+    return {"method": {"_type": "choice", "_value": sorted(set(names), key=names.index)},
+            "sparsity": {"_type": "quniform", "_value": [low, high, SPARSITY_STEP]}}
+
+
+def objective(accuracy: float, dense_accuracy: float, speedup: float, max_drop: float) -> float:
+    """What an NNI trial reports to the tuner (maximised): `speedup` within the budget; minus
+    the points over it outside, so every student within the budget beats every one outside,
+    and a near miss beats a far one."""
+    if within_budget(accuracy, dense_accuracy, max_drop):
+        return speedup
+    return -round(100 * (dense_accuracy - accuracy) - max_drop, 9)
+
+
+def describe_trial(trial: nni_engine.Trial, epochs: int) -> str:
+    """One line on a trial's news (a trial's setting: from the parameters NNI gave it)."""
+    if trial.parameters:
+        method, global_ranking = method_setting(trial.parameters["method"])
+        setting = setting_name(method, global_ranking, round(trial.parameters["sparsity"], 4))
+    else:
+        setting = "(setting known at its first epoch)"
+    line = f"trial {trial.id} {setting}: "
+    if trial.succeeded:
+        final = trial.final
+        return line + (f"finished: {final['accuracy']:.1%} (dense {final['dense_accuracy']:.1%}), "
+                       f"{final['speedup']:.1f}x faster, objective {final['default']:.3g}")
+    if trial.status == "EARLY_STOPPED":
+        return line + (f"stopped by the assessor after {len(trial.epochs)} of {epochs} epochs "
+                       f"(best {max(trial.epochs, default=0):.1%})")
+    if trial.failed:
+        ended = "failed" if trial.status == "FAILED" else "ended without a result"
+        return line + f"{ended}; its log ends:\n    " + "\n    ".join(trial.last_lines())
+    if trial.status == "USER_CANCELED":
+        return line + "canceled (the experiment stopped, or from the portal)"
+    if trial.status in nni_engine.FINISHED:
+        return line + trial.status.lower().replace("_", " ")
+    if trial.epochs:
+        return line + f"epoch {len(trial.epochs)}/{epochs} val {trial.epochs[-1]:.1%}"
+    return line + trial.status.lower()
+
+
+def reported_rows(trials: Sequence[nni_engine.Trial], training: dict) -> list[dict]:
+    """sweep.json's rows of the trials that finished: the setting and numbers each trial
+    reported, checked against the parameters NNI gave it."""
+    rows = []
+    for trial in trials:
+        if not trial.succeeded:
+            continue
+        final = trial.final
+        if final["trial"] != trial.id or final["parameters"] != trial.parameters:
+            raise CheckFailed(f"trial {trial.id}: its result (trial {final['trial']}, "
+                              f"{final['parameters']}) is not of the parameters the tuner "
+                              f"gave it ({trial.parameters})")
+        rows.append({"name": f"{final['name']} [{trial.id}]", "engine": "nni",
+                     "trial": trial.id, "method": final["method"], "global": final["global"],
+                     "sparsity": final["sparsity"], "path": final["path"],
+                     "accuracy": final["accuracy"], "params": final["params"],
+                     "training": training, "reported": final,
+                     "minutes": round((trial.end - trial.start) / 60000, 2)})
+    return rows
+
+
+def experiment_settings(setup: SweepSetup, plan: ExperimentPlan,
+                        output_dir: str) -> tuple[dict, dict]:
+    """(search space, settings) of the experiment `plan` would run, after refusing what it
+    cannot run; the settings are what experiment.json records to resume by."""
+    space = search_space(plan.methods, plan.sparsities)
+    if plan.nni_config and not os.path.isfile(plan.nni_config):
+        raise UserError(f"--nni-config {plan.nni_config}: no such file")
+    report = os.path.join(output_dir, "sweep.json")
+    if os.path.isfile(report):
+        read_report(report, "nni")
+    try:
+        os.makedirs(os.path.join(output_dir, "nni"), exist_ok=True)
+    except OSError as error:
+        raise UserError(f"--output-dir {output_dir}: cannot write there "
+                        f"({error.strerror})") from None
+    return space, {"training": setup.training_settings(), "search_space": space,
+                   "max_drop": plan.max_drop, "trials": plan.trials,
+                   "concurrency": plan.concurrency,
+                   "nni_config": plan.nni_config and os.path.abspath(plan.nni_config)}
+
+
+def read_state(state_path: str, settings: dict, output_dir: str) -> dict:
+    """experiment.json of an earlier run ({} if none), refused if it is not one or was
+    recorded with other settings."""
+    if not os.path.isfile(state_path):
+        return {}
+    try:
+        with open(state_path) as file:
+            state = json.load(file)
+        if not (isinstance(state["settings"], dict) and isinstance(state["id"], str)
+                and state["id"].replace("-", "").replace("_", "").isalnum()):
+            raise ValueError
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        raise UserError(f"{state_path}: not an experiment's record; give another "
+                        "--output-dir, or move it first") from None
+    if state["settings"] != settings:
+        changed = [key for key in settings if state["settings"].get(key) != settings[key]]
+        raise UserError(f"{output_dir}: holds the NNI experiment {state['id']} of other "
+                        f"settings ({', '.join(changed)}); give another --output-dir")
+    return state
+
+
+def summarise(trials: Sequence[nni_engine.Trial], experiment_id: str, settings: dict,
+              epochs: int) -> dict:
+    """experiment.json's record of the ended experiment: every trial, and the assessor's
+    savings; its summary printed as one line."""
+    stopped, saved = nni_engine.assessor_savings(trials, epochs)
+    finished, failed = sum(t.succeeded for t in trials), sum(t.failed for t in trials)
+    summary = (f"{len(trials)} trials: {finished} finished, {stopped} stopped early "
+               f"by the assessor (~{saved / 60:.1f} min of distillation saved), {failed} failed")
+    print(summary, flush=True)
+    return {"id": experiment_id, "settings": settings, "summary": summary,
+            "assessor_stopped": stopped, "assessor_saved_seconds": round(saved, 1),
+            "trials": [dataclasses.asdict(t) for t in trials]}
+
+
+def collect(setup: SweepSetup, trials: Sequence[nni_engine.Trial], record: dict, output_dir: str,
+            max_drop: float) -> None:
+    """The finished trials' students and the dense model measured together into sweep.json
+    and sweep.png, as the plain sweep does; the pick copied to OUTPUT_DIR/SETTING.pth, its
+    path in record["picked_copy"] in place of an earlier run's pick (that copy removed)."""
+    earlier_copy = record.get("picked_copy")
+    done = reported_rows(trials, record["settings"]["training"])
+    if not done:
+        raise CheckFailed(f"no trial of the experiment {record['id']} finished; see "
+                          f"{os.path.join(output_dir, 'experiment.json')}")
+    copies = {row["name"]: os.path.join(output_dir, f"{row['reported']['name']}.pth")
+              for row in done}
+    for copy in copies.values():  # refused now, not after the measurement
+        if os.path.exists(copy) and copy != earlier_copy:
+            raise UserError(f"{copy}: exists, and the picked trial's student may be copied "
+                            "there; move it first")
+    rows, dense = measure(setup, done, os.path.join(output_dir, "compare.json"))
+    chosen = present(rows, dense, max_drop, output_dir)
+    write_json([dense, *rows], os.path.join(output_dir, "sweep.json"))
+    if earlier_copy and os.path.exists(earlier_copy):
+        os.remove(earlier_copy)
+    record.pop("picked_copy", None)
+    if chosen:
+        record["picked_copy"] = copies[chosen["name"]]
+        with open(chosen["path"], "rb") as source:
+            atomic_write(record["picked_copy"], lambda file: shutil.copyfileobj(source, file))
+        print(f"Copied the picked trial's student to {record['picked_copy']}")
+
+
+def run_experiment(setup: SweepSetup, plan: ExperimentPlan, output_dir: str,
+                   trial_command_for: Callable[[int], str], code_directory: str) -> None:
+    """The search as an NNI experiment: start or resume it, follow its trials, then measure
+    the finished students together and pick, as the plain sweep does.
+
+    `trial_command_for(concurrency)` is the command NNI runs for each trial (sweep.py
+    --nni-trial with its flags), in `code_directory`.
+    """
+    space, settings = experiment_settings(setup, plan, output_dir)
+    state_path = os.path.join(output_dir, "experiment.json")
+    state = read_state(state_path, settings, output_dir)
+    experiment_id = state.get("id") or nni_engine.new_id()
+    epochs = setup.recipe.epochs
+    with quiet_nni(setup.verbose):
+        config = nni_engine.make_config(
+            plan.nni_config, trial_command_for, code_directory, space, plan.trials,
+            plan.concurrency, assessor_start=max(1, epochs // 2), seed=setup.recipe.seed,
+            working_directory=os.path.abspath(os.path.join(output_dir, "nni")))
+    run = nni_engine.NniExperiment(config, experiment_id, plan.host, plan.port, setup.verbose)
+    total = config.max_trial_number
+    try:
+        how = run.start()
+        write_json({"id": experiment_id, "settings": settings, **{
+            key: state[key] for key in ("picked_copy",) if key in state}}, state_path)
+        print(f"NNI experiment {experiment_id} {how}: {total} trials of "
+              f"{' / '.join(space['method']['_value'])} at sparsity {min(plan.sparsities):g}.."
+              f"{max(plan.sparsities):g}, {config.trial_concurrency} at a time, "
+              f"{epochs} distillation epochs each\nWeb portal: "
+              f"http://{plan.host}:{plan.port}  (trials' files: "
+              f"{os.path.join(output_dir, 'trials')}/)", flush=True)
+        with tqdm(total=total, desc="trials finished", unit="trial") as bar, \
+                nni_engine.interrupting_signals():
+            for trial in run.follow():
+                bar.write(describe_trial(trial, epochs))
+                bar.n = sum(t.status in nni_engine.FINISHED for t in run.latest)
+                bar.refresh()
+        trials = run.latest
+    except KeyboardInterrupt:  # (the manager is stopped below)
+        raise Interrupted(f"stopped the NNI experiment {experiment_id}, its manager and its "
+                          f"trials; run the same command again to resume it (finished trials "
+                          "are kept)") from None
+    finally:
+        if run.running:
+            run.stop()
+    for trial in trials:  # a trial the assessor stopped never continues: its state goes
+        if trial.status == "EARLY_STOPPED":
+            folder = os.path.join(output_dir, "trials", trial.id)
+            for leftover in glob.glob(os.path.join(folder, "*.state.pth")):
+                os.remove(leftover)
+    record = summarise(trials, experiment_id, settings, epochs)
+    if "picked_copy" in state:  # an earlier run's pick: kept until collect() replaces it
+        record["picked_copy"] = state["picked_copy"]
+    write_json(record, state_path)
+    collect(setup, trials, record, output_dir, plan.max_drop)
+    write_json(record, state_path)
+    print(f"Saved {os.path.join(output_dir, 'sweep.json')}, "
+          f"{os.path.join(output_dir, 'sweep.png')} and {state_path}")

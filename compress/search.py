@@ -1,0 +1,364 @@
+"""The plain sweep: prune and distil each setting from one teacher, measure them all together.
+
+- `Teacher.load()`: the dense checkpoint, its model and its SHA-256, read once per run
+  and refused now for what a stage would refuse later.
+- `prune_and_distil()`: one setting -- pruning.prune_checkpoint() (or a new
+  MobileNetV2), then distillation.distil_checkpoint() from the teacher in memory;
+  a distillation stopped by Ctrl-C continues from its state file.
+- `Sweep`: the settings' rows (sweep.json), kept on disk after every setting so that
+  the same command resumes; a setting already distilled with the same training
+  settings is not run again.
+- `search()`: bisect a method's sparsity for the largest within the --max-drop budget.
+- `measure()` / `present()`: the students and the dense model measured together
+  (comparison.compare(), exactly as test.py --compare), the Pareto fronts, the pick
+  (`pick()`: the fastest within the budget), the table and sweep.png.
+
+    setup = SweepSetup(Teacher.load("vgg16Net.pth"), "dataset", Recipe(epochs=3, lr=1e-4))
+    sweep = Sweep(setup, "sweep")
+    sweep.run("l1-0.7", "l1", False, 0.7)
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from collections.abc import Callable, Sequence
+
+import torch
+
+from model import MOBILENET_V2, count_parameters
+from compress.checkpoints import (atomic_save, check_made_for, file_sha256, load_checkpoint,
+                                  model_from_checkpoint, output_path, write_json)
+from compress.cli import Interrupted, UserError
+from compress.comparison import compare
+from compress.distillation import distil_checkpoint, mobilenet_student
+from compress.pruning import (METHODS, check_rankable, layer_widths, prune_checkpoint,
+                              recipe_name, taylor_batches)
+from compress.reporting import plot_channels, plot_sweep, print_sweep, save_comparison
+from compress.timing import TimingPlan
+from compress.training import Recipe
+
+
+@dataclasses.dataclass(frozen=True)
+class Setting:
+    """One point of the sweep: a pruning method and sparsity, or (method None) MobileNetV2."""
+    method: str | None
+    global_ranking: bool = False
+    sparsity: float | None = None
+
+    @property
+    def name(self) -> str:
+        """The setting's name (setting_name(); mobilenet_v2 for the light student)."""
+        return MOBILENET_V2 if self.method is None else \
+            setting_name(self.method, self.global_ranking, self.sparsity)
+
+
+def method_setting(text: str) -> tuple[str, bool]:
+    """(method, global ranking) of METHOD or METHOD:global, as --methods and --search take
+    them; ValueError otherwise (argparse names the flag, and this function's __name__)."""
+    method, _, scope = text.partition(":")
+    if method not in METHODS or scope not in ("", "global"):
+        raise ValueError(text)
+    return method, scope == "global"
+
+
+method_setting.__name__ = "method (one of " + ", ".join(METHODS) + ", optionally :global)"
+
+
+def setting_name(method: str, global_ranking: bool, sparsity: float) -> str:
+    """l1-0.5, slim-global-0.7, ...: a setting's name, and its files' (NAME.pth)."""
+    return f"{method}{'-global' if global_ranking else ''}-{sparsity:g}"
+
+
+@dataclasses.dataclass
+class Teacher:
+    """The dense model every student of a sweep is pruned from and distilled by."""
+    path: str
+    checkpoint: dict
+    model: torch.nn.Module
+    sha256: str
+
+    @classmethod
+    def load(cls, path: str, image_size: int | None = None,
+             methods: Sequence[str] = (), flag: str = "--methods") -> Teacher:
+        """The dense checkpoint at `path`, refused now for what the stages would refuse
+        later: another image size than `image_size`, a method (given by `flag`) that
+        cannot rank its channels."""
+        checkpoint = load_checkpoint(path, kinds=("dense",))
+        check_made_for(checkpoint, path, "--image-size", image_size=image_size)
+        for method in methods:
+            check_rankable(checkpoint, path, method, flag)
+        model = model_from_checkpoint(checkpoint, path).eval()
+        return cls(path, checkpoint, model, file_sha256(path))
+
+
+@dataclasses.dataclass
+class SweepSetup:
+    """What every setting of a sweep shares: the teacher, the split in `data`, the
+    distillation `recipe`, the device, how the models are timed, the image size asked
+    for (None: the teacher's) and whether NNI may talk."""
+    teacher: Teacher
+    data: str
+    recipe: Recipe
+    device: torch.device = torch.device("cpu")
+    timing: TimingPlan = TimingPlan()
+    image_size: int | None = None
+    verbose: bool = False
+
+    def training_settings(self) -> dict:
+        """What makes two students comparable: the same teacher, data and distillation (kept
+        in each row of sweep.json)."""
+        recipe = self.recipe
+        return {"kd_epochs": recipe.epochs, "lr": recipe.lr, "batch_size": recipe.batch_size,
+                "seed": recipe.seed, "crop_scale": recipe.crop_scale,
+                "data": os.path.abspath(self.data), "image_size": self.image_size,
+                "amp": recipe.amp, "cache": recipe.cache,
+                # (retrained in place, it is another teacher)
+                "teacher_sha256": self.teacher.sha256}
+
+
+def prune_and_distil(setup: SweepSetup, student: str, setting: Setting,
+                     on_epoch: Callable[[dict], None] | None = None) -> list[dict]:
+    """One setting: the student is written to `student` (NAME.pth; the pruned model beside
+    it as NAME.pruned.pth, its widths as NAME.pruned.channels.png). A distillation stopped
+    by Ctrl-C continues from its state file. `on_epoch(record)` is told each distillation
+    epoch. Returns the distillation's history (every epoch, those before a resume too)."""
+    teacher, recipe = setup.teacher, setup.recipe
+    state = output_path(student, "state.pth")
+    resume = state if os.path.isfile(state) else None
+    if setting.method is None:
+        torch.manual_seed(recipe.seed)  # (the new MobileNetV2's weights are drawn from it)
+        checkpoint = mobilenet_student(teacher.checkpoint)
+        student_path = f"a new {MOBILENET_V2}"
+    else:
+        student_path = output_path(student, "pruned.pth")
+        if resume:  # (a resumed distillation keeps its student)
+            checkpoint = load_checkpoint(student_path, kinds=("pruned", "finetuned"))
+        else:
+            checkpoint = prune(setup, student_path, setting)
+    return distil_checkpoint(teacher.checkpoint, teacher.path, checkpoint, student_path,
+                             data=setup.data, output=student, recipe=recipe,
+                             device=setup.device, teacher=teacher.model,
+                             teacher_sha256=teacher.sha256, resume=resume, on_epoch=on_epoch)
+
+
+def prune(setup: SweepSetup, path: str, setting: Setting) -> dict:
+    """The teacher pruned as `setting` says, saved to `path` (as pruner.py saves it)."""
+    teacher, recipe = setup.teacher, setup.recipe
+    batches = (taylor_batches(teacher.checkpoint, teacher.path, setup.data,
+                              batch_size=recipe.batch_size, seed=recipe.seed)
+               if setting.method == "taylor" else [])
+    pruned, report = prune_checkpoint(teacher.checkpoint, teacher.path, method=setting.method,
+                                      sparsity=setting.sparsity,
+                                      global_ranking=setting.global_ranking,
+                                      image_size=setup.image_size, seed=recipe.seed,
+                                      batches=batches, verbose=setup.verbose)
+    print(f"  params {report['params_before']:,} -> {report['params_after']:,}, FLOPs "
+          f"{report['flops_before'] / report['flops_after']:.2f}x fewer; the sped-up model "
+          f"matches the masked one ({report['difference']:.1e})", flush=True)
+    atomic_save(pruned, path)
+    names, before = layer_widths(report["before"])
+    plot_channels(names, before, layer_widths(report["after"])[1],
+                  output_path(path, "channels.png"),
+                  recipe_name(setting.method, setting.sparsity, setting.global_ranking))
+    return pruned
+
+
+def read_report(path: str, engine: str) -> list[dict]:
+    """The settings' rows of a sweep.json made by `engine` (plain or nni)."""
+    try:
+        with open(path) as file:
+            rows = [row for row in json.load(file) if row.get("kind") != "dense"]
+        if not all(isinstance(row.get("training"), dict) and isinstance(row["name"], str)
+                   for row in rows):
+            raise ValueError
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        raise UserError(f"{path}: not a sweep report; give another --output-dir, or move it "
+                        "first") from None
+    other = {row.get("engine", "plain") for row in rows} - {engine}
+    if other:
+        raise UserError(f"{path}: made by sweep.py --engine {other.pop()}; give another "
+                        "--output-dir")
+    return rows
+
+
+class Sweep:
+    """The settings' rows (sweep.json in `output_dir`), kept on disk after every setting so
+    a sweep of `setup` resumes: a setting already distilled with the same training
+    settings is not run again."""
+
+    def __init__(self, setup: SweepSetup, output_dir: str):
+        self.setup, self.output_dir = setup, output_dir
+        self.training = setup.training_settings()
+        self.report = os.path.join(output_dir, "sweep.json")
+        self.rows = {}
+        if os.path.exists(output_dir) and not os.path.isdir(output_dir):
+            raise UserError(f"--output-dir {output_dir}: exists and is not a folder")
+        if os.path.isfile(self.report):
+            self.rows = {row["name"]: row for row in read_report(self.report, "plain")}
+
+    def student(self, name: str) -> str:
+        """Where setting `name`'s student is written: OUTPUT_DIR/NAME.pth."""
+        return os.path.join(self.output_dir, f"{name}.pth")
+
+    def done(self, name: str) -> bool:
+        """Whether `name` was distilled with this sweep's training settings, its file there."""
+        row = self.rows.get(name)
+        return (row is not None and os.path.isfile(self.student(name))
+                and row["training"] == self.training)
+
+    def run(self, name: str, method: str | None = None, global_ranking: bool = False,
+            sparsity: float | None = None, position: str = "") -> dict:
+        """Prune and distil one setting (unless done before); returns its row."""
+        if self.done(name):
+            print(f"{name}: done before ({self.rows[name]['accuracy']:.1%}), not run again")
+            return self.rows[name]
+        started = time.perf_counter()
+        student = self.student(name)
+        print(f"\n=== {name} ({position}) ===", flush=True)
+        try:
+            prune_and_distil(self.setup, student, Setting(method, global_ranking, sparsity))
+        except Interrupted:
+            raise Interrupted(f"Stopped while distilling {name}; its state is saved: run the "
+                              "same sweep.py command again to continue (finished settings are "
+                              "not run again)") from None
+        checkpoint = load_checkpoint(student, kinds=("finetuned",))
+        self.rows[name] = {"name": name, "method": method or MOBILENET_V2,
+                           "global": global_ranking, "sparsity": sparsity, "path": student,
+                           "accuracy": checkpoint["metrics"]["val_accuracy"],
+                           "params": count_parameters(model_from_checkpoint(checkpoint, student)),
+                           "training": self.training,
+                           "minutes": round((time.perf_counter() - started) / 60, 2)}
+        self.save()
+        self.print_progress()
+        return self.rows[name]
+
+    def print_progress(self) -> None:
+        """The settings distilled so far, as a running table."""
+        print(f"\n{'setting':<22}{'val acc':>9}{'params':>10}{'minutes':>9}")
+        for row in self.rows.values():
+            print(f"{row['name']:<22}{row['accuracy']:>9.1%}{row['params'] / 1e6:>9.2f}M"
+                  f"{row['minutes']:>9.1f}")
+        print(flush=True)
+
+    def save(self, dense: dict | None = None) -> None:
+        """sweep.json: the dense row (if given), then every setting's."""
+        rows = ([dense] if dense else []) + list(self.rows.values())
+        write_json(rows, self.report)
+
+
+def search(sweep: Sweep, method: str, global_ranking: bool, dense_accuracy: float,
+           max_drop: float, steps: int) -> float:
+    """The largest sparsity of `method` whose student stays within `max_drop` points of
+    the dense accuracy, by bisection between 0 (the dense model) and 1; each probe is a
+    setting of `sweep`."""
+    low, high = 0.0, 1.0
+    for step in range(steps):
+        sparsity = round((low + high) / 2, 4)
+        row = sweep.run(setting_name(method, global_ranking, sparsity), method, global_ranking,
+                        sparsity, f"search step {step + 1} of {steps}")
+        within = within_budget(row["accuracy"], dense_accuracy, max_drop)
+        print(f"search: sparsity {sparsity:g} is {'within' if within else 'outside'} the "
+              f"{max_drop:g}-point budget ({row['accuracy']:.1%} vs dense {dense_accuracy:.1%})")
+        low, high = (sparsity, high) if within else (low, sparsity)
+    return low
+
+
+def within_budget(accuracy: float, dense_accuracy: float, max_drop: float) -> bool:
+    """Whether `accuracy` is at most `max_drop` points below the dense model's (a student
+    exactly at the budget is within it, whatever the floating-point rounding)."""
+    return round(100 * (dense_accuracy - accuracy), 9) <= max_drop
+
+
+def pareto(rows: Sequence[dict], key: str) -> set[str]:
+    """Names of the rows no other row beats in both `key` (lower) and accuracy (higher)."""
+    front, best = set(), -1.0
+    for row in sorted(rows, key=lambda r: (r[key], -r["accuracy"])):
+        if row["accuracy"] > best:
+            front.add(row["name"])
+            best = row["accuracy"]
+    return front
+
+
+def pick(rows: Sequence[dict], dense: dict, max_drop: float) -> dict | None:
+    """The fastest row (batch-1 latency; fewer parameters on a tie) within `max_drop` points."""
+    within = [r for r in rows if within_budget(r["accuracy"], dense["accuracy"], max_drop)]
+    return min(within, key=lambda r: (r["latency_ms"], r["params"]), default=None)
+
+
+def measure(setup: SweepSetup, done: Sequence[dict], report: str) -> tuple[list[dict], dict]:
+    """(rows, dense row): the students of `done` (rows with a "path") and the dense model,
+    measured together as test.py --compare measures (its report, compare.json/.png, and a
+    confusion matrix beside each checkpoint: `report`), the Pareto fronts marked."""
+    print(f"\nMeasuring the dense model and {len(done)} students as test.py --compare ...",
+          flush=True)
+    teacher, device = setup.teacher, setup.device
+    models = [("dense", teacher.path, teacher.checkpoint, teacher.model.to(device).eval())]
+    for row in done:
+        checkpoint = load_checkpoint(row["path"], kinds=("finetuned",))
+        models.append((row["name"], row["path"], checkpoint,
+                       model_from_checkpoint(checkpoint, row["path"]).to(device).eval()))
+    measured = compare(models, data=setup.data, device=device, timing=setup.timing,
+                       batch_size=setup.recipe.batch_size, workers=setup.recipe.workers,
+                       verbose=setup.verbose)
+    save_comparison(measured, report)
+    # the setting as it was made, the numbers as measured now
+    rows = [{**row, **numbers, "name": row["name"]} for row, numbers in zip(done, measured[1:])]
+    for key in ("latency_ms", "params"):
+        front = pareto(rows, key)
+        for row in rows:
+            row[f"pareto_{key.split('_')[0]}"] = row["name"] in front
+    return rows, measured[0]
+
+
+def present(rows: list[dict], dense: dict, max_drop: float | None, output_dir: str) -> dict | None:
+    """Mark, print and draw the measured rows; returns the row `max_drop` picks (or None)."""
+    chosen = pick(rows, dense, max_drop) if max_drop is not None else None
+    for row in rows:
+        row["picked"] = row is chosen
+    print_sweep(rows, dense)
+    plot_sweep(rows, dense, os.path.join(output_dir, "sweep.png"), max_drop)
+    if max_drop is not None:
+        print(f"--max-drop {max_drop:g}: " + (
+            f"{chosen['name']} ({chosen['path']}): {chosen['accuracy']:.1%} vs dense "
+            f"{dense['accuracy']:.1%}, {dense['params'] / chosen['params']:.1f}x fewer "
+            f"parameters, {dense['latency_ms'] / chosen['latency_ms']:.1f}x faster at batch 1"
+            if chosen else f"no setting is within {max_drop:g} points of the dense "
+                           f"{dense['accuracy']:.1%}"))
+    return chosen
+
+
+def run_sweep(setup: SweepSetup, settings: Sequence[Setting], output_dir: str, *,
+              max_drop: float | None = None, bisect: tuple[str, bool] | None = None,
+              bisect_steps: int = 4) -> tuple[list[dict], dict]:
+    """sweep.py's plain engine: every setting (unless done before), then with `bisect`
+    (method, global ranking) a search of its sparsity within `max_drop`, then all the
+    students of `output_dir` distilled alike measured together with the dense model
+    (sweep.json, sweep.png, compare.json/.png). Returns (rows, dense row)."""
+    sweep = Sweep(setup, output_dir)
+    os.makedirs(output_dir, exist_ok=True)
+    print(f"Sweep of {len(settings)} settings{' and a search' if bisect else ''} from "
+          f"{setup.teacher.path}, {setup.recipe.epochs} distillation epochs each, into "
+          f"{output_dir}/", flush=True)
+    for number, setting in enumerate(settings, 1):
+        sweep.run(setting.name, setting.method, setting.global_ranking, setting.sparsity,
+                  f"setting {number} of {len(settings)}")
+    if bisect:
+        dense_accuracy = setup.teacher.checkpoint["metrics"]["val_accuracy"]
+        found = search(sweep, *bisect, dense_accuracy, max_drop, bisect_steps)
+        print(f"search: the largest {bisect[0]} sparsity within {max_drop:g} points is "
+              f"{found:g}" if found else "search: no sparsity tried stays within the budget")
+
+    left_out = [name for name in sweep.rows if not sweep.done(name)]
+    if left_out:
+        print(f"Left out (distilled with other settings, or their file is gone): "
+              f"{', '.join(left_out)}; their rows leave sweep.json, their files stay")
+    done = [dict(row, path=sweep.student(name)) for name, row in sweep.rows.items()
+            if name not in left_out]
+    rows, dense = measure(setup, done, os.path.join(output_dir, "compare.json"))
+    present(rows, dense, max_drop, output_dir)
+    sweep.rows = {row["name"]: row for row in rows}
+    sweep.save(dense)
+    print(f"Saved {sweep.report} and {os.path.join(output_dir, 'sweep.png')}")
+    return rows, dense

@@ -1,0 +1,392 @@
+"""Specification of sweep.py (stage 7) and of timing.interleaved_seconds.
+
+- A sweep prunes and distils each setting, times all students and the dense model
+  together, and writes sweep.json (a dense row, then one row per setting) and
+  sweep.png beside the students.
+- It resumes: a setting already distilled with the same training flags is not run
+  again; adding a sparsity runs only the new setting; timings are always redone.
+- --max-drop picks the fastest row within the budget (sweep.pick); sweep.pareto marks
+  the rows no other row beats; --search bisects the sparsity (sweep.search).
+- Bad values are one-line errors.
+- timing.interleaved_seconds times its runs interleaved, each round in a new order,
+  and stops as soon as every run's median is known well enough (else at max_repeats).
+
+The real sweep runs once per module from the session pipeline's dense model (l1 at
+0.5, 1 distillation epoch, 2 to 3 timed runs), then twice more to resume it.
+"""
+import itertools
+import json
+import os
+import shutil
+import sys
+import types
+
+import pytest
+import torch
+
+from compress import search, timing
+from helpers import (assert_clean_error, load_script, run_in_process, run_script,
+                      small_checkpoint)
+
+sweep = load_script("sweep")
+UNBUDGETED = ["sweep.py", "--methods", "l1", "--kd-epochs", 1, "--batch-size", 8,
+              "--workers", 0, "--max-repeats", 3, "--repeats", 2]
+SWEEP = [*UNBUDGETED, "--max-drop", 100]
+MEASURED = ["accuracy", "params", "flops", "file_bytes", "latency_ms", "latency_iqr_ms",
+            "throughput_ips", "path"]
+
+
+def run_sweep(folder, *sparsities):
+    proc = run_script(*SWEEP, "--sparsities", *sparsities, cwd=folder)
+    assert proc.returncode == 0, f"{proc.stdout}\n{proc.stderr}"
+    return proc
+
+
+def read_rows(folder, report="sweep.json"):
+    return json.loads((folder / "sweep" / report).read_text())
+
+
+def stamp(path):
+    status = path.stat()
+    return status.st_mtime_ns, status.st_size
+
+
+def settings_of(rows):
+    return [row for row in rows if row["name"] != "dense"]
+
+
+def assert_picked_is_fastest_within(rows, max_drop):
+    dense, settings = rows[0], settings_of(rows)
+    within = [r for r in settings if 100 * (dense["accuracy"] - r["accuracy"]) <= max_drop]
+    picked = [r for r in settings if r["picked"]]
+    assert len(picked) == 1
+    assert picked[0]["latency_ms"] == min(r["latency_ms"] for r in within)
+
+
+@pytest.fixture(scope="module")
+def swept(pipeline, tmp_path_factory):
+    """A sweep of l1 at 0.5 in a folder holding the pipeline's dataset and dense model;
+    its rows and the student's file stamp as they were right after it."""
+    folder = tmp_path_factory.mktemp("sweep")
+    shutil.copytree(pipeline.path("dataset"), folder / "dataset")
+    shutil.copy2(pipeline.path("vgg16Net.pth"), folder / "vgg16Net.pth")
+    proc = run_sweep(folder, 0.5)
+    return types.SimpleNamespace(folder=folder, proc=proc, rows=read_rows(folder),
+                                 compared=read_rows(folder, "compare.json"),
+                                 student=stamp(folder / "sweep" / "l1-0.5.pth"))
+
+
+@pytest.fixture(scope="module")
+def resumed(swept):
+    """The same sweep run again, then once more with sparsity 0.7 added."""
+    folder = swept.folder
+    again = run_sweep(folder, 0.5)
+    student_after_again = stamp(folder / "sweep" / "l1-0.5.pth")
+    more = run_sweep(folder, 0.5, 0.7)
+    return types.SimpleNamespace(again=again, student_after_again=student_after_again,
+                                 more=more, student_after_more=stamp(folder / "sweep" /
+                                                                     "l1-0.5.pth"),
+                                 rows=read_rows(folder), compared=read_rows(folder, "compare.json"))
+
+
+# --- one sweep --------------------------------------------------------------------------
+
+def test_sweep_json_has_the_dense_row_then_one_row_per_setting(swept):
+    assert [row["name"] for row in swept.rows] == ["dense", "l1-0.5"]
+    dense, setting = swept.rows
+    assert dense["path"] == "vgg16Net.pth" and dense["kind"] == "dense"
+    for key in MEASURED:
+        assert key in dense, key
+    for key in ["method", "sparsity", *MEASURED]:
+        assert key in setting, key
+    assert (setting["method"], setting["global"], setting["sparsity"]) == ("l1", False, 0.5)
+
+
+def test_every_row_names_an_existing_file_of_the_size_it_reports(swept):
+    for row in swept.rows:
+        path = swept.folder / row["path"]
+        assert path.is_file(), row["path"]
+        assert row["file_bytes"] == path.stat().st_size
+    assert swept.rows[1]["path"] == "sweep/l1-0.5.pth"
+    assert (swept.folder / "sweep" / "l1-0.5.pruned.pth").is_file()
+
+
+def test_the_pruned_student_is_smaller_and_faster_to_compute(swept):
+    dense, setting = swept.rows
+    assert 0.2 < setting["params"] / dense["params"] < 0.3  # half the channels: ~a quarter
+    assert 0.2 < setting["flops"] / dense["flops"] < 0.3
+
+
+def test_the_rows_hold_the_numbers_test_py_compare_measured_in_the_same_run(swept):
+    assert len(swept.compared) == len(swept.rows)
+    for row, measured in zip(swept.rows, swept.compared):
+        assert row["path"] == measured["path"]
+        for key in ("accuracy", "params", "flops", "latency_ms", "latency_iqr_ms",
+                    "throughput_ips"):
+            assert row[key] == measured[key], (row["name"], key)
+        assert 2 <= row["latency_runs"] <= 3  # --repeats 2 --max-repeats 3
+        assert row["latency_ms"] > 0 and row["latency_iqr_ms"] >= 0
+
+
+def test_the_picked_row_is_the_fastest_within_the_budget(swept):
+    assert_picked_is_fastest_within(swept.rows, 100)
+    assert "--max-drop 100: l1-0.5 (sweep/l1-0.5.pth)" in swept.proc.stdout
+
+
+def test_the_sweep_draws_its_chart(swept):
+    assert (swept.folder / "sweep" / "sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "Saved sweep/sweep.json and sweep/sweep.png" in swept.proc.stdout
+
+
+# --- resuming ---------------------------------------------------------------------------
+
+def test_the_same_command_again_does_not_run_the_setting_again(swept, resumed):
+    assert "l1-0.5: done before (" in resumed.again.stdout
+    assert "not run again" in resumed.again.stdout
+    assert "=== l1-0.5" not in resumed.again.stdout
+    assert resumed.student_after_again == swept.student
+
+
+def test_adding_a_sparsity_runs_only_the_new_setting(swept, resumed):
+    assert "l1-0.5: done before (" in resumed.more.stdout
+    assert "=== l1-0.5" not in resumed.more.stdout
+    assert "=== l1-0.7 (setting 2 of 2) ===" in resumed.more.stdout
+    assert resumed.student_after_more == swept.student
+
+
+def test_a_resumed_sweep_reports_every_setting_timed_anew(swept, resumed):
+    assert [row["name"] for row in resumed.rows] == ["dense", "l1-0.5", "l1-0.7"]
+    assert (swept.folder / "sweep" / "l1-0.7.pth").is_file()
+    for row, measured in zip(resumed.rows, resumed.compared):
+        assert row["latency_ms"] == measured["latency_ms"], row["name"]
+    old = {row["name"]: row["latency_ms"] for row in swept.rows}
+    assert all(row["latency_ms"] != old[row["name"]] for row in resumed.rows if row["name"] in old)
+
+
+def test_a_resumed_sweep_picks_the_fastest_of_all_its_settings(resumed):
+    assert_picked_is_fastest_within(resumed.rows, 100)
+    assert resumed.rows[2]["params"] < resumed.rows[1]["params"]  # 0.7 is smaller than 0.5
+
+
+@pytest.fixture(scope="module")
+def extended(swept, resumed):
+    """After those: a MobileNetV2 student and a one-step search of l1 added; then, with
+    l1-0.7's student deleted, a run without --max-drop."""
+    folder = swept.folder
+    more = run_script(*SWEEP, "--sparsities", 0.5, "--mobilenet-v2", "--search", "l1",
+                      "--search-steps", 1, cwd=folder)
+    assert more.returncode == 0, f"{more.stdout}\n{more.stderr}"
+    rows = read_rows(folder)
+    (folder / "sweep" / "l1-0.7.pth").unlink()
+    unbudgeted = run_script(*UNBUDGETED, "--sparsities", 0.5, cwd=folder)
+    assert unbudgeted.returncode == 0, f"{unbudgeted.stdout}\n{unbudgeted.stderr}"
+    return types.SimpleNamespace(more=more, rows=rows, unbudgeted=unbudgeted,
+                                 rows_unbudgeted=read_rows(folder))
+
+
+def test_a_mobilenet_v2_student_joins_the_sweep(extended):
+    student = {row["name"]: row for row in extended.rows}["mobilenet_v2"]
+    assert (student["method"], student["arch"], student["sparsity"]) == \
+        ("mobilenet_v2", "mobilenet_v2", None)
+    assert student["params"] < extended.rows[0]["params"]
+
+
+def test_the_search_reuses_a_setting_already_distilled(extended):
+    assert "search: sparsity 0.5 is within the 100-point budget" in extended.more.stdout
+    assert "=== l1-0.5" not in extended.more.stdout
+    assert "search: the largest l1 sparsity within 100 points is 0.5" in extended.more.stdout
+
+
+def test_a_setting_whose_student_is_gone_is_left_out(extended):
+    assert "Left out (distilled with other settings, or their file is gone): l1-0.7" in \
+        extended.unbudgeted.stdout
+    assert [row["name"] for row in extended.rows_unbudgeted] == \
+        ["dense", "l1-0.5", "mobilenet_v2"]
+
+
+def test_without_max_drop_no_row_stays_picked(extended):
+    assert any(row.get("picked") for row in extended.rows)
+    assert not any(row["picked"] for row in settings_of(extended.rows_unbudgeted))
+    assert "picked by" in extended.unbudgeted.stdout and " * " not in extended.unbudgeted.stdout
+
+
+# --- pick, pareto, search on hand-made rows ------------------------------------------
+
+def row(name, latency_ms, accuracy, params):
+    return {"name": name, "latency_ms": latency_ms, "accuracy": accuracy, "params": params}
+
+
+ROWS = [row("fast", 1.0, 0.50, 10), row("mid", 2.0, 0.88, 20), row("slow", 5.0, 0.90, 40),
+        row("beaten", 6.0, 0.86, 5)]
+DENSE = {"name": "dense", "accuracy": 0.90}
+
+
+@pytest.mark.parametrize("max_drop, name", [(100, "fast"), (50, "fast"), (39, "mid"),
+                                            (2.5, "mid"), (1, "slow"), (0, "slow")])
+def test_pick_takes_the_fastest_row_within_max_drop_points(max_drop, name):
+    assert search.pick(ROWS, DENSE, max_drop)["name"] == name
+
+
+def test_pick_prefers_fewer_parameters_between_equally_fast_rows():
+    rows = [row("big", 2.0, 0.9, 40), row("small", 2.0, 0.9, 20), row("slower", 3.0, 0.9, 1)]
+    assert search.pick(rows, DENSE, 1)["name"] == "small"
+
+
+def test_pick_gives_none_when_no_row_is_within_the_budget():
+    assert search.pick(ROWS, {"accuracy": 1.0}, 5) is None
+
+
+def test_a_row_exactly_max_drop_points_below_the_dense_model_is_within_the_budget():
+    assert search.pick([row("edge", 1.0, 17 / 20, 10)], {"accuracy": 18 / 20}, 5) is not None
+
+
+def test_pareto_keeps_the_rows_no_other_row_beats_in_both_measures():
+    assert search.pareto(ROWS, "latency_ms") == {"fast", "mid", "slow"}  # beaten: slower, worse
+    assert search.pareto(ROWS, "params") == {"beaten", "mid", "slow"}  # fast: bigger than beaten
+
+
+class Prober:
+    """Stands in for Sweep: a student's accuracy falls from 0.9 to 0.5 above sparsity 0.6."""
+
+    def __init__(self):
+        self.tried = []
+
+    def run(self, name, method, global_ranking, sparsity, position=""):
+        self.tried.append(name)
+        return {"name": name, "accuracy": 0.9 if sparsity <= 0.6 else 0.5}
+
+
+def test_search_bisects_to_the_largest_sparsity_within_the_budget():
+    prober = Prober()
+    assert search.search(prober, "l1", False, 0.9, 1, 4) == 0.5625
+    assert prober.tried == ["l1-0.5", "l1-0.75", "l1-0.625", "l1-0.5625"]
+    prober = Prober()
+    assert search.search(prober, "slim", True, 0.9, 1, 2) == 0.5
+    assert prober.tried == ["slim-global-0.5", "slim-global-0.75"]
+
+
+# --- the teacher, once -------------------------------------------------------------------
+
+def test_a_sweep_of_two_settings_loads_and_hashes_the_teacher_once(pipeline, tmp_path,
+                                                                     monkeypatch):
+    """Every setting is pruned from, distilled by and measured beside the teacher in memory:
+    its file is read twice in the whole run (torch.load once, its SHA-256 once)."""
+    shutil.copytree(pipeline.path("dataset"), tmp_path / "dataset")
+    shutil.copy2(pipeline.path("vgg16Net.pth"), tmp_path / "vgg16Net.pth")
+    teacher = str(tmp_path / "vgg16Net.pth")
+    loads, opens = [], []
+    load = torch.load
+
+    def counting_load(source, *args, **kwargs):
+        if isinstance(source, (str, os.PathLike)) and os.path.abspath(source) == teacher:
+            loads.append(source)
+        return load(source, *args, **kwargs)
+
+    def opening(event, arguments):
+        if event == "open" and isinstance(arguments[0], str) and opens is not None and \
+                os.path.abspath(arguments[0]) == teacher:
+            opens.append(arguments[1])
+
+    monkeypatch.setattr(torch, "load", counting_load)
+    sys.addaudithook(opening)  # every open() of the teacher's file, whoever opens it
+    try:
+        proc = run_in_process(sweep, *SWEEP[1:], "--sparsities", 0.5, 0.7, cwd=tmp_path)
+    finally:
+        counted, opens = list(opens), None  # (an audit hook cannot be removed: it goes quiet)
+    assert proc.returncode == 0, proc.stderr
+    assert "=== l1-0.5 (setting 1 of 2) ===" in proc.stdout
+    assert "=== l1-0.7 (setting 2 of 2) ===" in proc.stdout
+    assert len(loads) == 1
+    assert len(counted) == 2, counted  # torch.load's, and file_sha256's
+
+
+# --- bad values -----------------------------------------------------------------------
+
+@pytest.mark.parametrize("flags, named", [(["--sparsities"], "--sparsities"),
+                                          (["--sparsities", 1], "--sparsities"),
+                                          (["--methods", "nope"], "--methods"),
+                                          (["--methods", "l1:local"], "--methods"),
+                                          (["--search", "l1"], "--max-drop"),
+                                          (["--search-steps", 11], "--search-steps")])
+def test_bad_sweep_values_are_one_line_errors_before_any_work(tmp_path, flags, named):
+    proc = run_in_process(sweep, *flags, cwd=tmp_path)
+    assert_clean_error(proc, named)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_what_a_stage_would_refuse_later_is_refused_before_any_work(tmp_path):
+    small_checkpoint(tmp_path / "dense.pth")  # no batch norm, 32 px, no recorded accuracy
+    for flags, named in [(["--methods", "l1", "slim"], "batch norm"),
+                         (["--image-size", 64], "--image-size")]:
+        proc = run_in_process(sweep, "--weights", "dense.pth", *flags, cwd=tmp_path)
+        assert_clean_error(proc, "dense.pth", named)
+    assert [p.name for p in tmp_path.iterdir()] == ["dense.pth"]
+
+
+# --- timing.interleaved_seconds ------------------------------------------------------
+
+class FakeDevice:
+    """A clock and an accelerator: a run queues its seconds of work, sync() waits for it."""
+
+    def __init__(self):
+        self.now, self.queued, self.calls, self.syncs = 0.0, 0.0, [], 0
+
+    def perf_counter(self):
+        return self.now
+
+    def sync(self):
+        self.syncs += 1
+        self.now += self.queued
+        self.queued = 0.0
+
+    def runs(self, *seconds):
+        """One run per iterable of durations (a number: that many seconds every call)."""
+        def make(index, durations):
+            durations = itertools.repeat(durations) if isinstance(durations, float) \
+                else itertools.cycle(durations)
+
+            def run():
+                self.calls.append(index)
+                self.queued += next(durations)
+            return run
+        return [make(index, durations) for index, durations in enumerate(seconds)]
+
+
+@pytest.fixture
+def device(monkeypatch):
+    fake = FakeDevice()
+    monkeypatch.setattr(timing, "time", fake)
+    return fake
+
+
+def test_each_round_calls_every_run_once_in_a_new_order(device):
+    timing.interleaved_seconds(device.runs(1.0, 1.0, 1.0), device.sync, warmup=1, repeats=11,
+                                max_repeats=11)
+    rounds = [tuple(device.calls[i:i + 3]) for i in range(0, len(device.calls), 3)]
+    assert len(rounds) == 12 and all(sorted(order) == [0, 1, 2] for order in rounds)
+    # no run always follows the same one: each is timed after each of the others
+    followers = {(order[i], order[i + 1]) for order in rounds for i in range(2)}
+    assert followers == {(a, b) for a in range(3) for b in range(3) if a != b}
+
+
+def test_each_run_is_timed_alone_with_its_queued_work_and_warmup_left_out(device):
+    runs = device.runs([50.0] + [1.0] * 9, 2.0, 0.5)  # the first call of run 0 is slow
+    timings = timing.interleaved_seconds(runs, device.sync, warmup=1, repeats=3, max_repeats=3)
+    assert [t.median for t in timings] == [1.0, 2.0, 0.5]
+    assert [t.iqr for t in timings] == [0.0, 0.0, 0.0]
+    assert device.syncs == 2 * len(device.calls)  # before starting and before stopping
+
+
+def test_tight_timings_stop_after_repeats_rounds(device):
+    timings = timing.interleaved_seconds(device.runs(1.0, 3.0), device.sync, warmup=2,
+                                          repeats=4, max_repeats=50)
+    assert [t.runs for t in timings] == [4, 4]
+    assert len(device.calls) == (2 + 4) * 2
+
+
+def test_one_loose_run_keeps_all_of_them_going_to_max_repeats(device):
+    timings = timing.interleaved_seconds(device.runs(1.0, [1.0, 3.0]), device.sync, warmup=0,
+                                          repeats=4, max_repeats=20, precision=0.02)
+    assert [t.runs for t in timings] == [20, 20]
+    assert timings[0].uncertainty == 0 and timings[1].uncertainty > 0.02
+    assert len(device.calls) == 40
