@@ -67,6 +67,8 @@ def main(args):
     if not fp32_path.endswith(".onnx"):
         raise UserError(f"--output {fp32_path}: must end in .onnx (test.py knows an exported "
                         "model by it)")
+    for path in (fp32_path, deployment.int8_path_of(fp32_path)):  # before reading the weights
+        deployment.check_onnx_replaceable(path)
     checkpoint = load_checkpoint(args.weights, image_size=args.image_size)
     check_made_for(checkpoint, args.weights, "--image-size", image_size=args.image_size)
     model = model_from_checkpoint(checkpoint, args.weights)

@@ -77,7 +77,7 @@ def main(args):
     check_alpha(args.alpha)
     output = args.output or DEFAULT_OUTPUT[args.student_arch]
     check_replaceable(output)
-    torch.manual_seed(args.seed)  # (a new MobileNetV2's weights are drawn from it)
+    torch.manual_seed(args.seed)  # dropout's draws, and a new MobileNetV2's weights
     device = init_distributed(args.device)
     if args.student_arch == "pruned":
         student, student_path = pruned_student(args)

@@ -12,8 +12,9 @@ the SPARSITY fraction of their output channels, the least important by --method
 fraction is taken from all convolutions together (and from both hidden layers
 together), so the layers that matter keep more. NNI ModelSpeedup then rebuilds
 the layers without the pruned channels, so parameters and FLOPs really drop (by
-about 4x at sparsity 0.5). The script checks that the small model computes the same outputs as the
-masked one before saving it. Accuracy drops; knowledge_distillation.py wins it back.
+about 4x at sparsity 0.5). The script checks that the small model computes the
+same outputs as the masked one before saving it. Accuracy drops;
+knowledge_distillation.py wins it back.
 
     python pruner.py
     python pruner.py --sparsity 0.7 --output pruned70.pth

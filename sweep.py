@@ -45,7 +45,8 @@ import textwrap
 from compress.cli import (UserError, add_data_args, add_timing_args, add_verbose_arg, fraction,
                           int_within, make_parser, points, positive_float, positive_int,
                           resolve_device, run_cli)
-from compress.experiment import SPARSITY_STEP, ExperimentPlan, run_experiment
+from compress import trial
+from compress.experiment import SPARSITY_STEP, ExperimentPlan, run_experiment, search_space
 from compress.nni_engine import ASSESSOR, TUNER
 from compress.pruning import METHODS
 from compress.search import Setting, SweepSetup, Teacher, method_setting, run_sweep
@@ -140,14 +141,14 @@ def setup_of(args, methods=()):
     recipe = Recipe(args.kd_epochs, args.lr, args.batch_size, args.seed, args.crop_scale,
                     args.cache, args.amp, args.workers)
     return SweepSetup(teacher, args.data, recipe, resolve_device(args.device),
-                      TimingPlan(args.warmup, args.repeats, args.max_repeats, PRECISION),
+                      TimingPlan(args.warmup, args.repeats, args.max_repeats, PRECISION,
+                                 args.seed),
                       args.image_size, args.verbose)
 
 
 def main(args):
     methods = args.methods or [("l1", False)]
     if args.nni_trial:
-        from compress import trial  # (imports NNI's trial API)
         trial.check_run_by_nni()  # before the teacher is loaded
         return trial.run_trial(setup_of(args), args.output_dir, args.max_drop, args.concurrency)
     if args.engine == "nni":
@@ -158,6 +159,7 @@ def main(args):
                 raise UserError(f"{flag}: not with --engine nni (the plain sweep runs it)")
         plan = ExperimentPlan(methods, args.sparsities, args.max_drop, args.trials,
                               args.concurrency, args.host, args.port, args.nni_config)
+        search_space(plan.methods, plan.sparsities)  # one setting is refused before any work
         setup = setup_of(args, [method for method, _ in methods])
         return run_experiment(setup, plan, args.output_dir,
                               lambda concurrency: trial_command(args, concurrency),

@@ -8,14 +8,15 @@
   checkpoint, the history, Ctrl-C and --resume, torchrun); returns the history.
 - `distil_checkpoint()`: what knowledge_distillation.py does with two checkpoints --
   the checks that they fit each other and the data, the loaders, `distil()`, and the
-  best student saved as a finetuned checkpoint. The sweep calls it with the teacher
-  already loaded.
+  best student saved as a finetuned checkpoint. The sweep calls it with the teacher's
+  checkpoint read once.
 - `mobilenet_student()`: a new (or --pretrained) MobileNetV2 checkpoint for the
   teacher's classes, pictures and normalisation: the light design to weigh against
   pruning.
 
     teacher = load_checkpoint("vgg16Net.pth", kinds=("dense",))
     student = load_checkpoint("pruned_vgg16_net.pth", kinds=("pruned",))
+    torch.manual_seed(0)  # the dropout's draws
     history = distil_checkpoint(teacher, "vgg16Net.pth", student, "pruned_vgg16_net.pth",
                                 data="dataset", output="student.pth",
                                 recipe=Recipe(epochs=20, lr=1e-4))
@@ -124,28 +125,31 @@ def check_pair(teacher_checkpoint: dict, teacher_path: str, student_checkpoint: 
 def distil_checkpoint(teacher_checkpoint: dict, teacher_path: str, student_checkpoint: dict,
                       student_path: str, *, data: str, output: str, recipe: Recipe,
                       temperature: float = TEMPERATURE, alpha: float = ALPHA,
-                      device: str | torch.device = "auto", teacher: torch.nn.Module | None = None,
-                      teacher_sha256: str | None = None, pretrained: str | None = None,
+                      device: str | torch.device = "auto", teacher_sha256: str | None = None,
+                      pretrained: str | None = None,
                       resume: str | None = None, on_epoch: Callable[[dict], None] | None = None,
                       say: Callable = print) -> list[dict]:
     """Distil `student_checkpoint` (read from `student_path`, or a new MobileNetV2's) from
     `teacher_checkpoint` on the split in `data` with `recipe`; the best student is saved to
     `output` as a finetuned checkpoint. Returns the history.
 
-    `teacher` / `teacher_sha256`: the teacher's model and its file's SHA-256, if the caller
-    has them already (the sweep, distilling many students from one teacher); else built
-    from the checkpoint and read from `teacher_path`. `device`: a torch.device, or
-    --device's text (under torchrun each process takes its own GPU).
+    `teacher_sha256`: the SHA-256 of the teacher's file if the caller has it already (the
+    sweep, distilling many students from one teacher read once), else read from
+    `teacher_path`. `device`: a torch.device, or --device's text (under torchrun each
+    process takes its own GPU).
+
+    The random stream that dropout draws from is the caller's to seed (the stages seed it
+    with --seed before making the student): both models are built here from their
+    checkpoints, and their initialisation draws from it first, as it always has, so the
+    same seed gives the same student however it is called.
     """
-    torch.manual_seed(recipe.seed)
     device = init_distributed(device) if isinstance(device, str) else device
     check_pair(teacher_checkpoint, teacher_path, student_checkpoint, student_path, data)
     image_size = student_checkpoint["image_size"]
     normalization = student_checkpoint["normalization"]
     class_names = teacher_checkpoint["class_names"]
     loaders = recipe.loaders(data, image_size, device, normalization)
-    if teacher is None:
-        teacher = model_from_checkpoint(teacher_checkpoint, teacher_path)
+    teacher = model_from_checkpoint(teacher_checkpoint, teacher_path)
     student = model_from_checkpoint(student_checkpoint, student_path)
     for network in (teacher.eval(), student):  # the batches arrive in this layout
         network.to(device, memory_format=MEMORY_FORMAT)

@@ -10,7 +10,7 @@
 - `save_comparison()`: what test.py --compare leaves on disk (its JSON report, its
   figure beside it, a confusion matrix beside each model's file).
 
-The rows these take are those of evaluation.compare() and the sweep's.
+The rows these take are those of comparison.compare() and the sweep's.
 """
 from __future__ import annotations
 
@@ -126,12 +126,17 @@ def print_comparison(rows: Sequence[dict]) -> None:
               f"{row['throughput_ips']:>7.1f}img/s "
               f"{row['throughput_ips'] / base['throughput_ips']:>5.2f}x↑")
     print("(x: model / first model; x↑: speed-up over the first model)")
+    print_loose_timings(rows)
+    print()
+
+
+def print_loose_timings(rows: Sequence[dict]) -> None:
+    """Name the rows whose medians are known less well than PRECISION, if any."""
     loose = [row["name"] for row in rows if row["timing_uncertainty"] > PRECISION]
     if loose:
         print(f"The medians of {', '.join(loose)} are known only to more than {PRECISION:.0%} "
               "(IQR / sqrt(runs)) after --max-repeats runs: the machine was busy; compare them "
               "with care, or time them again")
-    print()
 
 
 def plot_comparison(rows: Sequence[dict], path: str, show: bool = False) -> None:
@@ -178,6 +183,7 @@ def print_sweep(rows: Sequence[dict], dense: dict) -> None:
               f"{row['latency_iqr_ms']:>7.2f}{dense['latency_ms'] / row['latency_ms']:>9.1f}x"
               f"{row['throughput_ips']:>12.0f}")
     print("(p: on the accuracy/latency Pareto front; *: picked by --max-drop)")
+    print_loose_timings([dense, *rows])
 
 
 def plot_sweep(rows: Sequence[dict], dense: dict, path: str, max_drop: float | None) -> None:

@@ -28,8 +28,9 @@ from collections.abc import Callable, Sequence
 import torch
 
 from model import MOBILENET_V2, count_parameters
-from compress.checkpoints import (atomic_save, check_made_for, file_sha256, load_checkpoint,
-                                  model_from_checkpoint, output_path, write_json)
+from compress.checkpoints import (atomic_save, check_made_for, check_replaceable, file_sha256,
+                                  load_checkpoint, model_from_checkpoint, output_path,
+                                  write_json)
 from compress.cli import Interrupted, UserError
 from compress.comparison import compare
 from compress.distillation import distil_checkpoint, mobilenet_student
@@ -73,10 +74,10 @@ def setting_name(method: str, global_ranking: bool, sparsity: float) -> str:
 
 @dataclasses.dataclass
 class Teacher:
-    """The dense model every student of a sweep is pruned from and distilled by."""
+    """The dense model every student of a sweep is pruned from and distilled by: its
+    checkpoint and its file's SHA-256, read once per run."""
     path: str
     checkpoint: dict
-    model: torch.nn.Module
     sha256: str
 
     @classmethod
@@ -89,8 +90,7 @@ class Teacher:
         check_made_for(checkpoint, path, "--image-size", image_size=image_size)
         for method in methods:
             check_rankable(checkpoint, path, method, flag)
-        model = model_from_checkpoint(checkpoint, path).eval()
-        return cls(path, checkpoint, model, file_sha256(path))
+        return cls(path, checkpoint, file_sha256(path))
 
 
 @dataclasses.dataclass
@@ -127,20 +127,27 @@ def prune_and_distil(setup: SweepSetup, student: str, setting: Setting,
     teacher, recipe = setup.teacher, setup.recipe
     state = output_path(student, "state.pth")
     resume = state if os.path.isfile(state) else None
+    pruned = output_path(student, "pruned.pth")
+    check_outputs(student, setting, resume)
     if setting.method is None:
-        torch.manual_seed(recipe.seed)  # (the new MobileNetV2's weights are drawn from it)
-        checkpoint = mobilenet_student(teacher.checkpoint)
-        student_path = f"a new {MOBILENET_V2}"
+        torch.manual_seed(recipe.seed)  # the new MobileNetV2's weights, then dropout, draw on it
+        checkpoint, student_path = mobilenet_student(teacher.checkpoint), f"a new {MOBILENET_V2}"
     else:
-        student_path = output_path(student, "pruned.pth")
-        if resume:  # (a resumed distillation keeps its student)
-            checkpoint = load_checkpoint(student_path, kinds=("pruned", "finetuned"))
-        else:
-            checkpoint = prune(setup, student_path, setting)
+        student_path = pruned
+        checkpoint = (load_checkpoint(pruned, kinds=("pruned", "finetuned")) if resume  # (kept)
+                      else prune(setup, pruned, setting))
+        torch.manual_seed(recipe.seed)  # dropout's draws, as knowledge_distillation.py seeds them
     return distil_checkpoint(teacher.checkpoint, teacher.path, checkpoint, student_path,
                              data=setup.data, output=student, recipe=recipe,
-                             device=setup.device, teacher=teacher.model,
-                             teacher_sha256=teacher.sha256, resume=resume, on_epoch=on_epoch)
+                             device=setup.device, teacher_sha256=teacher.sha256,
+                             resume=resume, on_epoch=on_epoch)
+
+
+def check_outputs(student: str, setting: Setting, resume: str | None = None) -> None:
+    """Refuse a file of someone else's where a setting's student (or pruned model) goes."""
+    pruned = output_path(student, "pruned.pth")
+    for path in ([student] if resume or setting.method is None else [student, pruned]):
+        check_replaceable(path, "--output-dir")
 
 
 def prune(setup: SweepSetup, path: str, setting: Setting) -> dict:
@@ -294,7 +301,8 @@ def measure(setup: SweepSetup, done: Sequence[dict], report: str) -> tuple[list[
     print(f"\nMeasuring the dense model and {len(done)} students as test.py --compare ...",
           flush=True)
     teacher, device = setup.teacher, setup.device
-    models = [("dense", teacher.path, teacher.checkpoint, teacher.model.to(device).eval())]
+    dense = model_from_checkpoint(teacher.checkpoint, teacher.path).to(device).eval()
+    models = [("dense", teacher.path, teacher.checkpoint, dense)]
     for row in done:
         checkpoint = load_checkpoint(row["path"], kinds=("finetuned",))
         models.append((row["name"], row["path"], checkpoint,
@@ -337,6 +345,9 @@ def run_sweep(setup: SweepSetup, settings: Sequence[Setting], output_dir: str, *
     students of `output_dir` distilled alike measured together with the dense model
     (sweep.json, sweep.png, compare.json/.png). Returns (rows, dense row)."""
     sweep = Sweep(setup, output_dir)
+    for setting in settings:  # now, not after the settings before it have run
+        if not sweep.done(setting.name):
+            check_outputs(sweep.student(setting.name), setting)
     os.makedirs(output_dir, exist_ok=True)
     print(f"Sweep of {len(settings)} settings{' and a search' if bisect else ''} from "
           f"{setup.teacher.path}, {setup.recipe.epochs} distillation epochs each, into "

@@ -25,8 +25,8 @@ import pytest
 import torch
 
 from compress import search, timing
-from helpers import (assert_clean_error, load_script, run_in_process, run_script,
-                      small_checkpoint)
+from helpers import (assert_clean_error, files_under, load_script, run_in_process, run_script,
+                     small_checkpoint)
 
 sweep = load_script("sweep")
 UNBUDGETED = ["sweep.py", "--methods", "l1", "--kd-epochs", 1, "--batch-size", 8,
@@ -109,6 +109,20 @@ def test_every_row_names_an_existing_file_of_the_size_it_reports(swept):
         assert row["file_bytes"] == path.stat().st_size
     assert swept.rows[1]["path"] == "sweep/l1-0.5.pth"
     assert (swept.folder / "sweep" / "l1-0.5.pruned.pth").is_file()
+
+
+def test_a_swept_student_is_the_one_knowledge_distillation_py_makes(swept, tmp_path):
+    """The sweep distils as the script does: the same pruned model, flags and seed give the
+    same weights, bit for bit (the random stream dropout draws from included)."""
+    proc = run_script("knowledge_distillation.py", "--teacher", swept.folder / "vgg16Net.pth",
+                      "--student", swept.folder / "sweep" / "l1-0.5.pruned.pth",
+                      "--data", swept.folder / "dataset", "--epochs", 1, "--batch-size", 8,
+                      "--workers", 0, "--output", tmp_path / "by_hand.pth", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    by_hand, swept_student = (torch.load(path, weights_only=True)["state_dict"] for path in
+                              (tmp_path / "by_hand.pth", swept.folder / "sweep" / "l1-0.5.pth"))
+    assert by_hand.keys() == swept_student.keys()
+    assert all(torch.equal(by_hand[name], swept_student[name]) for name in by_hand)
 
 
 def test_the_pruned_student_is_smaller_and_faster_to_compute(swept):
@@ -321,6 +335,17 @@ def test_what_a_stage_would_refuse_later_is_refused_before_any_work(tmp_path):
         proc = run_in_process(sweep, "--weights", "dense.pth", *flags, cwd=tmp_path)
         assert_clean_error(proc, "dense.pth", named)
     assert [p.name for p in tmp_path.iterdir()] == ["dense.pth"]
+
+
+def test_a_file_of_someone_elses_where_a_student_goes_is_refused_before_any_work(tmp_path):
+    small_checkpoint(tmp_path / "dense.pth")
+    (tmp_path / "sweep").mkdir()
+    (tmp_path / "sweep" / "l1-0.7.pth").write_bytes(b"my own model")
+    proc = run_in_process(sweep, "--weights", "dense.pth", "--sparsities", 0.5, 0.7,
+                          cwd=tmp_path)
+    assert_clean_error(proc, "sweep/l1-0.7.pth", "refusing to overwrite it", "--output-dir")
+    assert files_under(tmp_path) == ["dense.pth", "sweep/l1-0.7.pth"]
+    assert (tmp_path / "sweep" / "l1-0.7.pth").read_bytes() == b"my own model"
 
 
 # --- timing.interleaved_seconds ------------------------------------------------------
