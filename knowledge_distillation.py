@@ -59,6 +59,13 @@ def get_args_parser():
                                          "finetuned_mobilenet_v2.pth for --student-arch "
                                          "mobilenet_v2)")
     parser.add_argument("--resume", metavar="STATE", help="continue an interrupted run")
+    parser.add_argument("--teacher-cache", metavar="PATH",
+                        help="keep the teacher's logits of every training picture and epoch in "
+                             "this file, and read them back instead of running the teacher "
+                             "(the pictures of epoch e are the same crops for every student): "
+                             "a second student distilled from the same teacher, pictures and "
+                             "seed runs the teacher on none it has seen. Refused if made for "
+                             "another teacher or other pictures; safe to delete (rebuilt)")
     return parser
 
 
@@ -95,7 +102,8 @@ def main(args):
                     args.amp, args.workers)
     distil_checkpoint(teacher, args.teacher, student, student_path, data=args.data, output=output,
                       recipe=recipe, temperature=args.temperature, alpha=args.alpha,
-                      device=device, pretrained=args.pretrained, resume=args.resume)
+                      device=device, pretrained=args.pretrained, resume=args.resume,
+                      teacher_cache=args.teacher_cache)
 
 
 if __name__ == "__main__":

@@ -6,18 +6,25 @@ Writes OUTPUT_DIR/ (sweep/)             per setting NAME (l1-0.5, slim-global-0.
          NAME.pruned.pth                  pruner.py's output (and .channels.png)
          NAME.pth                         the student distilled by knowledge_distillation.py
                                           (and .history.json/.png)
+         NAME.onnx, NAME.int8.onnx        the student as export.py ships it (--target int8
+                                          or onnx: every student; pytorch: the pick's only)
+       OUTPUT_DIR/dense.onnx, .int8.onnx  the dense model, exported alike (int8, onnx)
        OUTPUT_DIR/sweep.json            the dense model's object, then one per setting: method,
                                         sparsity, accuracy, params, FLOPs, file size, latency,
-                                        throughput, path
+                                        throughput, path (the .pth), file (what was measured),
+                                        and the same figures in PyTorch ("pytorch")
        OUTPUT_DIR/sweep.png             accuracy against latency and against parameters,
                                         the Pareto front marked, the dense model for reference
-       OUTPUT_DIR/compare.json/.png     test.py --compare's report of the same run
+       OUTPUT_DIR/compare.json/.png     test.py --compare's report of the same run (and
+                                        compare.pytorch.json/.png, the models in PyTorch)
 
 Each setting is pruned (as pruner.py prunes), distilled from the dense teacher for
 --kd-epochs (as knowledge_distillation.py distils; the teacher is loaded once), then
-all of them and the dense model are measured together, exactly as test.py --compare
-measures: accuracy on DATA/val, and latency timed interleaved so that the models
-are compared under the same conditions. A setting already distilled is not run
+all of them and the dense model are measured together as they would ship (--target:
+int8 ONNX files in onnxruntime, by default), exactly as test.py --compare measures:
+accuracy on DATA/val, and latency timed interleaved so that the models
+are compared under the same conditions. The --max-drop budget counts from the dense
+model's accuracy in PyTorch. A setting already distilled is not run
 again: run the same command after Ctrl-C, or with more settings, and only what is
 missing runs (timing is always redone, as timings are only comparable within one
 run). The report holds every setting distilled in OUTPUT_DIR from the same teacher
@@ -49,7 +56,9 @@ from compress import trial
 from compress.experiment import SPARSITY_STEP, ExperimentPlan, run_experiment, search_space
 from compress.nni_engine import ASSESSOR, TUNER
 from compress.pruning import METHODS
-from compress.search import Setting, SweepSetup, Teacher, method_setting, run_sweep
+from compress.candidates import SweepSetup, Teacher
+from compress.search import Setting, method_setting, run_sweep
+from compress.shipping import TARGETS
 from compress.timing import PRECISION, TimingPlan
 from compress.training import Recipe
 
@@ -77,6 +86,12 @@ def get_args_parser():
                              "the budget (each probe is a setting of its own)")
     parser.add_argument("--search-steps", type=int_within(1, "1 to 10", 10), default=4,
                         help="--search: sparsities tried (at most 10: 1/1024 apart)")
+    parser.add_argument("--target", choices=TARGETS, default="int8",
+                        help="what the models are measured as, and the pick decided by: "
+                             + "; ".join(f"{name}: {about}" for name, about in TARGETS.items())
+                             + ". int8 and onnx export every candidate (and the dense model) as "
+                               "export.py does, beside its .pth; pytorch exports the pick "
+                               "only")
     parser.add_argument("--output-dir", default="sweep", help="folder of the sweep's files")
     add_timing_args(parser, PRECISION)
     add_verbose_arg(parser)
@@ -125,6 +140,7 @@ def trial_command(args, concurrency):
              "--amp": args.amp, "--kd-epochs": args.kd_epochs, "--lr": args.lr,
              "--max-drop": args.max_drop, "--warmup": args.warmup, "--repeats": args.repeats,
              "--max-repeats": args.max_repeats, "--verbose": args.verbose,
+             "--target": args.target,
              "--concurrency": concurrency, "--nni-trial": True}
     argv = []
     for flag, value in given.items():
@@ -143,7 +159,7 @@ def setup_of(args, methods=()):
     return SweepSetup(teacher, args.data, recipe, resolve_device(args.device),
                       TimingPlan(args.warmup, args.repeats, args.max_repeats, PRECISION,
                                  args.seed),
-                      args.image_size, args.verbose)
+                      args.image_size, args.verbose, args.target, args.output_dir)
 
 
 def main(args):

@@ -7,25 +7,32 @@ Reads  vgg16Net.pth (prune_test = False) or finetuned_vgg16_net.pth (prune_test 
 Writes <weights>.confusion.png            (accuracy mode)
        <image name>.prediction.png        (--image: the picture with its predicted class)
        compare.json, compare.png, <weights>.confusion.png for each model   (--compare)
+       profile.json, profile.png          (--profile: each model's time, layer by layer)
 
     python test.py                         # accuracy of vgg16Net.pth on dataset/val
     python test.py --pruned                # ... of finetuned_vgg16_net.pth
     python test.py --image cat.jpg         # classify one picture
     python test.py --compare               # dense vs pruned vs distilled (vs int8, once
                                            # export.py ran), measured side by side
+    python test.py --profile vgg16Net.pth finetuned_vgg16_net.int8.onnx
+                                           # where their time goes, and why
 """
+import dataclasses
 import os
 
 import torch
 
-from compress.checkpoints import output_path
+from compress.checkpoints import output_path, write_json
 from compress.cli import (UserError, add_data_args, add_timing_args, add_verbose_arg, make_parser,
                           resolve_device, run_cli)
-from compress.comparison import compare, load_model, val_loader
+from compress.comparison import THROUGHPUT_BATCH, compare, load_model, val_loader
+from compress.cpu import describe_cpu
 from compress.data import eval_transform, load_rgb
 from compress.evaluation import evaluate
 from compress.onnx_files import exported_earlier_note, other_cpu_note
-from compress.reporting import plot_confusion, plot_prediction, print_comparison, save_comparison
+from compress.profiling import GEMM_SIZES, machine_peak, profile_model
+from compress.reporting import (explain_profiles, plot_confusion, plot_prediction, plot_profiles,
+                                print_comparison, print_profile, save_comparison)
 from compress.timing import PRECISION, TimingPlan
 
 prune_test = False  # False: test the dense vgg16Net.pth; True: the distilled pruned model
@@ -48,6 +55,13 @@ def get_args_parser():
                         help="measure these checkpoints side by side (default: "
                              + ", ".join(p for _, p in COMPARED) + ", those that exist)")
     parser.add_argument("--report", default="compare.json", help="JSON report of --compare")
+    parser.add_argument("--profile", nargs="*", metavar="PATH",
+                        help="where each model's time goes, layer by layer, at batch 1 and 32, "
+                             "on the CPU: time, multiply-adds and their rate against this "
+                             "machine's peak matrix-product speed, measured in the same run; "
+                             "then each model's speed-up against the first, and why (default: "
+                             "the --compare models that exist); writes profile.json and "
+                             "profile.png")
     add_timing_args(parser, PRECISION)
     add_verbose_arg(parser)
     return parser
@@ -123,7 +137,39 @@ def compare_models(args, device):
     return rows
 
 
+def profile_models(args):
+    paths = args.profile or [path for _, path in COMPARED if os.path.exists(path)]
+    if not paths:
+        raise UserError("no model to profile: none of " + ", ".join(p for _, p in COMPARED)
+                        + " exists here")
+    if args.device not in ("auto", "cpu"):
+        raise UserError(f"--device {args.device}: --profile runs on the CPU (--device cpu)")
+    names = {path: name for name, path in COMPARED}
+    cpu = torch.device("cpu")
+    models = [(names.get(path, os.path.basename(path)), path, *load_model(path, cpu))
+              for path in paths]
+    print("Measuring this machine's peak: square matrix products of "
+          f"{' and '.join(map(str, GEMM_SIZES))} ...", flush=True)
+    peak = machine_peak()
+    print(f"CPU: {describe_cpu()}, {torch.get_num_threads()} threads; peak "
+          f"{peak['fp32']:.1f} GMAC/s fp32 (torch.matmul), {peak['int8']:.1f} GMAC/s int8 "
+          "(onnxruntime MatMulInteger, u8 x s8)", flush=True)
+    profiles = [profile_model(name, path, checkpoint, model, batch, verbose=args.verbose)
+                for batch in (1, THROUGHPUT_BATCH) for name, path, checkpoint, model in models]
+    for profile in profiles:
+        print_profile(profile, peak["int8" if profile.precision == "int8" else "fp32"])
+    explain_profiles(profiles, peak)
+    write_json({"cpu": describe_cpu(), "threads": torch.get_num_threads(), "peak_gmacs": peak,
+                "profiles": [dataclasses.asdict(profile) for profile in profiles]},
+               "profile.json")
+    plot_profiles(profiles, "profile.png", args.show)
+    print("\nSaved profile.json and profile.png")
+
+
 def main(args):
+    if args.profile is not None:
+        profile_models(args)
+        return
     device = resolve_device(args.device)
     if args.compare is not None:
         compare_models(args, device)

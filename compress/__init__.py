@@ -14,15 +14,19 @@ above them here (tests/library/test_layout.py checks it).
     splitting      a photo folder split into train/ and val/, never touching the source
     timing         how fast: timed runs, several models interleaved
     evaluation     how good and how big: accuracy, confusion, FLOPs
-    reporting      the tables printed and the figures saved
     onnx_files     exported files: their self-description, running them in onnxruntime
+    profiling      where a model's time goes, layer by layer, against the machine's peak
+    reporting      the tables printed and the figures saved
     deployment     shipping: fp32 and int8 ONNX, each checked before it is saved
     comparison     several models measured side by side (test.py --compare)
     training       the training loop, Ctrl-C and --resume, the shared Recipe
     pretrained     starting from ImageNet's weights or a file of yours
     pruning        NNI's pruners and ModelSpeedup: a model that really shrinks
+    teacher_store  the teacher's logits of each training picture, computed once
     distillation   a student learns from the dense teacher
-    search         the plain sweep: settings pruned, distilled, measured, picked
+    shipping       a candidate as the file that would ship, in its runtime
+    candidates     a sweep's candidates: their setup, measured together, the pick
+    search         the plain sweep: settings pruned, distilled, shipped, measured
     nni_engine     NNI 3.0's experiment engine, and three mends of it
     experiment     the sweep as an NNI experiment: launched and followed
     trial          one trial of that experiment, as NNI runs it

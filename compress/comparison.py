@@ -19,6 +19,7 @@ import torch
 
 import model as vgg
 from compress.checkpoints import check_made_for, load_checkpoint, model_from_checkpoint
+from compress.cpu import cpu_class, describe_cpu
 from compress.data import find_classes, make_loader, val_set
 from compress.evaluation import count_flops, evaluate
 from compress.onnx_files import load_onnx
@@ -57,11 +58,14 @@ def val_loader(data: str, checkpoint: dict, path: str, device: torch.device, bat
 
 def measure(name: str, path: str, checkpoint: dict, model: torch.nn.Module, *, data: str,
             device: torch.device, batch_size: int = 32, workers: int | None = None,
-            verbose: bool = False) -> dict:
-    """One model's row before timing: accuracy (and the confusion matrix), size, FLOPs."""
+            verbose: bool = False, metrics: dict | None = None) -> dict:
+    """One model's row before timing: accuracy (and the confusion matrix), size, FLOPs.
+    `metrics`: its evaluate() on DATA/val if known already (then not evaluated again)."""
     image_size = checkpoint["image_size"]
-    metrics = evaluate(model, val_loader(data, checkpoint, path, device, batch_size, workers),
-                       device, len(checkpoint["class_names"]), progress=f"evaluating {name}")
+    metrics = metrics or evaluate(model, val_loader(data, checkpoint, path, device, batch_size,
+                                                    workers),
+                                  device, len(checkpoint["class_names"]),
+                                  progress=f"evaluating {name}")
     onnx = path.endswith(".onnx")
     # an .onnx file's FLOPs and parameters are those of the widths it describes
     counted = vgg.from_architecture(checkpoint["architecture"]) if onnx else model.cpu()
@@ -72,8 +76,10 @@ def measure(name: str, path: str, checkpoint: dict, model: torch.nn.Module, *, d
             "arch": checkpoint["architecture"]["arch"],
             "accuracy": metrics["accuracy"], "per_class_accuracy": metrics["per_class_accuracy"],
             "confusion": metrics["confusion"], "class_names": checkpoint["class_names"],
+            "loss": metrics["loss"],
             "params": params, "flops": flops, "file_bytes": os.path.getsize(path),
             "device": str(device), "threads": torch.get_num_threads(),
+            "cpu": describe_cpu(), "cpu_class": cpu_class(),
             "runtime": "onnxruntime" if onnx else "torch",
             "precision": checkpoint.get("precision", "fp32"),
             "memory_format": None if onnx else "channels_last",
@@ -116,16 +122,18 @@ def time_models(rows: Sequence[dict], models: Sequence[torch.nn.Module], device:
 def compare(models: Sequence[tuple[str, str, dict, torch.nn.Module]], *, data: str,
             device: torch.device, timing: TimingPlan = TimingPlan(), batch_size: int = 32,
             workers: int | None = None, verbose: bool = False,
-            say: Callable = print) -> list[dict]:
+            known: dict[str, dict] | None = None, say: Callable = print) -> list[dict]:
     """Measure `models` -- (name, path, checkpoint, model) each, as load_model() gives them --
     on DATA/val, then time them all interleaved; a row per model, in the order given.
 
-    Every model stays in memory until all are timed (dense VGG16: 0.5 GB).
+    Every model stays in memory until all are timed (dense VGG16: 0.5 GB). `known`: the
+    evaluate() metrics of some of the files, by path, known already (not evaluated again).
     """
     rows = []
     for name, path, checkpoint, model in models:
         rows.append(measure(name, path, checkpoint, model, data=data, device=device,
-                            batch_size=batch_size, workers=workers, verbose=verbose))
+                            batch_size=batch_size, workers=workers, verbose=verbose,
+                            metrics=(known or {}).get(path)))
         say(f"measured {path}", flush=True)
     say(f"timing {len(models)} models interleaved ...", flush=True)
     time_models(rows, [model for *_, model in models], device, timing)

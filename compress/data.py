@@ -192,18 +192,38 @@ class ImageFolder(torch.utils.data.Dataset):
             torch.manual_seed(hash((self.seed, epoch, index)) & 0xFFFF_FFFF)
             return self.transform(image), label
 
-    def labels(self):
+    def labels(self) -> list[int]:
+        """The class index of each picture, in order."""
         return [label for _, label in self.samples]
+
+
+class Keyed(torch.utils.data.Dataset):
+    """An ImageFolder whose items carry the (epoch, index) key they were drawn for: (image,
+    label, key), so a batch says which pictures it holds (the teacher's store reads by it)."""
+
+    def __init__(self, dataset: ImageFolder):
+        self.dataset = dataset
+        self.class_names, self.samples = dataset.class_names, dataset.samples
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key):
+        epoch, index = key if isinstance(key, tuple) else (0, key)
+        image, label = self.dataset[key]
+        return image, label, torch.tensor([epoch, index])
 
 
 def training_loaders(data: str, image_size: int, device: torch.device, *, batch_size: int,
                      workers: int | None = None, seed: int = 0, crop_scale: float = 0.08,
-                     cache: bool = False, normalization: dict = ORIGINAL_NORMALIZATION):
+                     cache: bool = False, normalization: dict = ORIGINAL_NORMALIZATION,
+                     keyed: bool = False):
     """(train loader, val loader) of the split in `data`, as both training stages use them.
 
     The training order comes from an EpochSampler (seeded by `seed`, each process its
     share under torchrun). With `cache`, training pictures are kept a little above the
-    training size, so random crops still have room.
+    training size, so random crops still have room. `keyed`: training batches are
+    (images, labels, keys), each key the (epoch, index) its picture was drawn for.
     """
     train_set = ImageFolder(os.path.join(data, "train"),
                             train_transform(image_size, crop_scale, normalization), seed=seed,
@@ -211,7 +231,8 @@ def training_loaders(data: str, image_size: int, device: torch.device, *, batch_
     rank, world = distributed()
     sampler = EpochSampler(len(train_set), seed, rank=rank, world=world)
     validation = val_set(data, image_size, train_set.class_names, cache, normalization)
-    return (make_loader(train_set, batch_size, workers, device, sampler),
+    return (make_loader(Keyed(train_set) if keyed else train_set, batch_size, workers, device,
+                        sampler),
             make_loader(validation, batch_size, workers, device, sampler=None))
 
 

@@ -159,8 +159,8 @@ def predictions(models: dict, loader: Iterable) -> tuple[dict, torch.Tensor]:
 def export_checkpoint(checkpoint: dict, model: torch.nn.Module, weights: str, fp32_path: str, *,
                       data: str, calibration: int = 128, batch_size: int = 32, workers: int = 0,
                       seed: int = 0, cpu: str | None = None, max_drop: float = INT8_MAX_DROP,
-                      force_int8: bool = False, verbose: bool = False,
-                      say: Callable = print) -> dict:
+                      force_int8: bool = False, source_sha256: str | None = None,
+                      verbose: bool = False, say: Callable = print) -> dict:
     """Export `model` (of `checkpoint`, read from the file `weights`) to `fp32_path` and its
     int8 file beside it (int8_path_of), for CPU class `cpu` (this machine's if None).
 
@@ -171,6 +171,7 @@ def export_checkpoint(checkpoint: dict, model: torch.nn.Module, weights: str, fp
     only if it lost at most `max_drop` points against the fp32 file (or `force_int8`).
     Both are built in a folder beside them and renamed into place. Returns the report:
     paths, accuracies, agreement, points lost, the int8 settings, whether it was saved.
+    `source_sha256`: the SHA-256 of `weights`, if the caller has it (else read).
     """
     int8_path = int8_path_of(fp32_path)
     for path in (fp32_path, int8_path):
@@ -183,7 +184,7 @@ def export_checkpoint(checkpoint: dict, model: torch.nn.Module, weights: str, fp
     val_loader = make_loader(val_set(data, checkpoint["image_size"], checkpoint["class_names"],
                                      normalization=checkpoint["normalization"]),
                              batch_size, workers, CPU, sampler=None)
-    description = describe(checkpoint, weights, file_sha256(weights))
+    description = describe(checkpoint, weights, source_sha256 or file_sha256(weights))
     model = model.cpu().eval()
     here = cpu_class()
     target = cpu or here

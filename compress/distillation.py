@@ -23,7 +23,9 @@
 """
 from __future__ import annotations
 
+import contextlib
 import os
+import time
 from collections.abc import Callable
 
 import torch
@@ -36,6 +38,7 @@ from compress.cli import UserError
 from compress.data import find_classes
 from compress.distributed import init_distributed
 from compress.evaluation import evaluate
+from compress.teacher_store import TeacherStore, check_store_file, store_key
 from compress.training import MEMORY_FORMAT, Recipe, fit
 
 TEMPERATURE, ALPHA = 8.0, 0.99  # the original demo's
@@ -77,35 +80,67 @@ def mobilenet_student(teacher_checkpoint: dict, pretrained: str | None = None,
                            {"student_arch": vgg.MOBILENET_V2, "pretrained": pretrained})
 
 
+class TeacherTime:
+    """How long the teacher's forward passes took, on how many pictures."""
+
+    def __init__(self):
+        self.seconds, self.pictures = 0.0, 0
+
+    def __call__(self, teacher: torch.nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+        """`teacher`, timed."""
+        def timed(images):
+            started = time.perf_counter()
+            logits = teacher(images)
+            self.seconds += time.perf_counter() - started
+            self.pictures += len(images)
+            return logits
+        return timed
+
+
 def distil(teacher: torch.nn.Module, student: torch.nn.Module, loaders: tuple, device: torch.device,
            *, epochs: int, lr: float, temperature: float = TEMPERATURE, alpha: float = ALPHA,
            output: str, settings: dict, save_best: Callable[[dict], None],
            resume: str | None = None, amp: bool = False,
-           on_epoch: Callable[[dict], None] | None = None) -> list[dict]:
+           on_epoch: Callable[[dict], None] | None = None, store: TeacherStore | None = None,
+           teacher_time: TeacherTime | None = None) -> list[dict]:
     """Train `student` from `teacher` (both on `device`, in MEMORY_FORMAT) with Adam at `lr`
     on `loaders` (train, val) for `epochs`; returns the history (a record per epoch).
 
     `save_best(metrics)` is called on each new best validation accuracy; `output` names
     the history and the Ctrl-C state beside it, `settings` what a resumed run must keep
-    (training.fit). `on_epoch(record)`, if given, is told each epoch's figures.
+    (training.fit). `on_epoch(record)`, if given, is told each epoch's figures. With a
+    `store` (the train loader keyed, data.Keyed), the teacher's logits are read from it
+    where it has them, and it is saved as the run ends, Ctrl-C too. `teacher_time` adds
+    up the teacher's forward passes.
     """
     check_alpha(alpha)
     # fused: one kernel updates all parameters; the step is ~3x faster on CPU
     optimizer = torch.optim.Adam(student.parameters(), lr=lr, fused=True)
+    answer = (teacher_time or TeacherTime())(teacher)
 
-    def compute_loss(net, images, labels):
+    def compute_loss(net, images, labels, keys=None):
         with torch.no_grad():
-            teacher_logits = teacher(images)
+            teacher_logits = answer(images) if store is None else \
+                store.logits(images, keys, answer)
         logits = net(images)
         loss = distillation_loss(logits.float(), teacher_logits.float(), labels, temperature,
                                  alpha)
         return loss, logits
 
     train_loader, val_loader = loaders
-    return fit(student, optimizer, compute_loss, train_loader, val_loader, device,
-               epochs=epochs, output=output, settings=settings, on_best=save_best,
-               title="distill", resume=resume, amp=amp, memory_format=MEMORY_FORMAT,
-               on_epoch=on_epoch)
+    try:
+        history = fit(student, optimizer, compute_loss, train_loader, val_loader, device,
+                      epochs=epochs, output=output, settings=settings, on_best=save_best,
+                      title="distill", resume=resume, amp=amp, memory_format=MEMORY_FORMAT,
+                      on_epoch=on_epoch)
+    except BaseException:  # Ctrl-C, a failure: keep what the teacher answered, if one can
+        if store is not None:
+            with contextlib.suppress(Exception):  # the first error is the one to tell
+                store.save()
+        raise
+    if store is not None:
+        store.save()
+    return history
 
 
 def check_pair(teacher_checkpoint: dict, teacher_path: str, student_checkpoint: dict,
@@ -126,9 +161,9 @@ def distil_checkpoint(teacher_checkpoint: dict, teacher_path: str, student_check
                       student_path: str, *, data: str, output: str, recipe: Recipe,
                       temperature: float = TEMPERATURE, alpha: float = ALPHA,
                       device: str | torch.device = "auto", teacher_sha256: str | None = None,
-                      pretrained: str | None = None,
-                      resume: str | None = None, on_epoch: Callable[[dict], None] | None = None,
-                      say: Callable = print) -> list[dict]:
+                      pretrained: str | None = None, resume: str | None = None,
+                      on_epoch: Callable[[dict], None] | None = None,
+                      teacher_cache: str | None = None, say: Callable = print) -> list[dict]:
     """Distil `student_checkpoint` (read from `student_path`, or a new MobileNetV2's) from
     `teacher_checkpoint` on the split in `data` with `recipe`; the best student is saved to
     `output` as a finetuned checkpoint. Returns the history.
@@ -136,7 +171,8 @@ def distil_checkpoint(teacher_checkpoint: dict, teacher_path: str, student_check
     `teacher_sha256`: the SHA-256 of the teacher's file if the caller has it already (the
     sweep, distilling many students from one teacher read once), else read from
     `teacher_path`. `device`: a torch.device, or --device's text (under torchrun each
-    process takes its own GPU).
+    process takes its own GPU). `teacher_cache`: the file of a TeacherStore, which
+    answers for the teacher on the pictures it has seen (teacher_store.py).
 
     The random stream that dropout draws from is the caller's to seed (the stages seed it
     with --seed before making the student): both models are built here from their
@@ -148,7 +184,15 @@ def distil_checkpoint(teacher_checkpoint: dict, teacher_path: str, student_check
     image_size = student_checkpoint["image_size"]
     normalization = student_checkpoint["normalization"]
     class_names = teacher_checkpoint["class_names"]
-    loaders = recipe.loaders(data, image_size, device, normalization)
+    if teacher_cache is not None:
+        check_store_file(teacher_cache)  # before the pictures are read
+    teacher_sha256 = teacher_sha256 or file_sha256(teacher_path)
+    loaders = recipe.loaders(data, image_size, device, normalization,
+                             keyed=teacher_cache is not None)
+    store = None if teacher_cache is None else TeacherStore(teacher_cache, store_key(
+        teacher_sha256, loaders[0].dataset, seed=recipe.seed, image_size=image_size,
+        crop_scale=recipe.crop_scale, normalization=normalization, cache=recipe.cache,
+        amp=recipe.amp, device=device), say=say)
     teacher = model_from_checkpoint(teacher_checkpoint, teacher_path)
     student = model_from_checkpoint(student_checkpoint, student_path)
     for network in (teacher.eval(), student):  # the batches arrive in this layout
@@ -162,7 +206,6 @@ def distil_checkpoint(teacher_checkpoint: dict, teacher_path: str, student_check
         f"T={temperature:g}, alpha={alpha:g}, {image_size} px")
     # what a resumed run must keep, or it would not continue exactly: the flags, the
     # student's real image size, and the teacher (its path and, shortened, its checksum)
-    teacher_sha256 = teacher_sha256 or file_sha256(teacher_path)
     settings = dict(recipe.resume_settings(image_size), temperature=temperature, alpha=alpha,
                     student=student_path, pretrained=pretrained,
                     teacher=f"{teacher_path} (sha256 {teacher_sha256[:16]})")
@@ -177,10 +220,16 @@ def distil_checkpoint(teacher_checkpoint: dict, teacher_path: str, student_check
                                     student_checkpoint["architecture"]["arch"], class_names,
                                     image_size, normalization, metrics), output)
 
+    teacher_time, started = TeacherTime(), time.perf_counter()
     history = distil(teacher, student, loaders, device, epochs=recipe.epochs, lr=recipe.lr,
                      temperature=temperature, alpha=alpha, output=output, settings=settings,
-                     save_best=save_best, resume=resume, amp=recipe.amp, on_epoch=on_epoch)
+                     save_best=save_best, resume=resume, amp=recipe.amp, on_epoch=on_epoch,
+                     store=store, teacher_time=teacher_time)
     best = max(history, key=lambda r: r["val_accuracy"])
     say(f"Student validation accuracy {before['accuracy']:.1%} -> {best['val_accuracy']:.1%} "
         f"(epoch {best['epoch']}); teacher {teacher_val}; saved {output}")
+    seconds = time.perf_counter() - started
+    say(f"The teacher ran on {teacher_time.pictures} pictures in {teacher_time.seconds:.1f}s "
+        f"({teacher_time.seconds / seconds:.0%} of the distillation's {seconds:.0f}s)"
+        + (f"; {store.read} of its answers read back from {store.path}" if store else ""))
     return history

@@ -27,10 +27,11 @@ from collections.abc import Callable, Sequence
 from tqdm import tqdm
 
 from compress import nni_engine
-from compress.checkpoints import atomic_write, write_json
+from compress.checkpoints import atomic_write, load_checkpoint, write_json
 from compress.cli import CheckFailed, Interrupted, UserError, quiet_nni
-from compress.search import (SweepSetup, measure, method_setting, present, read_report,
-                             setting_name, within_budget)
+from compress.candidates import SweepSetup, measure, present, within_budget
+from compress.search import method_setting, read_report, setting_name
+from compress.shipping import onnx_paths
 
 SPARSITY_STEP = 0.025  # the sparsities the tuner may propose
 
@@ -187,21 +188,40 @@ def collect(setup: SweepSetup, trials: Sequence[nni_engine.Trial], record: dict,
                           f"{os.path.join(output_dir, 'experiment.json')}")
     copies = {row["name"]: os.path.join(output_dir, f"{row['reported']['name']}.pth")
               for row in done}
+    earlier = with_onnx(earlier_copy) if earlier_copy else []
     for copy in copies.values():  # refused now, not after the measurement
-        if os.path.exists(copy) and copy != earlier_copy:
-            raise UserError(f"{copy}: exists, and the picked trial's student may be copied "
-                            "there; move it first")
-    rows, dense = measure(setup, done, os.path.join(output_dir, "compare.json"))
+        for path in with_onnx(copy):
+            if os.path.exists(path) and path not in earlier:
+                raise UserError(f"{path}: exists, and the picked trial's student may be copied "
+                                "there; move it first")
+    rows, dense = measure(setup, done, os.path.join(output_dir, "compare.json"), output_dir)
     chosen = present(rows, dense, max_drop, output_dir)
     write_json([dense, *rows], os.path.join(output_dir, "sweep.json"))
-    if earlier_copy and os.path.exists(earlier_copy):
-        os.remove(earlier_copy)
+    for path in earlier:
+        if os.path.exists(path):
+            os.remove(path)
     record.pop("picked_copy", None)
     if chosen:
         record["picked_copy"] = copies[chosen["name"]]
-        with open(chosen["path"], "rb") as source:
-            atomic_write(record["picked_copy"], lambda file: shutil.copyfileobj(source, file))
-        print(f"Copied the picked trial's student to {record['picked_copy']}")
+        copy_pick(setup, chosen["path"], record["picked_copy"])
+        print(f"Copied the picked trial's student to {record['picked_copy']}, ready to ship "
+              "(.onnx and .int8.onnx beside it)")
+
+
+def with_onnx(path: str) -> list[str]:
+    """A checkpoint's path and its .onnx files' (shipping.onnx_paths)."""
+    return [path, *onnx_paths(path).values()]
+
+
+def copy_pick(setup: SweepSetup, student: str, copy: str) -> None:
+    """The picked trial's student copied to `copy`, its .onnx files beside it (copied as
+    the trial shipped them, or made now)."""
+    for source, destination in zip(with_onnx(student), with_onnx(copy)):
+        if os.path.isfile(source):
+            with open(source, "rb") as file:
+                atomic_write(destination, lambda out: shutil.copyfileobj(file, out))
+    if not all(os.path.isfile(path) for path in with_onnx(copy)):
+        setup.ship(load_checkpoint(copy, kinds=("finetuned",)), copy)
 
 
 def run_experiment(setup: SweepSetup, plan: ExperimentPlan, output_dir: str,
@@ -222,6 +242,8 @@ def run_experiment(setup: SweepSetup, plan: ExperimentPlan, output_dir: str,
             plan.nni_config, trial_command_for, code_directory, space, plan.trials,
             plan.concurrency, assessor_start=max(1, epochs // 2), seed=setup.recipe.seed,
             working_directory=os.path.abspath(os.path.join(output_dir, "nni")))
+    nni_engine.check_port(plan.host, plan.port)  # (before the dense model is exported)
+    setup.ship_dense(output_dir)  # before the trials, which time their students against it
     run = nni_engine.NniExperiment(config, experiment_id, plan.host, plan.port, setup.verbose)
     total = config.max_trial_number
     try:

@@ -69,7 +69,8 @@ def parse_description(props: dict, path: str) -> dict:
                         "expected") from None
 
 
-def session(path: str, device: torch.device = torch.device("cpu"), spinning: bool = False):
+def session(path: str, device: torch.device = torch.device("cpu"), spinning: bool = False,
+            profile_prefix: str | None = None):
     """An onnxruntime session of `path` on the CPU, or on CUDA when `device` is a CUDA
     device, with PyTorch's number of threads, so the two are compared like for like.
 
@@ -79,6 +80,9 @@ def session(path: str, device: torch.device = torch.device("cpu"), spinning: boo
     between identical networks with IQRs half their medians (1% apart without it).
     Alone it answers faster with it (the demo's int8 model: 3.1 vs 4.1 ms at batch 1),
     so tools/benchmark.py, which times one model at a time, keeps it on.
+
+    `profile_prefix`: onnxruntime records every operator's time of every run, into a JSON
+    file whose name starts with it (`end_profiling()` names it).
     """
     import onnxruntime
 
@@ -86,6 +90,9 @@ def session(path: str, device: torch.device = torch.device("cpu"), spinning: boo
     options.intra_op_num_threads = torch.get_num_threads()
     options.add_session_config_entry("session.intra_op.allow_spinning", str(int(spinning)))
     options.log_severity_level = 3  # errors only
+    if profile_prefix:
+        options.enable_profiling = True
+        options.profile_file_prefix = profile_prefix
     if device.type != "cuda":
         return onnxruntime.InferenceSession(path, options, providers=["CPUExecutionProvider"])
     if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():

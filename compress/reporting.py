@@ -7,6 +7,9 @@
   its class), `plot_comparison()` (test.py --compare), `plot_sweep()` (accuracy
   against latency and parameters, the Pareto front).
 - Tables: `print_comparison()` (test.py --compare) and `print_sweep()`.
+- Profiles (test.py --profile): `print_profile()`, a model's layers against the
+  machine's peak; `explain_profiles()`, each model's speed-up against the first, and
+  why; `plot_profiles()`, stacked bars of the layers' times.
 - `save_comparison()`: what test.py --compare leaves on disk (its JSON report, its
   figure beside it, a confusion matrix beside each model's file).
 
@@ -25,6 +28,8 @@ from compress.timing import PRECISION
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
     from PIL import Image
+
+    from compress.profiling import Profile
 
 
 def pyplot(show: bool = False):
@@ -114,7 +119,8 @@ def print_comparison(rows: Sequence[dict]) -> None:
               f"{'latency b=1 (IQR)':>24} {'throughput b=32':>18}")
     print(f"\nMeasured on {base['device']} with {base['threads']} threads (PyTorch in "
           "channels-last, .onnx files in onnxruntime), timed interleaved, median and "
-          f"interquartile range; ratios against {base['name']}\n{header}\n{'-' * len(header)}")
+          f"interquartile range; ratios against {base['name']}\nCPU: {base['cpu']}\n"
+          f"{header}\n{'-' * len(header)}")
     for row in rows:
         print(f"{row['name']:<{width}} {row['accuracy']:>8.1%} "
               f"{row['params'] / 1e6:>6.1f}M {row['params'] / base['params']:>5.2f}x "
@@ -170,25 +176,40 @@ def save_comparison(rows: Sequence[dict], report: str, show: bool = False) -> st
     return figure
 
 
+RUNTIMES = {"int8": "int8 ONNX in onnxruntime", "onnx": "fp32 ONNX in onnxruntime",
+            "pytorch": "PyTorch"}
+
+
 def print_sweep(rows: Sequence[dict], dense: dict) -> None:
-    """The sweep's table: the dense row, then each setting's (p: Pareto front, *: picked)."""
+    """The sweep's table: the dense row, then each setting's (p: Pareto front, *: picked),
+    in the runtime that decided; beside it, with a target other than PyTorch, how many
+    times faster and smaller than the dense model in PyTorch each is."""
+    against = dense.get("pytorch")
     header = (f"{'setting':<30}{'val acc':>9}{'params':>10}{'x fewer':>9}{'FLOPs':>9}"
-              f"{'latency b=1':>14}{'IQR':>7}{'x faster':>10}{'img/s b=32':>12}")
-    print(f"\n{header}\n{'-' * len(header)}")
+              f"{'latency b=1':>14}{'IQR':>7}{'x faster':>10}{'img/s b=32':>12}"
+              + (f"{'x faster than':>15}{'x smaller':>11}" if against else ""))
+    print(f"\nMeasured on {dense['device']} with {dense['threads']} threads; CPU: "
+          f"{dense['cpu']}\nDecided by {RUNTIMES[dense.get('target', 'pytorch')]}"
+          + (f"; the last two columns against the dense model in PyTorch "
+             f"({against['latency_ms']:.2f} ms, {against['file_bytes'] / 2**20:.1f} MB, "
+             f"{against['accuracy']:.1%}), from which the budget counts" if against else "")
+          + f"\n{header}\n{'-' * len(header)}")
     for row in [dense, *rows]:
         mark = "*" if row.get("picked") else "p" if row.get("pareto_latency") else ""
         print(f"{row['name'][:27] + ' ' + mark:<30}{row['accuracy']:>9.1%}"
               f"{row['params'] / 1e6:>9.2f}M{dense['params'] / row['params']:>8.1f}x"
               f"{row['flops'] / 1e9:>8.3f}G{row['latency_ms']:>12.2f}ms"
               f"{row['latency_iqr_ms']:>7.2f}{dense['latency_ms'] / row['latency_ms']:>9.1f}x"
-              f"{row['throughput_ips']:>12.0f}")
+              f"{row['throughput_ips']:>12.0f}"
+              + (f"{against['latency_ms'] / row['latency_ms']:>14.1f}x"
+                 f"{against['file_bytes'] / row['file_bytes']:>10.1f}x" if against else ""))
     print("(p: on the accuracy/latency Pareto front; *: picked by --max-drop)")
     print_loose_timings([dense, *rows])
 
 
 def plot_sweep(rows: Sequence[dict], dense: dict, path: str, max_drop: float | None) -> None:
-    """Accuracy against latency and against parameters, the Pareto front, the dense model
-    and the --max-drop budget."""
+    """Accuracy against latency and against parameters in the runtime that decided, the
+    Pareto front, the dense model and the --max-drop budget."""
     plt = pyplot()
     figure, axes = plt.subplots(1, 2, figsize=(13, 5))
     for axis, key, label, scale in [(axes[0], "latency_ms", "latency, batch 1 (ms)", 1),
@@ -200,9 +221,10 @@ def plot_sweep(rows: Sequence[dict], dense: dict, path: str, max_drop: float | N
                      color=["C1" if r in front else "C0" for r in rows], zorder=3)
         axis.scatter([dense[key] / scale], [100 * dense["accuracy"]], marker="*", s=200,
                      color="C3", zorder=3, label="dense")
-        if max_drop is not None:
-            axis.axhline(100 * dense["accuracy"] - max_drop, color="C3", linestyle=":",
-                         label=f"--max-drop {max_drop:g}")
+        if max_drop is not None:  # counted from the dense model's accuracy in PyTorch
+            reference = dense.get("pytorch", dense)["accuracy"]
+            axis.axhline(100 * reference - max_drop, color="C3", linestyle=":",
+                         label=f"--max-drop {max_drop:g} (from the dense model in PyTorch)")
         for row in rows:
             axis.annotate(row["name"] + (" (picked)" if row.get("picked") else ""),
                           (row[key] / scale, 100 * row["accuracy"]), fontsize=8,
@@ -210,6 +232,106 @@ def plot_sweep(rows: Sequence[dict], dense: dict, path: str, max_drop: float | N
         axis.set_xscale("log")
         axis.set(xlabel=label + " (log)", ylabel="val accuracy (%)")
         axis.legend()
-    figure.suptitle(f"Sweep measured on {dense['device']}, {dense['threads']} threads, "
-                    f"{dense['image_size']} px")
+    figure.suptitle(f"Decided by {RUNTIMES[dense.get('target', 'pytorch')]}: measured on "
+                    f"{dense['device']} ({dense.get('cpu_class', '')}), {dense['threads']} "
+                    f"threads, {dense['image_size']} px")
     save_figure(figure, path)
+
+
+def print_profile(profile: Profile, peak: float) -> None:
+    """One model's profile: a line per layer (time, multiply-adds, GMAC/s and the share of
+    the machine's `peak` GMAC/s), then its kinds of layers together."""
+    measured = profile.measured
+    print(f"\n{profile.name} ({profile.path}; {profile.runtime}, {profile.precision}, batch "
+          f"{profile.batch}, {profile.image_size} px): {measured * 1000:.2f} ms a pass "
+          f"({profile.profiled * 1000:.2f} under the profiler); its layers add up to "
+          f"{profile.seconds() * 1000:.2f} ms ({profile.seconds() / measured:.0%})")
+    header = (f"{'layer':<22}{'kind':<15}{'time ms':>9}{'share':>7}{'MMACs':>9}{'GMAC/s':>9}"
+              f"{'of peak':>9}")
+    print(f"{header}\n{'-' * len(header)}")
+    rows = profile.layers if len(profile.layers) <= 24 else []  # MobileNetV2: by kind only
+    for layer in rows:
+        print(layer_line(layer.name[:21], layer.kind, layer.seconds, layer.macs, measured, peak))
+    kinds = sorted({layer.kind for layer in profile.layers} - {"other"}) + ["other"]
+    if rows:
+        print("-" * len(header))
+    for kind in kinds:
+        count = sum(layer.kind == kind for layer in profile.layers)
+        print(layer_line(f"all {kind}" if rows else kind,
+                         "" if kind == "other" else f"{count} layers", profile.seconds(kind),
+                         profile.macs(kind), measured, peak))
+    unaccounted = measured - profile.seconds()
+    print(f"{'outside every layer':<37}{unaccounted * 1000:>9.2f}{unaccounted / measured:>7.0%}"
+          "   (the framework between layers, and the profiler's own cost)")
+
+
+def layer_line(name: str, kind: str, seconds: float, macs: int, measured: float,
+               peak: float) -> str:
+    """A row of print_profile()."""
+    rate = macs / seconds / 1e9 if seconds and macs else 0.0
+    return (f"{name:<22}{kind:<15}{seconds * 1000:>9.2f}{seconds / measured:>7.0%}"
+            + (f"{macs / 1e6:>9.1f}{rate:>9.1f}{rate / peak:>9.1%}" if macs else ""))
+
+
+def explain_profiles(profiles: Sequence[Profile], peak: dict) -> None:
+    """Each model against the first at the same batch: how much less it computes, how
+    much faster it is, and why the two differ -- the speed of its layers against the
+    first's, and the time outside its compute layers."""
+    print("\nWhy (each model against the first, at the same batch size):")
+    first_of = {}
+    for profile in profiles:
+        first = first_of.setdefault(profile.batch, profile)
+        if profile is first:
+            continue
+        own, theirs = compute_figures(profile), compute_figures(first)
+        peak_of = peak["int8" if profile.precision == "int8" else "fp32"]
+        slowest = min((kind for kind in {layer.kind for layer in profile.layers} - {"other"}
+                       if profile.seconds(kind) >= 0.2 * profile.measured),
+                      key=lambda kind: profile.macs(kind) / profile.seconds(kind), default=None)
+        print(f"- {profile.name} vs {first.name}, batch {profile.batch}: "
+              f"{first.macs() / profile.macs():.2f}x fewer multiply-adds, "
+              f"{first.measured / profile.measured:.2f}x faster. Its compute layers run at "
+              f"{own['rate']:.1f} GMAC/s ({own['rate'] / peak_of:.0%} of this machine's "
+              f"{peak_of:.0f}) against {theirs['rate']:.1f}; outside them it spends "
+              f"{own['outside'] * 1000:.2f} ms ({own['outside'] / profile.measured:.0%} of its "
+              f"pass) against {theirs['outside'] * 1000:.2f} ms."
+              + (f" Its slowest kind of layer, {slowest}: "
+                 f"{profile.seconds(slowest) / profile.measured:.0%} of its time for "
+                 f"{profile.macs(slowest) / profile.macs():.0%} of its multiply-adds, at "
+                 f"{profile.macs(slowest) / profile.seconds(slowest) / 1e9:.1f} GMAC/s."
+                 if slowest else ""))
+
+
+def compute_figures(profile: Profile) -> dict:
+    """The compute layers' GMAC/s together, and the seconds of a pass outside them."""
+    compute = profile.seconds() - profile.seconds("other")
+    return {"rate": profile.macs() / compute / 1e9 if compute else 0.0,
+            "outside": profile.measured - compute}
+
+
+def plot_profiles(profiles: Sequence[Profile], path: str, show: bool = False) -> None:
+    """Stacked bars, one per model and batch size: each compute layer's time (the same
+    colour for the same layer), then "other", then what lies outside every layer."""
+    plt = pyplot(show)
+    batches = sorted({profile.batch for profile in profiles})
+    figure, axes = plt.subplots(1, len(batches), figsize=(6 * len(batches), 5), squeeze=False)
+    names = []
+    for profile in profiles:
+        names += [layer.name for layer in profile.layers if layer.name not in names]
+    colours = {name: plt.cm.tab20(index % 20) for index, name in enumerate(names)}
+    colours["other"] = "0.6"
+    for axis, batch in zip(axes[0], batches):
+        shown = [p for p in profiles if p.batch == batch]
+        for position, profile in enumerate(shown):
+            bottom = 0.0
+            for layer in profile.layers:
+                axis.bar(position, layer.seconds * 1000, bottom=bottom, color=colours[layer.name],
+                         edgecolor="white", linewidth=0.3)
+                bottom += layer.seconds * 1000
+            axis.bar(position, max(0.0, profile.measured * 1000 - bottom), bottom=bottom,
+                     color="none", edgecolor="0.3", hatch="//", linewidth=0.5)
+        axis.set_xticks(range(len(shown)), [p.name for p in shown], rotation=20)
+        axis.set(ylabel="ms per pass", title=f"batch {batch}: each layer's time (hatched: "
+                                             "outside every layer)")
+    figure.suptitle(f"Where the time goes, {profiles[0].image_size} px")
+    save_figure(figure, path, show)

@@ -1,19 +1,19 @@
 """The plain sweep: prune and distil each setting from one teacher, measure them all together.
 
-- `Teacher.load()`: the dense checkpoint, its model and its SHA-256, read once per run
-  and refused now for what a stage would refuse later.
 - `prune_and_distil()`: one setting -- pruning.prune_checkpoint() (or a new
-  MobileNetV2), then distillation.distil_checkpoint() from the teacher in memory;
-  a distillation stopped by Ctrl-C continues from its state file.
+  MobileNetV2), then distillation.distil_checkpoint() from the teacher's checkpoint
+  read once; a distillation stopped by Ctrl-C continues from its state file.
 - `Sweep`: the settings' rows (sweep.json), kept on disk after every setting so that
   the same command resumes; a setting already distilled with the same training
-  settings is not run again.
+  settings is not run again. Each student is shipped (exported and calibrated as
+  export.py does) unless the sweep decides by PyTorch, and counted by its accuracy in
+  the target runtime.
 - `search()`: bisect a method's sparsity for the largest within the --max-drop budget.
-- `measure()` / `present()`: the students and the dense model measured together
-  (comparison.compare(), exactly as test.py --compare), the Pareto fronts, the pick
-  (`pick()`: the fastest within the budget), the table and sweep.png.
+- `run_sweep()`: all of it, then the candidates measured together and the pick
+  (candidates.measure(), candidates.present()).
 
-    setup = SweepSetup(Teacher.load("vgg16Net.pth"), "dataset", Recipe(epochs=3, lr=1e-4))
+    setup = SweepSetup(Teacher.load("vgg16Net.pth"), "dataset", Recipe(epochs=3, lr=1e-4),
+                       target="int8")
     sweep = Sweep(setup, "sweep")
     sweep.run("l1-0.7", "l1", False, 0.7)
 """
@@ -28,17 +28,15 @@ from collections.abc import Callable, Sequence
 import torch
 
 from model import MOBILENET_V2, count_parameters
-from compress.checkpoints import (atomic_save, check_made_for, check_replaceable, file_sha256,
-                                  load_checkpoint, model_from_checkpoint, output_path,
-                                  write_json)
+from compress.candidates import SweepSetup, measure, present, within_budget
+from compress.checkpoints import (atomic_save, check_replaceable, load_checkpoint,
+                                  model_from_checkpoint, output_path, write_json)
 from compress.cli import Interrupted, UserError
-from compress.comparison import compare
+from compress.deployment import check_onnx_replaceable
 from compress.distillation import distil_checkpoint, mobilenet_student
-from compress.pruning import (METHODS, check_rankable, layer_widths, prune_checkpoint,
-                              recipe_name, taylor_batches)
-from compress.reporting import plot_channels, plot_sweep, print_sweep, save_comparison
-from compress.timing import TimingPlan
-from compress.training import Recipe
+from compress.pruning import METHODS, layer_widths, prune_checkpoint, recipe_name, taylor_batches
+from compress.reporting import plot_channels
+from compress.shipping import onnx_paths, target_accuracy
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,52 +70,6 @@ def setting_name(method: str, global_ranking: bool, sparsity: float) -> str:
     return f"{method}{'-global' if global_ranking else ''}-{sparsity:g}"
 
 
-@dataclasses.dataclass
-class Teacher:
-    """The dense model every student of a sweep is pruned from and distilled by: its
-    checkpoint and its file's SHA-256, read once per run."""
-    path: str
-    checkpoint: dict
-    sha256: str
-
-    @classmethod
-    def load(cls, path: str, image_size: int | None = None,
-             methods: Sequence[str] = (), flag: str = "--methods") -> Teacher:
-        """The dense checkpoint at `path`, refused now for what the stages would refuse
-        later: another image size than `image_size`, a method (given by `flag`) that
-        cannot rank its channels."""
-        checkpoint = load_checkpoint(path, kinds=("dense",))
-        check_made_for(checkpoint, path, "--image-size", image_size=image_size)
-        for method in methods:
-            check_rankable(checkpoint, path, method, flag)
-        return cls(path, checkpoint, file_sha256(path))
-
-
-@dataclasses.dataclass
-class SweepSetup:
-    """What every setting of a sweep shares: the teacher, the split in `data`, the
-    distillation `recipe`, the device, how the models are timed, the image size asked
-    for (None: the teacher's) and whether NNI may talk."""
-    teacher: Teacher
-    data: str
-    recipe: Recipe
-    device: torch.device = torch.device("cpu")
-    timing: TimingPlan = TimingPlan()
-    image_size: int | None = None
-    verbose: bool = False
-
-    def training_settings(self) -> dict:
-        """What makes two students comparable: the same teacher, data and distillation (kept
-        in each row of sweep.json)."""
-        recipe = self.recipe
-        return {"kd_epochs": recipe.epochs, "lr": recipe.lr, "batch_size": recipe.batch_size,
-                "seed": recipe.seed, "crop_scale": recipe.crop_scale,
-                "data": os.path.abspath(self.data), "image_size": self.image_size,
-                "amp": recipe.amp, "cache": recipe.cache,
-                # (retrained in place, it is another teacher)
-                "teacher_sha256": self.teacher.sha256}
-
-
 def prune_and_distil(setup: SweepSetup, student: str, setting: Setting,
                      on_epoch: Callable[[dict], None] | None = None) -> list[dict]:
     """One setting: the student is written to `student` (NAME.pth; the pruned model beside
@@ -140,14 +92,18 @@ def prune_and_distil(setup: SweepSetup, student: str, setting: Setting,
     return distil_checkpoint(teacher.checkpoint, teacher.path, checkpoint, student_path,
                              data=setup.data, output=student, recipe=recipe,
                              device=setup.device, teacher_sha256=teacher.sha256,
-                             resume=resume, on_epoch=on_epoch)
+                             resume=resume, on_epoch=on_epoch,
+                             teacher_cache=setup.teacher_cache(checkpoint["image_size"]))
 
 
 def check_outputs(student: str, setting: Setting, resume: str | None = None) -> None:
-    """Refuse a file of someone else's where a setting's student (or pruned model) goes."""
+    """Refuse a file of someone else's where a setting's student (or pruned model, or the
+    .onnx files it ships as) goes."""
     pruned = output_path(student, "pruned.pth")
     for path in ([student] if resume or setting.method is None else [student, pruned]):
         check_replaceable(path, "--output-dir")
+    for path in onnx_paths(student).values():
+        check_onnx_replaceable(path, "--output-dir")
 
 
 def prune(setup: SweepSetup, path: str, setting: Setting) -> dict:
@@ -200,6 +156,7 @@ class Sweep:
         self.training = setup.training_settings()
         self.report = os.path.join(output_dir, "sweep.json")
         self.rows = {}
+        self.shipped = set()  # the settings in_target() has seen in this run
         if os.path.exists(output_dir) and not os.path.isdir(output_dir):
             raise UserError(f"--output-dir {output_dir}: exists and is not a folder")
         if os.path.isfile(self.report):
@@ -217,8 +174,10 @@ class Sweep:
 
     def run(self, name: str, method: str | None = None, global_ranking: bool = False,
             sparsity: float | None = None, position: str = "") -> dict:
-        """Prune and distil one setting (unless done before); returns its row."""
+        """Prune and distil one setting (unless done before); returns its row, its accuracy
+        that of the target runtime (in_target())."""
         if self.done(name):
+            self.in_target(name)
             print(f"{name}: done before ({self.rows[name]['accuracy']:.1%}), not run again")
             return self.rows[name]
         started = time.perf_counter()
@@ -237,9 +196,30 @@ class Sweep:
                            "params": count_parameters(model_from_checkpoint(checkpoint, student)),
                            "training": self.training,
                            "minutes": round((time.perf_counter() - started) / 60, 2)}
+        self.save()  # (a Ctrl-C while it is shipped must not lose the distillation)
+        self.in_target(name)
         self.save()
         self.print_progress()
         return self.rows[name]
+
+    def in_target(self, name: str) -> None:
+        """Setting `name`'s student shipped (unless the target is PyTorch, or its files are
+        current) and its row's accuracy that of the target runtime."""
+        if name in self.shipped:
+            return
+        row, setup = self.rows[name], self.setup
+        by_runtime = row.setdefault("accuracy_by_runtime", {"pytorch": row["accuracy"]})
+        if setup.target != "pytorch":
+            path = self.student(name)
+            measured = setup.ship(load_checkpoint(path, kinds=("finetuned",)), path)
+            if measured:
+                by_runtime.update(measured)
+            elif setup.target not in by_runtime:
+                by_runtime[setup.target] = target_accuracy(
+                    path, setup.target, data=setup.data, batch_size=setup.recipe.batch_size,
+                    workers=setup.recipe.workers)
+        row["accuracy"] = by_runtime[setup.target]
+        self.shipped.add(name)
 
     def print_progress(self) -> None:
         """The settings distilled so far, as a running table."""
@@ -272,71 +252,6 @@ def search(sweep: Sweep, method: str, global_ranking: bool, dense_accuracy: floa
     return low
 
 
-def within_budget(accuracy: float, dense_accuracy: float, max_drop: float) -> bool:
-    """Whether `accuracy` is at most `max_drop` points below the dense model's (a student
-    exactly at the budget is within it, whatever the floating-point rounding)."""
-    return round(100 * (dense_accuracy - accuracy), 9) <= max_drop
-
-
-def pareto(rows: Sequence[dict], key: str) -> set[str]:
-    """Names of the rows no other row beats in both `key` (lower) and accuracy (higher)."""
-    front, best = set(), -1.0
-    for row in sorted(rows, key=lambda r: (r[key], -r["accuracy"])):
-        if row["accuracy"] > best:
-            front.add(row["name"])
-            best = row["accuracy"]
-    return front
-
-
-def pick(rows: Sequence[dict], dense: dict, max_drop: float) -> dict | None:
-    """The fastest row (batch-1 latency; fewer parameters on a tie) within `max_drop` points."""
-    within = [r for r in rows if within_budget(r["accuracy"], dense["accuracy"], max_drop)]
-    return min(within, key=lambda r: (r["latency_ms"], r["params"]), default=None)
-
-
-def measure(setup: SweepSetup, done: Sequence[dict], report: str) -> tuple[list[dict], dict]:
-    """(rows, dense row): the students of `done` (rows with a "path") and the dense model,
-    measured together as test.py --compare measures (its report, compare.json/.png, and a
-    confusion matrix beside each checkpoint: `report`), the Pareto fronts marked."""
-    print(f"\nMeasuring the dense model and {len(done)} students as test.py --compare ...",
-          flush=True)
-    teacher, device = setup.teacher, setup.device
-    dense = model_from_checkpoint(teacher.checkpoint, teacher.path).to(device).eval()
-    models = [("dense", teacher.path, teacher.checkpoint, dense)]
-    for row in done:
-        checkpoint = load_checkpoint(row["path"], kinds=("finetuned",))
-        models.append((row["name"], row["path"], checkpoint,
-                       model_from_checkpoint(checkpoint, row["path"]).to(device).eval()))
-    measured = compare(models, data=setup.data, device=device, timing=setup.timing,
-                       batch_size=setup.recipe.batch_size, workers=setup.recipe.workers,
-                       verbose=setup.verbose)
-    save_comparison(measured, report)
-    # the setting as it was made, the numbers as measured now
-    rows = [{**row, **numbers, "name": row["name"]} for row, numbers in zip(done, measured[1:])]
-    for key in ("latency_ms", "params"):
-        front = pareto(rows, key)
-        for row in rows:
-            row[f"pareto_{key.split('_')[0]}"] = row["name"] in front
-    return rows, measured[0]
-
-
-def present(rows: list[dict], dense: dict, max_drop: float | None, output_dir: str) -> dict | None:
-    """Mark, print and draw the measured rows; returns the row `max_drop` picks (or None)."""
-    chosen = pick(rows, dense, max_drop) if max_drop is not None else None
-    for row in rows:
-        row["picked"] = row is chosen
-    print_sweep(rows, dense)
-    plot_sweep(rows, dense, os.path.join(output_dir, "sweep.png"), max_drop)
-    if max_drop is not None:
-        print(f"--max-drop {max_drop:g}: " + (
-            f"{chosen['name']} ({chosen['path']}): {chosen['accuracy']:.1%} vs dense "
-            f"{dense['accuracy']:.1%}, {dense['params'] / chosen['params']:.1f}x fewer "
-            f"parameters, {dense['latency_ms'] / chosen['latency_ms']:.1f}x faster at batch 1"
-            if chosen else f"no setting is within {max_drop:g} points of the dense "
-                           f"{dense['accuracy']:.1%}"))
-    return chosen
-
-
 def run_sweep(setup: SweepSetup, settings: Sequence[Setting], output_dir: str, *,
               max_drop: float | None = None, bisect: tuple[str, bool] | None = None,
               bisect_steps: int = 4) -> tuple[list[dict], dict]:
@@ -365,11 +280,19 @@ def run_sweep(setup: SweepSetup, settings: Sequence[Setting], output_dir: str, *
     if left_out:
         print(f"Left out (distilled with other settings, or their file is gone): "
               f"{', '.join(left_out)}; their rows leave sweep.json, their files stay")
+    for name in sweep.rows:  # settings of earlier runs too (another --target, say)
+        if name not in left_out:
+            sweep.in_target(name)
+    sweep.save()
     done = [dict(row, path=sweep.student(name)) for name, row in sweep.rows.items()
             if name not in left_out]
-    rows, dense = measure(setup, done, os.path.join(output_dir, "compare.json"))
-    present(rows, dense, max_drop, output_dir)
+    rows, dense = measure(setup, done, os.path.join(output_dir, "compare.json"), output_dir)
+    chosen = present(rows, dense, max_drop, output_dir)
+    if chosen and setup.target == "pytorch":  # the pick ready to ship, as the others were not
+        setup.ship(load_checkpoint(chosen["path"], kinds=("finetuned",)), chosen["path"])
     sweep.rows = {row["name"]: row for row in rows}
     sweep.save(dense)
-    print(f"Saved {sweep.report} and {os.path.join(output_dir, 'sweep.png')}")
+    print(f"Saved {sweep.report} and {os.path.join(output_dir, 'sweep.png')}"
+          + (f"; the pick ships as {chosen['path'][:-len('.pth')]}.onnx and .int8.onnx"
+             if chosen else ""))
     return rows, dense

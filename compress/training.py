@@ -59,12 +59,12 @@ class Recipe:
     workers: int | None = None
 
     def loaders(self, data: str, image_size: int, device: torch.device,
-                normalization: dict = ORIGINAL_NORMALIZATION):
+                normalization: dict = ORIGINAL_NORMALIZATION, keyed: bool = False):
         """(train loader, val loader) of the split in `data` (data.training_loaders)."""
         return training_loaders(data, image_size, device, batch_size=self.batch_size,
                                 workers=self.workers, seed=self.seed,
                                 crop_scale=self.crop_scale, cache=self.cache,
-                                normalization=normalization)
+                                normalization=normalization, keyed=keyed)
 
     def resume_settings(self, image_size: int) -> dict:
         """What a resumed run must keep of this recipe, or it would not continue exactly."""
@@ -155,21 +155,22 @@ def train_one_epoch(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                     description: str = "train") -> Totals:
     """Train on each batch of `loader`; returns the `Totals`, added to `totals` if given.
 
-    `compute_loss(model, images, labels)` returns (mean loss, logits). With a
-    `stop` (StopRequest) it returns after the batch at which Ctrl-C was pressed,
-    with `stop.requested` set.
+    `compute_loss(model, images, labels)` returns (mean loss, logits); a batch with more
+    than images and labels (data.Keyed's keys) passes the rest on to it. With a `stop`
+    (StopRequest) it returns after the batch at which Ctrl-C was pressed, with
+    `stop.requested` set.
     """
     totals = Totals() if totals is None else totals
     autocast = autocast or contextlib.nullcontext()
     model.train()
     with tqdm(loader, desc=description, leave=False, disable=True if distributed()[0] else None) \
             as bar:
-        for images, labels in bar:
+        for images, labels, *more in bar:
             images = images.to(device, non_blocking=True, memory_format=memory_format)
             labels = labels.to(device, non_blocking=True)
             optimizer.zero_grad(set_to_none=True)
             with autocast:
-                loss, logits = compute_loss(model, images, labels)
+                loss, logits = compute_loss(model, images, labels, *more)
             if scaler:
                 scaler.scale(loss).backward()
                 scaler.step(optimizer)

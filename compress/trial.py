@@ -2,9 +2,10 @@
 
 The setting NNI's tuner proposes is pruned and distilled in OUTPUT_DIR/trials/TRIAL_ID/
 (search.prune_and_distil), each epoch's validation accuracy but the last reported to
-the assessor, then the student is timed beside the dense model and the trial's final
-result reported: the objective (experiment.objective) and every figure the launcher
-needs, the parameters it ran among them.
+the assessor, then the student is shipped (unless the target is PyTorch) and timed
+beside the dense model in the target runtime, and the trial's final result reported:
+the objective (experiment.objective) and every figure the launcher needs, the
+parameters it ran among them.
 """
 from __future__ import annotations
 
@@ -15,8 +16,9 @@ import torch
 
 from compress.cli import Interrupted, UserError
 from compress.experiment import objective
-from compress.search import Setting, SweepSetup, measure, method_setting, prune_and_distil, \
-    within_budget
+from compress.candidates import SweepSetup, measure, reference_accuracy, within_budget
+from compress.checkpoints import load_checkpoint
+from compress.search import Setting, method_setting, prune_and_distil
 
 
 def check_run_by_nni() -> None:
@@ -50,20 +52,23 @@ def run_trial(setup: SweepSetup, output_dir: str, max_drop: float, concurrency: 
 
     try:
         history = prune_and_distil(setup, student, setting, on_epoch=report_epoch)
+        if setup.target != "pytorch":  # measured as it would ship
+            setup.ship(load_checkpoint(student, kinds=("finetuned",)), student)
         (row,), dense = measure(setup, [{"name": setting.name, "path": student}],
-                                os.path.join(folder, "compare.json"))
+                                os.path.join(folder, "compare.json"), output_dir)
     except (Interrupted, KeyboardInterrupt):
         # NNI's assessor stops a trial with SIGINT (a distillation saves its state first);
         # ending by that signal tells NNI the trial was stopped, not that it failed
         signal.signal(signal.SIGINT, signal.SIG_DFL)
         os.kill(os.getpid(), signal.SIGINT)
     speedup = dense["latency_ms"] / row["latency_ms"]
+    reference = reference_accuracy(dense)
     nni.report_final_result({
-        "default": objective(row["accuracy"], dense["accuracy"], speedup, max_drop),
+        "default": objective(row["accuracy"], reference, speedup, max_drop),
         "trial": trial, "parameters": parameters, "name": setting.name, "method": method,
         "global": global_ranking, "sparsity": setting.sparsity, "path": student,
-        "accuracy": row["accuracy"], "dense_accuracy": dense["accuracy"],
-        "within_budget": within_budget(row["accuracy"], dense["accuracy"], max_drop),
+        "target": setup.target, "accuracy": row["accuracy"], "dense_accuracy": reference,
+        "within_budget": within_budget(row["accuracy"], reference, max_drop),
         "speedup": speedup, "latency_ms": row["latency_ms"],
         "dense_latency_ms": dense["latency_ms"], "params": row["params"],
         "flops": row["flops"], "file_bytes": row["file_bytes"],

@@ -4,8 +4,9 @@ script through its real command line, a free port, and the checks every level ma
 - `run_script(name, *args, cwd=...)` runs one pipeline script in its own process and
   returns the CompletedProcess (text stdout/stderr); `run_in_process()` runs a loaded
   script's `main` through its real CLI edge in this process (no interpreter start).
-- `generate_demo()` draws synthetic cats and dogs; `small_checkpoint()` writes a real
-  pipeline checkpoint of a narrow VGG16 (a few MB).
+- `generate_demo()` draws synthetic cats and dogs; `toy_pictures()` dark and light
+  noise a model learns in a few epochs; `small_checkpoint()` writes a real pipeline
+  checkpoint of a narrow VGG16 (a few MB).
 - `tree_digest()` / `files_under()`: what is on disk, for "left unchanged" checks;
   `assert_clean_error()`: exit status, one line, no traceback.
 - `free_port()`: a port nothing listens on; `Pipeline`: one pipeline run's folder.
@@ -28,6 +29,8 @@ for folder in (str(REPO), str(TOOLS)):
         sys.path.insert(0, folder)
 
 import make_demo_data  # noqa: E402
+import numpy as np  # noqa: E402
+from PIL import Image  # noqa: E402
 
 IMAGE_SIZE = 32  # the smallest size VGG's five 2x2 max-pools accept
 # train.py --classifier-width of the runs here: VGG16's real convolutions under a narrow
@@ -140,6 +143,16 @@ def assert_clean_error(proc, *names, status=2):
     for name in names:
         assert str(name) in lines[0], f"{name!r} not named in: {lines[0]}"
     return lines[0]
+
+
+def toy_pictures(folder, per_class, seed):
+    """dark/ and light/ noise pictures: brightness alone tells the class."""
+    rng = np.random.default_rng(seed)
+    for name, low, high in (("dark", 0, 110), ("light", 145, 255)):
+        (folder / name).mkdir(parents=True)
+        for index in range(per_class):
+            pixels = rng.integers(low, high, (40, 40, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(folder / name / f"{name}_{index:03d}.png")
 
 
 def free_port():

@@ -33,7 +33,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from compress.cli import (fraction, image_size_type, make_parser, non_negative_int,  # noqa: E402
                           positive_int, resolve_device, run_cli)
-from compress.cpu import cpu_class  # noqa: E402
+from compress.cpu import cpu_class, describe_cpu  # noqa: E402
 from compress.data import ORIGINAL_NORMALIZATION  # noqa: E402
 from compress.deployment import export_onnx, quantize_int8  # noqa: E402
 from compress.evaluation import count_flops  # noqa: E402
@@ -104,7 +104,8 @@ def main(args):
         shipping = shipping_rows(pruned, single, batch, args, device)
     dense_row, pruned_row = rows["dense"], rows["pruned"]
     print(f"\nVGG16, {args.image_size} px, L1 sparsity {args.sparsity:g}, on {device} "
-          f"with {torch.get_num_threads()} threads, torch {torch.__version__}")
+          f"with {torch.get_num_threads()} threads, torch {torch.__version__}\n"
+          f"CPU: {describe_cpu()}")
     print(f"{'':<36}{'dense':>12}{'pruned':>12}{'pruned/dense':>16}")
     for key, label, scale, unit in (("params", "params", 1e6, "M"), ("flops", "FLOPs", 1e9, "G"),
                                     ("bytes", "file size", 2**20, "MB")):

@@ -17,6 +17,7 @@ The real sweep runs once per module from the session pipeline's dense model (l1 
 import itertools
 import json
 import os
+import re
 import shutil
 import sys
 import types
@@ -24,7 +25,7 @@ import types
 import pytest
 import torch
 
-from compress import search, timing
+from compress import candidates, onnx_files, search, timing
 from helpers import (assert_clean_error, files_under, load_script, run_in_process, run_script,
                      small_checkpoint)
 
@@ -56,8 +57,11 @@ def settings_of(rows):
 
 
 def assert_picked_is_fastest_within(rows, max_drop):
+    """The pick: the fastest in the runtime that decided, within the budget counted from the
+    dense model's accuracy in PyTorch."""
     dense, settings = rows[0], settings_of(rows)
-    within = [r for r in settings if 100 * (dense["accuracy"] - r["accuracy"]) <= max_drop]
+    reference = dense.get("pytorch", dense)["accuracy"]
+    within = [r for r in settings if 100 * (reference - r["accuracy"]) <= max_drop]
     picked = [r for r in settings if r["picked"]]
     assert len(picked) == 1
     assert picked[0]["latency_ms"] == min(r["latency_ms"] for r in within)
@@ -104,11 +108,32 @@ def test_sweep_json_has_the_dense_row_then_one_row_per_setting(swept):
 
 def test_every_row_names_an_existing_file_of_the_size_it_reports(swept):
     for row in swept.rows:
-        path = swept.folder / row["path"]
-        assert path.is_file(), row["path"]
-        assert row["file_bytes"] == path.stat().st_size
-    assert swept.rows[1]["path"] == "sweep/l1-0.5.pth"
+        assert (swept.folder / row["path"]).is_file(), row["path"]
+        assert row["file_bytes"] == (swept.folder / row["file"]).stat().st_size
+        assert row["pytorch"]["file_bytes"] == (swept.folder / row["path"]).stat().st_size
+    assert [(row["path"], row["file"]) for row in swept.rows] == [
+        ("vgg16Net.pth", "sweep/dense.int8.onnx"), ("sweep/l1-0.5.pth", "sweep/l1-0.5.int8.onnx")]
     assert (swept.folder / "sweep" / "l1-0.5.pruned.pth").is_file()
+
+
+def test_by_default_the_sweep_decides_by_the_int8_files_it_would_ship(swept):
+    """Every candidate and the dense model exported as export.py does (fp32 and int8 ONNX,
+    beside the .pth; the dense one's in the sweep's folder), measured in onnxruntime, with
+    the PyTorch figures of the same run kept beside them."""
+    for stem in ("sweep/dense", "sweep/l1-0.5"):
+        for suffix, precision in ((".onnx", "fp32"), (".int8.onnx", "int8")):
+            description, _ = onnx_files.load_onnx(str(swept.folder / (stem + suffix)))
+            assert description["precision"] == precision
+    pytorch = read_rows(swept.folder, "compare.pytorch.json")
+    for row, int8, in_pytorch in zip(swept.rows, swept.compared, pytorch):
+        assert (row["target"], int8["runtime"], int8["precision"]) == (
+            "int8", "onnxruntime", "int8")
+        assert in_pytorch["runtime"] == "torch" and in_pytorch["path"] == row["path"]
+        assert row["pytorch"]["latency_ms"] == in_pytorch["latency_ms"]
+        assert (row["accuracy_by_runtime"]["int8"], row["accuracy_by_runtime"]["pytorch"]) == (
+            int8["accuracy"], in_pytorch["accuracy"])
+    assert "Decided by int8 ONNX in onnxruntime" in swept.proc.stdout
+    assert "CPU: " in swept.proc.stdout and "int8 class" in swept.proc.stdout
 
 
 def test_a_swept_student_is_the_one_knowledge_distillation_py_makes(swept, tmp_path):
@@ -134,7 +159,7 @@ def test_the_pruned_student_is_smaller_and_faster_to_compute(swept):
 def test_the_rows_hold_the_numbers_test_py_compare_measured_in_the_same_run(swept):
     assert len(swept.compared) == len(swept.rows)
     for row, measured in zip(swept.rows, swept.compared):
-        assert row["path"] == measured["path"]
+        assert row["file"] == measured["path"]
         for key in ("accuracy", "params", "flops", "latency_ms", "latency_iqr_ms",
                     "throughput_ips"):
             assert row[key] == measured[key], (row["name"], key)
@@ -144,7 +169,7 @@ def test_the_rows_hold_the_numbers_test_py_compare_measured_in_the_same_run(swep
 
 def test_the_picked_row_is_the_fastest_within_the_budget(swept):
     assert_picked_is_fastest_within(swept.rows, 100)
-    assert "--max-drop 100: l1-0.5 (sweep/l1-0.5.pth)" in swept.proc.stdout
+    assert "--max-drop 100: l1-0.5 (sweep/l1-0.5.int8.onnx)" in swept.proc.stdout
 
 
 def test_the_sweep_draws_its_chart(swept):
@@ -178,6 +203,9 @@ def test_a_resumed_sweep_reports_every_setting_timed_anew(swept, resumed):
 
 
 def test_a_resumed_sweep_picks_the_fastest_of_all_its_settings(resumed):
+    """Two settings, each measured as its int8 file: the pick is the one those numbers say."""
+    assert [row["file"] for row in settings_of(resumed.rows)] == [
+        "sweep/l1-0.5.int8.onnx", "sweep/l1-0.7.int8.onnx"]
     assert_picked_is_fastest_within(resumed.rows, 100)
     assert resumed.rows[2]["params"] < resumed.rows[1]["params"]  # 0.7 is smaller than 0.5
 
@@ -224,6 +252,29 @@ def test_without_max_drop_no_row_stays_picked(extended):
     assert "picked by" in extended.unbudgeted.stdout and " * " not in extended.unbudgeted.stdout
 
 
+def test_target_pytorch_decides_by_the_checkpoints_and_exports_only_the_pick(pipeline,
+                                                                             tmp_path):
+    shutil.copytree(pipeline.path("dataset"), tmp_path / "dataset")
+    shutil.copy2(pipeline.path("vgg16Net.pth"), tmp_path / "vgg16Net.pth")
+    proc = run_script(*SWEEP, "--sparsities", 0.5, 0.7, "--target", "pytorch", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    rows = read_rows(tmp_path)
+    assert all(row["file"] == row["path"] and row["target"] == "pytorch" for row in rows)
+    assert "pytorch" not in rows[0] and "Decided by PyTorch" in proc.stdout
+    assert_picked_is_fastest_within(rows, 100)
+    picked = [row for row in rows if row.get("picked")][0]
+    stem = picked["path"][:-len(".pth")]
+    assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*.onnx")) == [
+        f"{stem}.int8.onnx", f"{stem}.onnx"]
+    assert f"the pick ships as {stem}.onnx and .int8.onnx" in proc.stdout
+    # the same settings again, deciding by int8: nothing distilled, every student shipped
+    proc = run_script(*SWEEP, "--sparsities", 0.5, 0.7, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.count("done before") == 2 and "Decided by int8" in proc.stdout
+    assert all(row["file"].endswith(".int8.onnx") for row in read_rows(tmp_path))
+    assert len(list(tmp_path.glob("sweep/*.int8.onnx"))) == 3  # two students and the dense
+
+
 # --- pick, pareto, search on hand-made rows ------------------------------------------
 
 def row(name, latency_ms, accuracy, params):
@@ -238,25 +289,40 @@ DENSE = {"name": "dense", "accuracy": 0.90}
 @pytest.mark.parametrize("max_drop, name", [(100, "fast"), (50, "fast"), (39, "mid"),
                                             (2.5, "mid"), (1, "slow"), (0, "slow")])
 def test_pick_takes_the_fastest_row_within_max_drop_points(max_drop, name):
-    assert search.pick(ROWS, DENSE, max_drop)["name"] == name
+    assert candidates.pick(ROWS, DENSE, max_drop)["name"] == name
 
 
 def test_pick_prefers_fewer_parameters_between_equally_fast_rows():
     rows = [row("big", 2.0, 0.9, 40), row("small", 2.0, 0.9, 20), row("slower", 3.0, 0.9, 1)]
-    assert search.pick(rows, DENSE, 1)["name"] == "small"
+    assert candidates.pick(rows, DENSE, 1)["name"] == "small"
+
+
+def test_pick_takes_the_most_accurate_of_rows_of_one_architecture():
+    """l1-0.9 and taylor-0.9 have the same widths: 0.68 against 0.69 ms is timing noise."""
+    rows = [row("l1", 0.68, 0.962, 10), row("taylor", 0.69, 0.992, 10), row("other", 1.0, 1, 20)]
+    assert candidates.pick(rows, DENSE, 5)["name"] == "taylor"
+    assert candidates.pick(rows, DENSE, 5) is rows[1]
+    assert candidates.pick(rows[:1] + rows[2:], DENSE, 5)["name"] == "l1"  # still the fastest
 
 
 def test_pick_gives_none_when_no_row_is_within_the_budget():
-    assert search.pick(ROWS, {"accuracy": 1.0}, 5) is None
+    assert candidates.pick(ROWS, {"accuracy": 1.0}, 5) is None
 
 
 def test_a_row_exactly_max_drop_points_below_the_dense_model_is_within_the_budget():
-    assert search.pick([row("edge", 1.0, 17 / 20, 10)], {"accuracy": 18 / 20}, 5) is not None
+    assert candidates.pick([row("edge", 1.0, 17 / 20, 10)], {"accuracy": 18 / 20}, 5) is not None
+
+
+def test_the_budget_counts_from_the_dense_models_accuracy_in_pytorch():
+    """With an int8 target, a dense int8 file that lost points must not widen the budget."""
+    dense = dict(DENSE, accuracy=0.5, pytorch={"accuracy": 0.9})
+    assert candidates.pick(ROWS, dense, 1)["name"] == "slow"  # ("fast", counted from 0.5)
 
 
 def test_pareto_keeps_the_rows_no_other_row_beats_in_both_measures():
-    assert search.pareto(ROWS, "latency_ms") == {"fast", "mid", "slow"}  # beaten: slower, worse
-    assert search.pareto(ROWS, "params") == {"beaten", "mid", "slow"}  # fast: bigger than beaten
+    # beaten: slower and worse than mid; fast: bigger than beaten
+    assert candidates.pareto(ROWS, "latency_ms") == {"fast", "mid", "slow"}
+    assert candidates.pareto(ROWS, "params") == {"beaten", "mid", "slow"}
 
 
 class Prober:
@@ -312,6 +378,11 @@ def test_a_sweep_of_two_settings_loads_and_hashes_the_teacher_once(pipeline, tmp
     assert "=== l1-0.7 (setting 2 of 2) ===" in proc.stdout
     assert len(loads) == 1
     assert len(counted) == 2, counted  # torch.load's, and file_sha256's
+    # the teacher answered the first setting's pictures; the second read them back
+    ran = re.findall(r"^The teacher ran on (\d+) pictures.*; (\d+) of its answers read back",
+                     proc.stdout, re.MULTILINE)
+    assert len(ran) == 2 and int(ran[0][0]) > 0 and ran[1] == ("0", ran[0][0]), ran
+    assert len(list(tmp_path.glob("sweep/teacher_logits.*.pt"))) == 1
 
 
 # --- bad values -----------------------------------------------------------------------
@@ -346,6 +417,18 @@ def test_a_file_of_someone_elses_where_a_student_goes_is_refused_before_any_work
     assert_clean_error(proc, "sweep/l1-0.7.pth", "refusing to overwrite it", "--output-dir")
     assert files_under(tmp_path) == ["dense.pth", "sweep/l1-0.7.pth"]
     assert (tmp_path / "sweep" / "l1-0.7.pth").read_bytes() == b"my own model"
+
+
+def test_an_onnx_file_of_someone_elses_where_a_student_ships_is_refused_before_any_work(
+        tmp_path):
+    small_checkpoint(tmp_path / "dense.pth")
+    (tmp_path / "sweep").mkdir()
+    (tmp_path / "sweep" / "l1-0.7.int8.onnx").write_bytes(b"my own export")
+    proc = run_in_process(sweep, "--weights", "dense.pth", "--sparsities", 0.5, 0.7,
+                          cwd=tmp_path)
+    assert_clean_error(proc, "sweep/l1-0.7.int8.onnx", "refusing to overwrite it",
+                       "--output-dir")
+    assert files_under(tmp_path) == ["dense.pth", "sweep/l1-0.7.int8.onnx"]
 
 
 # --- timing.interleaved_seconds ------------------------------------------------------

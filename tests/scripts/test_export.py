@@ -9,33 +9,19 @@ import re
 import shutil
 import types
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from PIL import Image
 
-from compress import checkpoints
-from compress import cpu
-from compress import deployment, onnx_files
 import model as vgg
-from compress import training
-from helpers import IMAGE_SIZE, NARROW, assert_clean_error, load_script, run_in_process
+from compress import checkpoints, cpu, deployment, onnx_files, training
 from compress.data import ORIGINAL_NORMALIZATION, training_loaders
+from helpers import (IMAGE_SIZE, NARROW, assert_clean_error, load_script, run_in_process,
+                     toy_pictures)
 
 export = load_script("export")
 test_py = load_script("test")
 CPU = torch.device("cpu")
-
-
-def toy_pictures(folder, per_class, seed):
-    """dark/ and light/ noise pictures: brightness alone tells the class."""
-    rng = np.random.default_rng(seed)
-    for name, low, high in (("dark", 0, 110), ("light", 145, 255)):
-        (folder / name).mkdir(parents=True)
-        for index in range(per_class):
-            pixels = rng.integers(low, high, (40, 40, 3), dtype=np.uint8)
-            Image.fromarray(pixels).save(folder / name / f"{name}_{index:03d}.png")
 
 
 @pytest.fixture(scope="module")

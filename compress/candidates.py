@@ -1,0 +1,268 @@
+"""A sweep's candidates: what they share, how they are measured as they ship, which one wins.
+
+- `Teacher`: the dense checkpoint and its file's SHA-256, read once per run, refused
+  now for what a stage would refuse later.
+- `SweepSetup`: what every setting shares (the teacher, the data, the distillation
+  recipe, the device, the timing, the target runtime).
+- `measure()`: the students and the dense model measured together in the target
+  runtime (shipping.TARGETS: their int8 ONNX files by default), as test.py --compare
+  measures, and in PyTorch beside it; the Pareto fronts marked.
+- `pick()` / `within_budget()` / `pareto()`: the decisions, on the target's numbers;
+  the accuracy budget counts from the dense model's accuracy in PyTorch (the model the
+  user has); `present()`: the table, sweep.png and the pick said in one line.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections.abc import Sequence
+
+import torch
+
+from compress.checkpoints import (check_made_for, file_sha256, load_checkpoint,
+                                  model_from_checkpoint, write_json)
+from compress.comparison import compare, load_model
+from compress.data import ImageFolder
+from compress.pruning import check_rankable
+from compress.reporting import RUNTIMES, plot_sweep, print_sweep, save_comparison
+from compress.shipping import ship, target_file
+from compress.teacher_store import key_name, pictures_fingerprint, store_key
+from compress.timing import TimingPlan
+from compress.training import Recipe
+
+# what evaluate() gives (the keys) and where a measured row holds it (the values)
+EVALUATED = {"accuracy": "accuracy", "loss": "loss", "per_class_accuracy": "per_class_accuracy",
+             "confusion": "confusion", "count": "val_images"}
+# the pytorch figures each row keeps beside the target's (sweep.json's "pytorch")
+PYTORCH_FIGURES = ("accuracy", "latency_ms", "latency_iqr_ms", "throughput_ips", "file_bytes",
+                   "path")
+
+
+@dataclasses.dataclass
+class Teacher:
+    """The dense model every student of a sweep is pruned from and distilled by: its
+    checkpoint and its file's SHA-256, read once per run."""
+    path: str
+    checkpoint: dict
+    sha256: str
+
+    @classmethod
+    def load(cls, path: str, image_size: int | None = None,
+             methods: Sequence[str] = (), flag: str = "--methods") -> Teacher:
+        """The dense checkpoint at `path`, refused now for what the stages would refuse
+        later: another image size than `image_size`, a method (given by `flag`) that
+        cannot rank its channels."""
+        checkpoint = load_checkpoint(path, kinds=("dense",))
+        check_made_for(checkpoint, path, "--image-size", image_size=image_size)
+        for method in methods:
+            check_rankable(checkpoint, path, method, flag)
+        return cls(path, checkpoint, file_sha256(path))
+
+
+@dataclasses.dataclass
+class SweepSetup:
+    """What every setting of a sweep shares: the teacher, the split in `data`, the
+    distillation `recipe`, the device, how the models are timed, the image size asked
+    for (None: the teacher's), whether NNI may talk, and the runtime that decides
+    (`target`, a key of shipping.TARGETS)."""
+    teacher: Teacher
+    data: str
+    recipe: Recipe
+    device: torch.device = torch.device("cpu")
+    timing: TimingPlan = TimingPlan()
+    image_size: int | None = None
+    verbose: bool = False
+    target: str = "int8"
+    store_dir: str | None = None  # where the teacher's logits are kept (None: not kept)
+
+    def training_settings(self) -> dict:
+        """What makes two students comparable: the same teacher, data and distillation (kept
+        in each row of sweep.json)."""
+        recipe = self.recipe
+        return {"kd_epochs": recipe.epochs, "lr": recipe.lr, "batch_size": recipe.batch_size,
+                "seed": recipe.seed, "crop_scale": recipe.crop_scale,
+                "data": os.path.abspath(self.data), "image_size": self.image_size,
+                "amp": recipe.amp, "cache": recipe.cache,
+                # (retrained in place, it is another teacher)
+                "teacher_sha256": self.teacher.sha256}
+
+    def teacher_cache(self, image_size: int) -> str | None:
+        """The file of the teacher's logits for this sweep's distillations of students of
+        `image_size` px (teacher_store.py), in `store_dir`, named by its key: every such
+        student of the sweep shares it."""
+        if self.store_dir is None:
+            return None
+        teacher, recipe = self.teacher, self.recipe
+        pictures = ImageFolder(os.path.join(self.data, "train"), None,
+                               teacher.checkpoint["class_names"])
+        key = store_key(teacher.sha256, pictures, seed=recipe.seed,
+                        image_size=image_size, crop_scale=recipe.crop_scale,
+                        normalization=teacher.checkpoint["normalization"], cache=recipe.cache,
+                        amp=recipe.amp, device=self.device)
+        return os.path.join(self.store_dir, f"teacher_logits.{key_name(key)}.pt")
+
+    def dense_evaluation(self, path: str, description: dict) -> str | None:
+        """The file (in `store_dir`) of the dense model's accuracy on DATA/val as the file
+        `path` (its checkpoint, or an .onnx file of it) gave it: named by what decides it,
+        so that a sweep or a trial measuring the same file again need not evaluate it."""
+        if self.store_dir is None:
+            return None
+        status = os.stat(path)
+        pictures = ImageFolder(os.path.join(self.data, "val"), None,
+                               self.teacher.checkpoint["class_names"])
+        key = {"teacher_sha256": self.teacher.sha256, "file": os.path.basename(path),
+               "bytes": status.st_size, "mtime_ns": status.st_mtime_ns,
+               "precision": description.get("precision", "fp32"),
+               "quantization": description.get("quantization"),
+               "pictures": pictures_fingerprint(pictures.samples)}
+        return os.path.join(self.store_dir, f"dense_evaluation.{key_name(key)}.json")
+
+    def ship(self, checkpoint: dict, path: str, fp32_path: str | None = None) -> dict | None:
+        """shipping.ship() of a candidate with this sweep's data and loader settings."""
+        return ship(checkpoint, path, data=self.data, batch_size=self.recipe.batch_size,
+                    workers=self.recipe.workers, seed=self.recipe.seed, fp32_path=fp32_path)
+
+    def ship_dense(self, output_dir: str) -> str | None:
+        """The dense model's .onnx files in `output_dir` (dense.onnx, dense.int8.onnx), made
+        unless current: what the candidates are timed against. None for the pytorch target."""
+        if self.target == "pytorch":
+            return None
+        fp32_path = os.path.join(output_dir, "dense.onnx")
+        teacher = self.teacher
+        ship(teacher.checkpoint, teacher.path, data=self.data, batch_size=self.recipe.batch_size,
+             workers=self.recipe.workers, seed=self.recipe.seed, sha256=teacher.sha256,
+             fp32_path=fp32_path)
+        return fp32_path
+
+
+def within_budget(accuracy: float, dense_accuracy: float, max_drop: float) -> bool:
+    """Whether `accuracy` is at most `max_drop` points below the dense model's (a student
+    exactly at the budget is within it, whatever the floating-point rounding)."""
+    return round(100 * (dense_accuracy - accuracy), 9) <= max_drop
+
+
+def pareto(rows: Sequence[dict], key: str) -> set[str]:
+    """Names of the rows no other row beats in both `key` (lower) and accuracy (higher)."""
+    front, best = set(), -1.0
+    for row in sorted(rows, key=lambda r: (r[key], -r["accuracy"])):
+        if row["accuracy"] > best:
+            front.add(row["name"])
+            best = row["accuracy"]
+    return front
+
+
+def reference_accuracy(dense: dict) -> float:
+    """The accuracy the budget counts from: the dense model's in PyTorch."""
+    return dense.get("pytorch", dense)["accuracy"]
+
+
+def pick(rows: Sequence[dict], dense: dict, max_drop: float) -> dict | None:
+    """The fastest row (batch-1 latency; fewer parameters on a tie) within `max_drop` points
+    of the dense model's PyTorch accuracy. Rows of one architecture (the same parameters
+    and FLOPs: l1-0.9 and taylor-0.9 keep the same widths) are one network, whose
+    latencies differ by timing noise alone: of them, the most accurate counts."""
+    reference = reference_accuracy(dense)
+    best_of_shape = {}
+    for row in rows:
+        if within_budget(row["accuracy"], reference, max_drop):
+            shape = (row["params"], row.get("flops"))
+            if shape not in best_of_shape or row["accuracy"] > best_of_shape[shape]["accuracy"]:
+                best_of_shape[shape] = row
+    return min(best_of_shape.values(), key=lambda r: (r["latency_ms"], r["params"]),
+               default=None)
+
+
+def measure(setup: SweepSetup, done: Sequence[dict], report: str,
+            output_dir: str) -> tuple[list[dict], dict]:
+    """(rows, dense row): the students of `done` (rows with the "path" of their checkpoint,
+    shipped if the target is not PyTorch) and the dense model (shipped into `output_dir`
+    here), measured together in `setup.target`'s runtime as test.py --compare measures
+    (its report, compare.json/.png, and a confusion matrix beside each file: `report`),
+    then the same again in PyTorch, kept in each row's "pytorch" (compare.pytorch.json).
+    The Pareto fronts marked."""
+    target = setup.target
+    dense_onnx = setup.ship_dense(output_dir)
+    rows, dense = measure_in(setup, done, report, target, dense_onnx)
+    if target != "pytorch":
+        pytorch_rows, pytorch_dense = measure_in(
+            setup, done, os.path.splitext(report)[0] + ".pytorch.json", "pytorch", None)
+        for row, figures in zip([dense, *rows], [pytorch_dense, *pytorch_rows]):
+            row["pytorch"] = {key: figures[key] for key in PYTORCH_FIGURES}
+    for row in [dense, *rows]:
+        if "pytorch" in row:
+            row.setdefault("accuracy_by_runtime", {})["pytorch"] = row["pytorch"]["accuracy"]
+        row.setdefault("accuracy_by_runtime", {})[target] = row["accuracy"]
+    for key in ("latency_ms", "params"):
+        front = pareto(rows, key)
+        for row in rows:
+            row[f"pareto_{key.split('_')[0]}"] = row["name"] in front
+    return rows, dense
+
+
+def measure_in(setup: SweepSetup, done: Sequence[dict], report: str, target: str,
+               dense_onnx: str | None) -> tuple[list[dict], dict]:
+    """measure() in one runtime: (rows, dense row), each row the setting as it was made
+    with the numbers as measured now; "path" stays its checkpoint, "file" is what ran."""
+    print(f"\nMeasuring the dense model and {len(done)} students as test.py --compare, "
+          f"{RUNTIMES[target]} ...", flush=True)
+    teacher, device = setup.teacher, setup.device
+    files = [(teacher.path, target_file(teacher.path, target, dense_onnx))]
+    files += [(row["path"], target_file(row["path"], target)) for row in done]
+    models = []
+    for (checkpoint_path, path), name in zip(files, ["dense", *(row["name"] for row in done)]):
+        if path == teacher.path:  # (read once: built from the checkpoint in memory)
+            checkpoint = teacher.checkpoint
+            model = model_from_checkpoint(checkpoint, path).to(device).eval()
+        else:
+            checkpoint, model = load_model(path, device)
+        models.append((name, path, checkpoint, model))
+    # the dense model's accuracy, known from an earlier measurement of the same file
+    evaluation = setup.dense_evaluation(files[0][1], models[0][2])
+    known = read_evaluation(evaluation)
+    measured = compare(models, data=setup.data, device=device, timing=setup.timing,
+                       batch_size=setup.recipe.batch_size, workers=setup.recipe.workers,
+                       verbose=setup.verbose,
+                       known={files[0][1]: known} if known else None)
+    if evaluation and not known:
+        write_json({key: measured[0][field] for key, field in EVALUATED.items()}, evaluation)
+    save_comparison(measured, report)
+    rows = [{**row, **numbers, "name": row["name"], "path": row["path"], "file": file,
+             "target": target} for row, numbers, (_, file) in zip(done, measured[1:], files[1:])]
+    dense = dict(measured[0], path=teacher.path, file=files[0][1], target=target)
+    return rows, dense
+
+
+def read_evaluation(path: str | None) -> dict | None:
+    """The metrics a dense_evaluation() file holds, or None (none yet, or unreadable)."""
+    try:
+        with open(path) as file:
+            metrics = json.load(file)
+        return metrics if set(metrics) == set(EVALUATED) else None
+    except (OSError, TypeError, ValueError):
+        return None
+
+
+def present(rows: list[dict], dense: dict, max_drop: float | None, output_dir: str) -> dict | None:
+    """Mark, print and draw the measured rows; returns the row `max_drop` picks (or None)."""
+    chosen = pick(rows, dense, max_drop) if max_drop is not None else None
+    for row in rows:
+        row["picked"] = row is chosen
+    print_sweep(rows, dense)
+    plot_sweep(rows, dense, os.path.join(output_dir, "sweep.png"), max_drop)
+    if max_drop is not None:
+        reference = reference_accuracy(dense)
+        against = dense.get("pytorch", dense)
+        print(f"--max-drop {max_drop:g}: " + (
+            f"{chosen['name']} ({chosen['file']}): {chosen['accuracy']:.1%} vs dense "
+            f"{reference:.1%} (PyTorch), {dense['params'] / chosen['params']:.1f}x fewer "
+            f"parameters, {against['latency_ms'] / chosen['latency_ms']:.1f}x faster at batch "
+            f"1 and {against['file_bytes'] / chosen['file_bytes']:.1f}x smaller than the dense "
+            "model in PyTorch" if chosen else
+            f"no setting is within {max_drop:g} points of the dense {reference:.1%}"))
+    return chosen
+
+
+def save_rows(rows: Sequence[dict], dense: dict, path: str) -> None:
+    """sweep.json: the dense row, then each setting's."""
+    write_json([dense, *rows], path)
