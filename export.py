@@ -26,7 +26,7 @@ import os
 import sys
 
 from compress import deployment
-from compress.checkpoints import check_made_for, load_checkpoint, model_from_checkpoint, output_path
+from compress.checkpoints import check_made_for, load_checkpoint, output_path
 from compress.cli import (CheckFailed, UserError, add_shared_flags, add_verbose_arg, make_parser,
                           points, positive_int, run_cli)
 from compress.cpu import CPU_CLASSES, cpu_class
@@ -71,9 +71,8 @@ def main(args):
         deployment.check_onnx_replaceable(path)
     checkpoint = load_checkpoint(args.weights, image_size=args.image_size)
     check_made_for(checkpoint, args.weights, "--image-size", image_size=args.image_size)
-    model = model_from_checkpoint(checkpoint, args.weights)
     report = deployment.export_checkpoint(
-        checkpoint, model, args.weights, fp32_path, data=args.data, calibration=args.calibration,
+        checkpoint, args.weights, fp32_path, data=args.data, calibration=args.calibration,
         batch_size=args.batch_size, workers=args.workers, seed=args.seed, cpu=args.int8_for,
         max_drop=args.int8_max_drop, force_int8=args.force_int8, verbose=args.verbose)
 

@@ -20,12 +20,11 @@ knowledge_distillation.py wins it back.
     python pruner.py --sparsity 0.7 --output pruned70.pth
     python pruner.py --method slim --global --sparsity 0.7   # after train.py --bn-sparsity
 """
-from compress.checkpoints import atomic_save, check_replaceable, load_checkpoint, output_path
+from compress.checkpoints import check_replaceable, load_checkpoint
 from compress.cli import (add_shared_flags, add_verbose_arg, fraction, make_parser, positive_int,
                           run_cli)
-from compress.pruning import (METHODS, MOST_REMOVED, layer_widths, prune_checkpoint,
-                              recipe_name, taylor_batches)
-from compress.reporting import plot_channels
+from compress.pruning import (METHODS, MOST_REMOVED, layer_widths, prune_checkpoint, save_pruned,
+                              taylor_batches)
 
 
 def get_args_parser():
@@ -80,10 +79,8 @@ def main(args):
     print("Sped-up model matches the masked model (max relative difference "
           f"{report['difference']:.1e}).")
 
-    atomic_save(pruned, args.output)
-    chart = output_path(args.output, "channels.png")
-    plot_channels(names, widths_before, widths_after, chart,
-                  recipe_name(args.method, args.sparsity, args.global_ranking))
+    chart = save_pruned(pruned, report, args.output, args.method, args.sparsity,
+                        args.global_ranking)
     print(f"Saved {args.output} and {chart}")
 
 

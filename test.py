@@ -119,14 +119,19 @@ def classify(path, image_path, args, device):
     print(f"Saved {saved}")
 
 
-def compare_models(args, device):
-    paths = args.compare or [path for _, path in COMPARED if os.path.exists(path)]
+def named_paths(paths, what):
+    """[(name, path)] of the models given (default: those of COMPARED that exist here)."""
+    paths = paths or [path for _, path in COMPARED if os.path.exists(path)]
     if not paths:
-        raise UserError("no checkpoint to compare: none of "
-                        + ", ".join(p for _, p in COMPARED) + " exists here")
+        raise UserError(f"no {what}: none of " + ", ".join(p for _, p in COMPARED)
+                        + " exists here")
     names = {path: name for name, path in COMPARED}
-    models = [(names.get(path, os.path.basename(path)), path, *load(path, args, device))
-              for path in paths]
+    return [(names.get(path, os.path.basename(path)), path) for path in paths]
+
+
+def compare_models(args, device):
+    models = [(name, path, *load(path, args, device))
+              for name, path in named_paths(args.compare, "checkpoint to compare")]
     rows = compare(models, data=args.data, device=device,
                    timing=TimingPlan(args.warmup, args.repeats, args.max_repeats, PRECISION,
                                      args.seed),
@@ -138,16 +143,11 @@ def compare_models(args, device):
 
 
 def profile_models(args):
-    paths = args.profile or [path for _, path in COMPARED if os.path.exists(path)]
-    if not paths:
-        raise UserError("no model to profile: none of " + ", ".join(p for _, p in COMPARED)
-                        + " exists here")
+    named = named_paths(args.profile, "model to profile")
     if args.device not in ("auto", "cpu"):
         raise UserError(f"--device {args.device}: --profile runs on the CPU (--device cpu)")
-    names = {path: name for name, path in COMPARED}
     cpu = torch.device("cpu")
-    models = [(names.get(path, os.path.basename(path)), path, *load_model(path, cpu))
-              for path in paths]
+    models = [(name, path, *load_model(path, cpu)) for name, path in named]
     print("Measuring this machine's peak: square matrix products of "
           f"{' and '.join(map(str, GEMM_SIZES))} ...", flush=True)
     peak = machine_peak()

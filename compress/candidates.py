@@ -25,7 +25,8 @@ from compress.checkpoints import (check_made_for, file_sha256, load_checkpoint,
 from compress.comparison import compare, load_model
 from compress.data import ImageFolder
 from compress.pruning import check_rankable
-from compress.reporting import RUNTIMES, plot_sweep, print_sweep, save_comparison
+from compress.reporting import (RUNTIMES, in_pytorch, plot_sweep, print_sweep, reference_accuracy,
+                                save_comparison)
 from compress.shipping import ship, target_file
 from compress.teacher_store import key_name, pictures_fingerprint, store_key
 from compress.timing import TimingPlan
@@ -49,14 +50,14 @@ class Teacher:
 
     @classmethod
     def load(cls, path: str, image_size: int | None = None,
-             methods: Sequence[str] = (), flag: str = "--methods") -> Teacher:
+             methods: Sequence[str] = ()) -> Teacher:
         """The dense checkpoint at `path`, refused now for what the stages would refuse
-        later: another image size than `image_size`, a method (given by `flag`) that
-        cannot rank its channels."""
+        later: another image size than `image_size`, a method (of --methods) that cannot
+        rank its channels."""
         checkpoint = load_checkpoint(path, kinds=("dense",))
         check_made_for(checkpoint, path, "--image-size", image_size=image_size)
         for method in methods:
-            check_rankable(checkpoint, path, method, flag)
+            check_rankable(checkpoint, path, method, "--methods")
         return cls(path, checkpoint, file_sha256(path))
 
 
@@ -93,13 +94,11 @@ class SweepSetup:
         student of the sweep shares it."""
         if self.store_dir is None:
             return None
-        teacher, recipe = self.teacher, self.recipe
+        teacher = self.teacher
         pictures = ImageFolder(os.path.join(self.data, "train"), None,
                                teacher.checkpoint["class_names"])
-        key = store_key(teacher.sha256, pictures, seed=recipe.seed,
-                        image_size=image_size, crop_scale=recipe.crop_scale,
-                        normalization=teacher.checkpoint["normalization"], cache=recipe.cache,
-                        amp=recipe.amp, device=self.device)
+        key = store_key(teacher.sha256, pictures, self.recipe, image_size=image_size,
+                        normalization=teacher.checkpoint["normalization"], device=self.device)
         return os.path.join(self.store_dir, f"teacher_logits.{key_name(key)}.pt")
 
     def dense_evaluation(self, path: str, description: dict) -> str | None:
@@ -118,10 +117,11 @@ class SweepSetup:
                "pictures": pictures_fingerprint(pictures.samples)}
         return os.path.join(self.store_dir, f"dense_evaluation.{key_name(key)}.json")
 
-    def ship(self, checkpoint: dict, path: str, fp32_path: str | None = None) -> dict | None:
-        """shipping.ship() of a candidate with this sweep's data and loader settings."""
-        return ship(checkpoint, path, data=self.data, batch_size=self.recipe.batch_size,
-                    workers=self.recipe.workers, seed=self.recipe.seed, fp32_path=fp32_path)
+    def ship(self, path: str, **known) -> dict | None:
+        """shipping.ship() of the candidate at `path` with this sweep's data and loader
+        settings (`known`: its checkpoint, SHA-256, fp32 path, as ship() takes them)."""
+        return ship(path, data=self.data, batch_size=self.recipe.batch_size,
+                    workers=self.recipe.workers, seed=self.recipe.seed, **known)
 
     def ship_dense(self, output_dir: str) -> str | None:
         """The dense model's .onnx files in `output_dir` (dense.onnx, dense.int8.onnx), made
@@ -130,9 +130,8 @@ class SweepSetup:
             return None
         fp32_path = os.path.join(output_dir, "dense.onnx")
         teacher = self.teacher
-        ship(teacher.checkpoint, teacher.path, data=self.data, batch_size=self.recipe.batch_size,
-             workers=self.recipe.workers, seed=self.recipe.seed, sha256=teacher.sha256,
-             fp32_path=fp32_path)
+        self.ship(teacher.path, checkpoint=teacher.checkpoint, sha256=teacher.sha256,
+                  fp32_path=fp32_path)
         return fp32_path
 
 
@@ -150,11 +149,6 @@ def pareto(rows: Sequence[dict], key: str) -> set[str]:
             front.add(row["name"])
             best = row["accuracy"]
     return front
-
-
-def reference_accuracy(dense: dict) -> float:
-    """The accuracy the budget counts from: the dense model's in PyTorch."""
-    return dense.get("pytorch", dense)["accuracy"]
 
 
 def pick(rows: Sequence[dict], dense: dict, max_drop: float) -> dict | None:
@@ -252,7 +246,7 @@ def present(rows: list[dict], dense: dict, max_drop: float | None, output_dir: s
     plot_sweep(rows, dense, os.path.join(output_dir, "sweep.png"), max_drop)
     if max_drop is not None:
         reference = reference_accuracy(dense)
-        against = dense.get("pytorch", dense)
+        against = in_pytorch(dense)
         print(f"--max-drop {max_drop:g}: " + (
             f"{chosen['name']} ({chosen['file']}): {chosen['accuracy']:.1%} vs dense "
             f"{reference:.1%} (PyTorch), {dense['params'] / chosen['params']:.1f}x fewer "

@@ -23,7 +23,8 @@ from collections.abc import Callable, Iterable
 
 import torch
 
-from compress.checkpoints import check_made_for, check_replaceable, file_sha256
+from compress.checkpoints import (check_made_for, check_replaceable, file_sha256,
+                                  model_from_checkpoint)
 from compress.cli import CheckFailed
 from compress.cpu import cpu_class, describe_cpu, saturates
 from compress.data import ImageFolder, eval_transform, find_classes, make_loader, val_set
@@ -156,12 +157,12 @@ def predictions(models: dict, loader: Iterable) -> tuple[dict, torch.Tensor]:
     return {name: torch.cat(tops) for name, tops in outputs.items()}, torch.cat(labels)
 
 
-def export_checkpoint(checkpoint: dict, model: torch.nn.Module, weights: str, fp32_path: str, *,
+def export_checkpoint(checkpoint: dict, weights: str, fp32_path: str, *,
                       data: str, calibration: int = 128, batch_size: int = 32, workers: int = 0,
                       seed: int = 0, cpu: str | None = None, max_drop: float = INT8_MAX_DROP,
                       force_int8: bool = False, source_sha256: str | None = None,
                       verbose: bool = False, say: Callable = print) -> dict:
-    """Export `model` (of `checkpoint`, read from the file `weights`) to `fp32_path` and its
+    """Export the model of `checkpoint` (read from the file `weights`) to `fp32_path` and its
     int8 file beside it (int8_path_of), for CPU class `cpu` (this machine's if None).
 
     Refused before any work (UserError): an .onnx file there that export.py did not write,
@@ -185,7 +186,7 @@ def export_checkpoint(checkpoint: dict, model: torch.nn.Module, weights: str, fp
                                      normalization=checkpoint["normalization"]),
                              batch_size, workers, CPU, sampler=None)
     description = describe(checkpoint, weights, source_sha256 or file_sha256(weights))
-    model = model.cpu().eval()
+    model = model_from_checkpoint(checkpoint, weights).eval()
     here = cpu_class()
     target = cpu or here
 

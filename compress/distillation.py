@@ -190,9 +190,8 @@ def distil_checkpoint(teacher_checkpoint: dict, teacher_path: str, student_check
     loaders = recipe.loaders(data, image_size, device, normalization,
                              keyed=teacher_cache is not None)
     store = None if teacher_cache is None else TeacherStore(teacher_cache, store_key(
-        teacher_sha256, loaders[0].dataset, seed=recipe.seed, image_size=image_size,
-        crop_scale=recipe.crop_scale, normalization=normalization, cache=recipe.cache,
-        amp=recipe.amp, device=device), say=say)
+        teacher_sha256, loaders[0].dataset, recipe, image_size=image_size,
+        normalization=normalization, device=device), say=say)
     teacher = model_from_checkpoint(teacher_checkpoint, teacher_path)
     student = model_from_checkpoint(student_checkpoint, student_path)
     for network in (teacher.eval(), student):  # the batches arrive in this layout

@@ -5,7 +5,7 @@ of --sparsities, in steps of SPARSITY_STEP), its Medianstop assessor stops trial
 fall behind, and each trial (trial.py, run by NNI as `sweep.py --nni-trial`) prunes,
 distils and times its student and reports `objective()`. When the experiment ends,
 the finished trials' students are measured together with the dense model exactly as
-the plain sweep measures (search.measure), and the pick is copied beside them.
+the plain sweep measures (candidates.measure), and the pick is copied beside them.
 
 - `ExperimentPlan`: the experiment's flags (methods, sparsities, budget, trials,
   concurrency, where the manager listens, the user's NNI config).
@@ -27,9 +27,9 @@ from collections.abc import Callable, Sequence
 from tqdm import tqdm
 
 from compress import nni_engine
-from compress.checkpoints import atomic_write, load_checkpoint, write_json
+from compress.checkpoints import atomic_write, write_json
 from compress.cli import CheckFailed, Interrupted, UserError, quiet_nni
-from compress.candidates import SweepSetup, measure, present, within_budget
+from compress.candidates import SweepSetup, measure, present, save_rows, within_budget
 from compress.search import method_setting, read_report, setting_name
 from compress.shipping import onnx_paths
 
@@ -196,7 +196,7 @@ def collect(setup: SweepSetup, trials: Sequence[nni_engine.Trial], record: dict,
                                 "there; move it first")
     rows, dense = measure(setup, done, os.path.join(output_dir, "compare.json"), output_dir)
     chosen = present(rows, dense, max_drop, output_dir)
-    write_json([dense, *rows], os.path.join(output_dir, "sweep.json"))
+    save_rows(rows, dense, os.path.join(output_dir, "sweep.json"))
     for path in earlier:
         if os.path.exists(path):
             os.remove(path)
@@ -221,7 +221,7 @@ def copy_pick(setup: SweepSetup, student: str, copy: str) -> None:
             with open(source, "rb") as file:
                 atomic_write(destination, lambda out: shutil.copyfileobj(file, out))
     if not all(os.path.isfile(path) for path in with_onnx(copy)):
-        setup.ship(load_checkpoint(copy, kinds=("finetuned",)), copy)
+        setup.ship(copy)
 
 
 def run_experiment(setup: SweepSetup, plan: ExperimentPlan, output_dir: str,

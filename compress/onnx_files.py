@@ -136,13 +136,19 @@ class OnnxModel(torch.nn.Module):
         return torch.from_numpy(logits).to(images.device)
 
 
+def read_description(path: str) -> dict:
+    """The description in an ONNX file's metadata, read without building a session;
+    raises (onnx's errors, or a UserError) for a file that is not export.py's."""
+    import onnx
+
+    proto = onnx.load(path, load_external_data=False)
+    return parse_description({p.key: p.value for p in proto.metadata_props}, path)
+
+
 def written_by_export(path: str) -> bool:
     """Whether `path` is an ONNX file with this pipeline's description (written by export.py)."""
     try:
-        import onnx
-
-        proto = onnx.load(path, load_external_data=False)
-        parse_description({p.key: p.value for p in proto.metadata_props}, path)
+        read_description(path)
         return True
     except Exception:  # not ONNX, or ONNX without our description
         return False

@@ -33,7 +33,7 @@ from torch import nn
 import model as vgg
 from compress.cli import UserError
 from compress.onnx_files import OnnxModel, session
-from compress.timing import measure_latency
+from compress.timing import measure_latency, median_seconds
 
 # the peak: the fastest of square matrix products of these sizes (on the 2-core Xeon of
 # this project, fp32 171 and 176 GMAC/s at 1024 and 2048, 169 at 512 and 3072)
@@ -52,11 +52,6 @@ class Layer:
     kind: str  # "conv 3x3", "depthwise 3x3", "pointwise 1x1", "linear" or "other"
     seconds: float  # per forward pass
     macs: int  # multiply-adds per forward pass (0 for "other")
-
-    @property
-    def gmacs(self) -> float:
-        """Billions of multiply-adds a second."""
-        return self.macs / self.seconds / 1e9 if self.seconds else 0.0
 
 
 @dataclasses.dataclass
@@ -114,12 +109,8 @@ def gemm_speed(size: int, repeats: int) -> dict[str, float]:
         path = os.path.join(folder, "gemm.onnx")
         onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), path)
         runner = session(path)
-        times = []
-        for index in range(3 + repeats):
-            started = time.perf_counter()
-            runner.run(None, inputs)
-            times.append(time.perf_counter() - started)
-    return {"fp32": macs / fp32 / 1e9, "int8": macs / statistics.median(times[3:]) / 1e9}
+        int8 = median_seconds(lambda: runner.run(None, inputs), lambda: None, 3, repeats)
+    return {"fp32": macs / fp32 / 1e9, "int8": macs / int8 / 1e9}
 
 
 class MatrixProduct(nn.Module):

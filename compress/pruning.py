@@ -24,10 +24,12 @@ from collections.abc import Callable
 
 import torch
 
-from compress.checkpoints import check_made_for, make_checkpoint, model_from_checkpoint
+from compress.checkpoints import (atomic_save, check_made_for, make_checkpoint,
+                                  model_from_checkpoint, output_path)
 from compress.cli import CheckFailed, UserError, quiet_nni
 from compress.data import ImageFolder, eval_transform, find_classes, make_loader
 from compress.evaluation import count_flops, relative_difference
+from compress.reporting import plot_channels
 
 # The sped-up model must compute what the masked one does, up to this relative difference.
 TOLERANCE = 1e-3
@@ -299,3 +301,16 @@ def prune_checkpoint(checkpoint: dict, path: str, *, method: str = "l1", sparsit
     report = dict(metrics, difference=difference, before=checkpoint["architecture"],
                   after=pruned["architecture"])
     return pruned, report
+
+
+def save_pruned(pruned: dict, report: dict, path: str, method: str, sparsity: float,
+                global_ranking: bool = False) -> str:
+    """The pruned checkpoint saved to `path` (atomically) and its layer widths before and
+    after drawn beside it (NAME.channels.png), as pruner.py writes them; returns the
+    figure's path."""
+    atomic_save(pruned, path)
+    names, before = layer_widths(report["before"])
+    chart = output_path(path, "channels.png")
+    plot_channels(names, before, layer_widths(report["after"])[1], chart,
+                  recipe_name(method, sparsity, global_ranking))
+    return chart

@@ -180,6 +180,16 @@ RUNTIMES = {"int8": "int8 ONNX in onnxruntime", "onnx": "fp32 ONNX in onnxruntim
             "pytorch": "PyTorch"}
 
 
+def in_pytorch(dense: dict) -> dict:
+    """The dense model's figures in PyTorch (its row itself where PyTorch decided)."""
+    return dense.get("pytorch", dense)
+
+
+def reference_accuracy(dense: dict) -> float:
+    """The accuracy a sweep's budget counts from: the dense model's in PyTorch."""
+    return in_pytorch(dense)["accuracy"]
+
+
 def print_sweep(rows: Sequence[dict], dense: dict) -> None:
     """The sweep's table: the dense row, then each setting's (p: Pareto front, *: picked),
     in the runtime that decided; beside it, with a target other than PyTorch, how many
@@ -222,8 +232,7 @@ def plot_sweep(rows: Sequence[dict], dense: dict, path: str, max_drop: float | N
         axis.scatter([dense[key] / scale], [100 * dense["accuracy"]], marker="*", s=200,
                      color="C3", zorder=3, label="dense")
         if max_drop is not None:  # counted from the dense model's accuracy in PyTorch
-            reference = dense.get("pytorch", dense)["accuracy"]
-            axis.axhline(100 * reference - max_drop, color="C3", linestyle=":",
+            axis.axhline(100 * reference_accuracy(dense) - max_drop, color="C3", linestyle=":",
                          label=f"--max-drop {max_drop:g} (from the dense model in PyTorch)")
         for row in rows:
             axis.annotate(row["name"] + (" (picked)" if row.get("picked") else ""),

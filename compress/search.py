@@ -29,13 +29,12 @@ import torch
 
 from model import MOBILENET_V2, count_parameters
 from compress.candidates import SweepSetup, measure, present, within_budget
-from compress.checkpoints import (atomic_save, check_replaceable, load_checkpoint,
+from compress.checkpoints import (check_replaceable, load_checkpoint,
                                   model_from_checkpoint, output_path, write_json)
 from compress.cli import Interrupted, UserError
 from compress.deployment import check_onnx_replaceable
 from compress.distillation import distil_checkpoint, mobilenet_student
-from compress.pruning import METHODS, layer_widths, prune_checkpoint, recipe_name, taylor_batches
-from compress.reporting import plot_channels
+from compress.pruning import METHODS, prune_checkpoint, save_pruned, taylor_batches
 from compress.shipping import onnx_paths, target_accuracy
 
 
@@ -120,11 +119,7 @@ def prune(setup: SweepSetup, path: str, setting: Setting) -> dict:
     print(f"  params {report['params_before']:,} -> {report['params_after']:,}, FLOPs "
           f"{report['flops_before'] / report['flops_after']:.2f}x fewer; the sped-up model "
           f"matches the masked one ({report['difference']:.1e})", flush=True)
-    atomic_save(pruned, path)
-    names, before = layer_widths(report["before"])
-    plot_channels(names, before, layer_widths(report["after"])[1],
-                  output_path(path, "channels.png"),
-                  recipe_name(setting.method, setting.sparsity, setting.global_ranking))
+    save_pruned(pruned, report, path, setting.method, setting.sparsity, setting.global_ranking)
     return pruned
 
 
@@ -211,7 +206,7 @@ class Sweep:
         by_runtime = row.setdefault("accuracy_by_runtime", {"pytorch": row["accuracy"]})
         if setup.target != "pytorch":
             path = self.student(name)
-            measured = setup.ship(load_checkpoint(path, kinds=("finetuned",)), path)
+            measured = setup.ship(path)
             if measured:
                 by_runtime.update(measured)
             elif setup.target not in by_runtime:
@@ -289,7 +284,7 @@ def run_sweep(setup: SweepSetup, settings: Sequence[Setting], output_dir: str, *
     rows, dense = measure(setup, done, os.path.join(output_dir, "compare.json"), output_dir)
     chosen = present(rows, dense, max_drop, output_dir)
     if chosen and setup.target == "pytorch":  # the pick ready to ship, as the others were not
-        setup.ship(load_checkpoint(chosen["path"], kinds=("finetuned",)), chosen["path"])
+        setup.ship(chosen["path"])
     sweep.rows = {row["name"]: row for row in rows}
     sweep.save(dense)
     print(f"Saved {sweep.report} and {os.path.join(output_dir, 'sweep.png')}"

@@ -15,12 +15,12 @@ from collections.abc import Callable
 
 import torch
 
-from compress.checkpoints import file_sha256, model_from_checkpoint, output_path
+from compress.checkpoints import file_sha256, load_checkpoint, output_path
 from compress.comparison import load_model, val_loader
 from compress.cpu import cpu_class
 from compress.deployment import export_checkpoint, int8_path_of, int8_settings
 from compress.evaluation import evaluate
-from compress.onnx_files import load_onnx
+from compress.onnx_files import read_description
 
 TARGETS = {"int8": "the int8 ONNX file in onnxruntime (what export.py ships)",
            "onnx": "the fp32 ONNX file in onnxruntime",
@@ -46,26 +46,28 @@ def is_current(checkpoint_path: str, sha256: str, fp32_path: str | None = None) 
     int8 one for this CPU's class with today's settings."""
     paths = onnx_paths(checkpoint_path, fp32_path)
     try:
-        descriptions = [load_onnx(path)[0] for path in paths.values()]
+        descriptions = [read_description(path) for path in paths.values()]
     except Exception:  # missing, foreign, damaged: exported again (or refused) by ship()
         return False
     return (all(d["source_sha256"] == sha256 for d in descriptions)
             and descriptions[1].get("quantization") == int8_settings(cpu_class()))
 
 
-def ship(checkpoint: dict, checkpoint_path: str, *, data: str, batch_size: int = 32,
-         workers: int | None = 0, seed: int = 0, sha256: str | None = None,
-         fp32_path: str | None = None, say: Callable = print) -> dict | None:
-    """Export `checkpoint` (read from `checkpoint_path`, its SHA-256 `sha256` if known) as
-    export.py does, to its .onnx files (onnx_paths()), unless they are current; returns
-    {"pytorch", "onnx", "int8"} accuracies on DATA/val as the export measured them, or None
-    if nothing was exported."""
+def ship(checkpoint_path: str, *, data: str, checkpoint: dict | None = None,
+         batch_size: int = 32, workers: int | None = 0, seed: int = 0,
+         sha256: str | None = None, fp32_path: str | None = None,
+         say: Callable = print) -> dict | None:
+    """Export the checkpoint at `checkpoint_path` (`checkpoint` if the caller holds it
+    already, else read only if needed; its SHA-256 `sha256` if known) as export.py does,
+    to its .onnx files (onnx_paths()), unless they are current; returns {"pytorch",
+    "onnx", "int8"} accuracies on DATA/val as the export measured them, or None if nothing
+    was exported."""
     sha256 = sha256 or file_sha256(checkpoint_path)
     if is_current(checkpoint_path, sha256, fp32_path):
         return None
+    checkpoint = checkpoint or load_checkpoint(checkpoint_path)
     paths = onnx_paths(checkpoint_path, fp32_path)
-    report = export_checkpoint(checkpoint, model_from_checkpoint(checkpoint, checkpoint_path),
-                               checkpoint_path, paths["onnx"], data=data,
+    report = export_checkpoint(checkpoint, checkpoint_path, paths["onnx"], data=data,
                                batch_size=batch_size, workers=workers or 0, seed=seed,
                                force_int8=True, source_sha256=sha256, say=say)
     if not report["int8_lost_points"] <= 1:
@@ -76,9 +78,9 @@ def ship(checkpoint: dict, checkpoint_path: str, *, data: str, batch_size: int =
 
 
 def target_accuracy(checkpoint_path: str, target: str, *, data: str, batch_size: int = 32,
-                    workers: int | None = 0, fp32_path: str | None = None) -> float:
+                    workers: int | None = 0) -> float:
     """The accuracy on DATA/val of `target`'s file of a checkpoint, in its runtime."""
-    path = target_file(checkpoint_path, target, fp32_path)
+    path = target_file(checkpoint_path, target)
     checkpoint, model = load_model(path, CPU)
     loader = val_loader(data, checkpoint, path, CPU, batch_size, workers)
     return evaluate(model, loader, CPU, len(checkpoint["class_names"]))["accuracy"]

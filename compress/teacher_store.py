@@ -31,6 +31,7 @@ import torch
 from compress.checkpoints import atomic_write
 from compress.cli import UserError
 from compress.distributed import distributed
+from compress.training import Recipe
 
 STORE_FORMAT = "vgg-prune-distill-teacher-logits/1"
 MAGIC = (STORE_FORMAT + "\n").encode()  # the file's first bytes: a store, even cut short
@@ -47,16 +48,17 @@ def pictures_fingerprint(samples: list[tuple[str, int]]) -> str:
     return digest.hexdigest()
 
 
-def store_key(teacher_sha256: str, dataset: torch.utils.data.Dataset, *, seed: int,
-              image_size: int, crop_scale: float, normalization: dict, cache: bool,
-              amp: bool, device: torch.device) -> dict:
+def store_key(teacher_sha256: str, dataset: torch.utils.data.Dataset, recipe: Recipe, *,
+              image_size: int, normalization: dict, device: torch.device) -> dict:
     """Everything that decides the teacher's logits of a distillation's training pictures
-    (`dataset`: its data.ImageFolder), the kind of device too (its kernels round
-    differently; --amp acts on CUDA alone)."""
+    (`dataset`: its data.ImageFolder) with `recipe` (its seed, crop scale, --cache and
+    --amp), the kind of device too (its kernels round differently; --amp acts on CUDA
+    alone)."""
     return {"teacher_sha256": teacher_sha256, "pictures": pictures_fingerprint(dataset.samples),
-            "count": len(dataset), "class_names": list(dataset.class_names), "seed": seed,
-            "image_size": image_size, "crop_scale": crop_scale, "normalization": normalization,
-            "cache": cache, "amp": amp, "device": torch.device(device).type}
+            "count": len(dataset), "class_names": list(dataset.class_names),
+            "seed": recipe.seed, "image_size": image_size, "crop_scale": recipe.crop_scale,
+            "normalization": normalization, "cache": recipe.cache, "amp": recipe.amp,
+            "device": torch.device(device).type}
 
 
 def key_name(key: dict) -> str:

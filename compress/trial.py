@@ -16,8 +16,8 @@ import torch
 
 from compress.cli import Interrupted, UserError
 from compress.experiment import objective
-from compress.candidates import SweepSetup, measure, reference_accuracy, within_budget
-from compress.checkpoints import load_checkpoint
+from compress.candidates import SweepSetup, measure, within_budget
+from compress.reporting import reference_accuracy
 from compress.search import Setting, method_setting, prune_and_distil
 
 
@@ -53,7 +53,7 @@ def run_trial(setup: SweepSetup, output_dir: str, max_drop: float, concurrency: 
     try:
         history = prune_and_distil(setup, student, setting, on_epoch=report_epoch)
         if setup.target != "pytorch":  # measured as it would ship
-            setup.ship(load_checkpoint(student, kinds=("finetuned",)), student)
+            setup.ship(student)
         (row,), dense = measure(setup, [{"name": setting.name, "path": student}],
                                 os.path.join(folder, "compare.json"), output_dir)
     except (Interrupted, KeyboardInterrupt):
