@@ -6,6 +6,8 @@ Reads  TEACHER (vgg16Net.pth)            the dense model from train.py (or a bar
        DATA/train/, DATA/val/            (made by split_dataset.py)
 Writes OUTPUT (finetuned_vgg16_net.pth)  the student with the best validation accuracy
        finetuned_vgg16_net.history.json/.png, and .state.pth only after Ctrl-C
+       --teacher-cache PATH              the teacher's logits of every training picture and
+                                         epoch, read back by the next student (optional)
 
 With --student-arch mobilenet_v2 the student is torchvision's MobileNetV2 instead
 of the pruned VGG (new weights, or --pretrained PATH), written to
@@ -18,6 +20,8 @@ The student learns from the teacher's softened predictions and from the labels:
 
     python knowledge_distillation.py             # T=8, alpha=0.99, Adam 1e-4, 20 epochs
     python knowledge_distillation.py --student-arch mobilenet_v2 --epochs 10
+    python knowledge_distillation.py --output s70.pth --student pruned70.pth \
+        --teacher-cache teacher_logits.pt   # a second student: the teacher runs on no picture
 """
 import torch
 

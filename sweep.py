@@ -17,6 +17,10 @@ Writes OUTPUT_DIR/ (sweep/)             per setting NAME (l1-0.5, slim-global-0.
                                         the Pareto front marked, the dense model for reference
        OUTPUT_DIR/compare.json/.png     test.py --compare's report of the same run (and
                                         compare.pytorch.json/.png, the models in PyTorch)
+       OUTPUT_DIR/teacher_logits.KEY.pt the teacher's answers for every training picture and
+                                        epoch, computed once and read back by every setting
+                                        (safe to delete); dense_evaluation.KEY.json likewise
+                                        the dense model's accuracy
 
 Each setting is pruned (as pruner.py prunes), distilled from the dense teacher for
 --kd-epochs (as knowledge_distillation.py distils; the teacher is loaded once), then
