@@ -159,8 +159,10 @@ def plot_comparison(rows: Sequence[dict], path: str, show: bool = False) -> None
         bars = axis.bar(names, values, color=[f"C{i}" for i in range(len(rows))])
         axis.bar_label(bars, fmt=lambda value: f"{value:.3g}" if value < 1000 else f"{value:.0f}")
         axis.set_title(title)
-    figure.suptitle(f"Measured on {rows[0]['device']}, {rows[0]['threads']} threads, "
-                    f"{rows[0]['image_size']} px")
+    first = rows[0]
+    cpu = f" ({first['cpu_class']})" if first["device"] == "cpu" and "cpu_class" in first else ""
+    figure.suptitle(f"Measured on {first['device']}{cpu}, {first['threads']} threads, "
+                    f"{first['image_size']} px")
     save_figure(figure, path, show)
 
 
