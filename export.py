@@ -30,6 +30,7 @@ from compress.checkpoints import check_made_for, load_checkpoint, output_path
 from compress.cli import (CheckFailed, UserError, add_shared_flags, add_verbose_arg, make_parser,
                           points, positive_int, run_cli)
 from compress.cpu import CPU_CLASSES, cpu_class
+from compress.machine import check_writable
 
 
 def get_args_parser():
@@ -69,6 +70,7 @@ def main(args):
                         "model by it)")
     for path in (fp32_path, deployment.int8_path_of(fp32_path)):  # before reading the weights
         deployment.check_onnx_replaceable(path)
+    check_writable(fp32_path, "--output")
     checkpoint = load_checkpoint(args.weights, image_size=args.image_size)
     check_made_for(checkpoint, args.weights, "--image-size", image_size=args.image_size)
     report = deployment.export_checkpoint(

@@ -32,6 +32,7 @@ from compress.cli import (UserError, add_data_args, make_parser, positive_float,
 from compress.distillation import (ALPHA, TEMPERATURE, check_alpha, distil_checkpoint,
                                    mobilenet_student)
 from compress.distributed import init_distributed
+from compress.machine import check_writable, output_lock
 from compress.training import Recipe
 
 DEFAULT_STUDENT = "pruned_vgg16_net.pth"
@@ -88,6 +89,13 @@ def main(args):
     check_alpha(args.alpha)
     output = args.output or DEFAULT_OUTPUT[args.student_arch]
     check_replaceable(output)
+    check_writable(output, "--output")
+    with output_lock(output, "--output"):
+        distil(args, output)
+
+
+def distil(args, output):
+    """Distil as the flags say, into `output` (main() has checked it can be written)."""
     torch.manual_seed(args.seed)  # dropout's draws, and a new MobileNetV2's weights
     device = init_distributed(args.device)
     if args.student_arch == "pruned":

@@ -21,6 +21,7 @@ knowledge_distillation.py wins it back.
     python pruner.py --method slim --global --sparsity 0.7   # after train.py --bn-sparsity
 """
 from compress.checkpoints import check_replaceable, load_checkpoint
+from compress.machine import check_writable
 from compress.cli import (add_shared_flags, add_verbose_arg, fraction, make_parser, positive_int,
                           run_cli)
 from compress.pruning import (METHODS, MOST_REMOVED, layer_widths, prune_checkpoint, save_pruned,
@@ -58,6 +59,7 @@ def get_args_parser():
 
 def main(args):
     check_replaceable(args.output)
+    check_writable(args.output, "--output")
     checkpoint = load_checkpoint(args.weights, kinds=("dense",), image_size=args.image_size)
     batches = (taylor_batches(checkpoint, args.weights, args.data, args.taylor_batches,
                               args.batch_size, args.seed) if args.method == "taylor" else [])

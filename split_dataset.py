@@ -17,6 +17,7 @@ leaves the previous DEST as it was.
 import os
 
 from compress.cli import fraction, make_parser, run_cli
+from compress.machine import check_room, check_writable
 from compress.splitting import check_destination, describe_skipped, scan, split, write_split
 
 
@@ -38,6 +39,7 @@ def get_args_parser():
 
 def main(args):
     check_destination(args.source, args.dest, args.replace)
+    check_writable(os.path.realpath(args.dest), "--dest")  # (built beside it, then swapped in)
     usable, skipped = scan(args.source, args.workers)
     if skipped:
         print(describe_skipped(skipped))
@@ -45,6 +47,9 @@ def main(args):
     summary = {"source": os.path.abspath(args.source), "ratio": args.ratio, "seed": args.seed,
                "classes": {name: {"train": len(t), "val": len(v)} for name, (t, v) in plan.items()},
                "skipped": [[path, reason] for path, reason in skipped]}
+    check_room(args.dest, sum(os.path.getsize(os.path.join(args.source, name, file))
+                              for name, parts in plan.items() for part in parts for file in part),
+               "the copies of the pictures")
     write_split(args.source, args.dest, plan, summary)
     n_train = sum(len(t) for t, _ in plan.values())
     n_val = sum(len(v) for _, v in plan.values())

@@ -57,6 +57,7 @@ from compress.cli import (UserError, add_data_args, add_timing_args, add_verbose
                           int_within, make_parser, points, positive_float, positive_int,
                           resolve_device, run_cli)
 from compress import trial
+from compress.machine import check_writable, output_lock
 from compress.experiment import SPARSITY_STEP, ExperimentPlan, run_experiment, search_space
 from compress.nni_engine import ASSESSOR, TUNER
 from compress.pruning import METHODS
@@ -167,10 +168,17 @@ def setup_of(args, methods=()):
 
 
 def main(args):
-    methods = args.methods or [("l1", False)]
-    if args.nni_trial:
+    if args.nni_trial:  # (its experiment holds OUTPUT_DIR's lock; the trial writes trials/ID/)
         trial.check_run_by_nni()  # before the teacher is loaded
         return trial.run_trial(setup_of(args), args.output_dir, args.max_drop, args.concurrency)
+    check_writable(args.output_dir + os.sep, "--output-dir")
+    with output_lock(args.output_dir, "--output-dir", folder=True):
+        sweep(args)
+
+
+def sweep(args):
+    """The sweep or the experiment the flags ask for, in args.output_dir (locked by main())."""
+    methods = args.methods or [("l1", False)]
     if args.engine == "nni":
         if args.max_drop is None:
             raise UserError("--engine nni: needs --max-drop (the budget of the objective)")

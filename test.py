@@ -29,6 +29,7 @@ from compress.comparison import THROUGHPUT_BATCH, compare, load_model, val_loade
 from compress.cpu import describe_cpu
 from compress.data import eval_transform, load_rgb
 from compress.evaluation import evaluate
+from compress.machine import check_writable
 from compress.onnx_files import exported_earlier_note, other_cpu_note
 from compress.profiling import GEMM_SIZES, machine_peak, profile_model
 from compress.reporting import (explain_profiles, plot_confusion, plot_prediction, plot_profiles,
@@ -172,6 +173,7 @@ def main(args):
         return
     device = resolve_device(args.device)
     if args.compare is not None:
+        check_writable(args.report, "--report")
         compare_models(args, device)
         return
     weights = args.weights or WEIGHTS[prune_test or args.pruned]

@@ -16,11 +16,12 @@ import torch.nn.functional as F
 
 import model as vgg
 from compress.checkpoints import (atomic_save, check_class_index, check_replaceable,
-                                  make_checkpoint, write_json)
+                                  make_checkpoint, saved_bytes, write_json)
 from compress.cli import (UserError, add_data_args, make_parser, positive_float, positive_int,
                           run_cli)
 from compress.data import ORIGINAL_NORMALIZATION
 from compress.distributed import distributed, init_distributed
+from compress.machine import check_room, check_writable, output_lock
 from compress.pretrained import load_pretrained_weights, pretrained_weights
 from compress.training import (MEMORY_FORMAT, NEAR_ZERO, Recipe, batch_norm_scales, fit,
                                scale_sparsity)
@@ -69,6 +70,14 @@ def main(args):
         if value and not args.batch_norm:
             raise UserError(f"{flag}: needs --batch-norm (it is about the batch-norm scales)")
     check_replaceable(args.output)
+    check_writable(args.output, "--output")
+    check_writable(args.class_index, "--class-index")
+    with output_lock(args.output, "--output"):
+        train(args)
+
+
+def train(args):
+    """Train as the flags say, into args.output (main() has checked it can be written)."""
     torch.manual_seed(args.seed)
     device = init_distributed(args.device)
     recipe = Recipe(args.epochs, args.lr, args.batch_size, args.seed, args.crop_scale, args.cache,
@@ -83,10 +92,11 @@ def main(args):
           f"{len(train_loader.dataset)} train / {len(val_loader.dataset)} val images, "
           f"classes {class_names}, {args.image_size} px")
     check_class_index(args.class_index, class_names)
+    model = vgg.build_model(args.arch, len(class_names), args.batch_norm, args.classifier_width)
+    check_room(args.output, saved_bytes(model.state_dict()), "the best model's checkpoint")
     if distributed()[0] == 0:
         write_json({str(i): name for i, name in enumerate(class_names)}, args.class_index)
 
-    model = vgg.build_model(args.arch, len(class_names), args.batch_norm, args.classifier_width)
     if args.pretrained:
         load_pretrained_weights(model, pretrained, source, args.arch, args.batch_norm)
     model.to(device, memory_format=MEMORY_FORMAT)

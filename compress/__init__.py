@@ -8,6 +8,7 @@ above them here (tests/library/test_layout.py checks it).
 
     cli            the command-line edge: one-line errors, exit statuses, shared flags
     cpu            which CPU runs int8, and how its products are summed
+    machine        room on disk and in memory, writable folders, one run per output
     distributed    processes under torchrun: joining, rank 0, adding up
     data           pictures in, batches out: decoding, transforms, the seeded order
     checkpoints    what is on disk: the checkpoint format, atomic writes, safe loading
@@ -27,7 +28,8 @@ above them here (tests/library/test_layout.py checks it).
     shipping       a candidate as the file that would ship, in its runtime
     candidates     a sweep's candidates: their setup, measured together, the pick
     search         the plain sweep: settings pruned, distilled, shipped, measured
-    nni_engine     NNI 3.0's experiment engine, and three mends of it
+    processes      signals that stop us; other processes found and ended
+    nni_engine     NNI 3.0's experiment engine, and four mends of it
     experiment     the sweep as an NNI experiment: launched and followed
     trial          one trial of that experiment, as NNI runs it
 """

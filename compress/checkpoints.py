@@ -22,23 +22,29 @@ import torch
 import model as vgg
 from compress.cli import UserError
 from compress.data import IMAGENET_NORMALIZATION, ORIGINAL_NORMALIZATION
+from compress.machine import disk_full, free_bytes
 
 CHECKPOINT_FORMAT = "vgg-prune-distill/1"
 
 
-def atomic_write(path: str, write: Callable, mode: str = "wb") -> None:
+def atomic_write(path: str, write: Callable, mode: str = "wb",
+                 needed: float | None = None) -> None:
     """Call `write(file)` on a temporary file beside `path`, then rename it to `path`:
     neither a reader nor a crash ever sees half a file, and a failed write leaves the
-    previous file as it was."""
+    previous file as it was. A full disk is a DiskFull naming `path`, what it needed
+    (`needed` bytes if known) and what was free."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     temporary = os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}.tmp")
+    kept = "the file there is as it was" if os.path.exists(path) else "no file was left there"
+    free = free_bytes(path)
     try:
-        with open(temporary, mode) as file:
-            write(file)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temporary, path)
+        with disk_full(path, needed, kept, written=temporary, free=free):
+            with open(temporary, mode) as file:
+                write(file)
+                file.flush()
+                os.fsync(file.fileno())
+            os.replace(temporary, path)
     finally:
         if os.path.exists(temporary):
             os.remove(temporary)
@@ -46,7 +52,26 @@ def atomic_write(path: str, write: Callable, mode: str = "wb") -> None:
 
 def atomic_save(obj: object, path: str) -> None:
     """torch.save, atomically (see atomic_write)."""
-    atomic_write(path, lambda file: torch.save(obj, file))
+    atomic_write(path, lambda file: torch.save(obj, file), needed=saved_bytes(obj))
+
+
+def saved_bytes(obj: object) -> int:
+    """About how many bytes torch.save writes for `obj`: its tensors' (each storage once),
+    plus a little for the rest."""
+    storages = {}
+
+    def visit(value):
+        if isinstance(value, torch.Tensor):
+            storage = value.untyped_storage()
+            storages[storage.data_ptr()] = storage.nbytes()
+        elif isinstance(value, dict):
+            for item in value.values():
+                visit(item)
+        elif isinstance(value, (list, tuple)):
+            for item in value:
+                visit(item)
+    visit(obj)
+    return sum(storages.values()) + 64 * 1024 + 1024 * len(storages)
 
 
 def write_json(obj: object, path: str) -> None:

@@ -14,6 +14,7 @@ Imports nothing of the pipeline's own: every other module may import it.
 """
 import argparse
 import contextlib
+import errno
 import io
 import logging
 import os
@@ -34,6 +35,18 @@ class CheckFailed(Exception):
 
 class Interrupted(Exception):
     """Ctrl-C: the state was saved (or nothing was lost); exit 130."""
+
+
+def is_disk_full(error: BaseException | None) -> bool:
+    """Whether `error`, or an error it was raised from or during, is a full disk (torch's
+    writer raises 'unexpected pos' during the OSError of the write it failed)."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
 
 
 def local_rank() -> int:
@@ -72,6 +85,13 @@ def run_cli(main: Callable[[argparse.Namespace], object], parser: argparse.Argum
     except BrokenPipeError:  # the output was piped into a reader that stopped (`| head`)
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no error at exit
         return 1
+    except Exception as error:
+        if not is_disk_full(error):  # (a full disk where no DiskFull says more: still one line)
+            raise
+        where = getattr(error, "filename", None) or "a file"
+        say(f"{prog}: error: {where}: cannot be written, the disk is full ({error})",
+            file=sys.stderr)
+        return 2
     finally:
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()

@@ -23,6 +23,7 @@ from tqdm import tqdm
 
 from compress.cli import UserError
 from compress.distributed import distributed
+from compress.machine import check_memory
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 # The largest picture accepted: 2**27 pixels (e.g. 16384 x 8192), about 400 MB decoded.
@@ -145,6 +146,11 @@ class ImageFolder(torch.utils.data.Dataset):
         if not self.samples:
             raise UserError(f"{root}: no images found in {self.class_names or 'any class folder'}")
         self.bad_files = set()
+        if cache_size:  # refused before decoding, if it cannot fit
+            height, width = (cache_size, cache_size) if isinstance(cache_size, int) else cache_size
+            check_memory(len(self.samples) * 3 * height * width,
+                         f"{len(self.samples)} pictures of {root} kept at {height}x{width} px "
+                         "(or more)", "--cache")
         self.cache = self._decode_all(cache_size) if cache_size else None
 
     def _decode_all(self, size):

@@ -24,11 +24,12 @@ from collections.abc import Callable, Iterable
 import torch
 
 from compress.checkpoints import (check_made_for, check_replaceable, file_sha256,
-                                  model_from_checkpoint)
-from compress.cli import CheckFailed
+                                  model_from_checkpoint, saved_bytes)
+from compress.cli import CheckFailed, is_disk_full
 from compress.cpu import cpu_class, describe_cpu, saturates
 from compress.data import ImageFolder, eval_transform, find_classes, make_loader, val_set
 from compress.evaluation import relative_difference
+from compress.machine import DiskFull, check_room, free_bytes
 from compress.onnx_files import (INPUT, OUTPUT, describe, load_onnx, parse_description,
                                  set_metadata, written_by_export)
 
@@ -194,6 +195,10 @@ def export_checkpoint(checkpoint: dict, weights: str, fp32_path: str, *,
     folder = os.path.dirname(os.path.abspath(fp32_path))
     made_folder = not os.path.isdir(folder)
     os.makedirs(folder, exist_ok=True)
+    # the fp32 file holds the weights as they are, the int8 one a quarter of them
+    needed = 1.25 * saved_bytes(checkpoint["state_dict"])
+    check_room(fp32_path, needed, "the fp32 and int8 ONNX files")
+    free = free_bytes(folder)
     scratch = tempfile.mkdtemp(dir=folder, prefix=".export-")
     saved = False
     try:
@@ -240,6 +245,11 @@ def export_checkpoint(checkpoint: dict, weights: str, fp32_path: str, *,
             os.replace(int8_scratch, int8_path)
         os.replace(fp32_scratch, fp32_path)
         saved = True
+    except Exception as error:
+        if is_disk_full(error):
+            raise DiskFull(fp32_path, needed, free, kept="nothing was saved (files there before "
+                           "are as they were)") from None
+        raise
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
         if made_folder and not saved:

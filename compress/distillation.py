@@ -33,11 +33,13 @@ import torch.nn.functional as F
 
 import model as vgg
 from compress.checkpoints import (atomic_save, check_made_for, file_sha256, is_state_dict,
-                                  make_checkpoint, model_from_checkpoint, safe_load)
+                                  make_checkpoint, model_from_checkpoint, safe_load,
+                                  saved_bytes)
 from compress.cli import UserError
 from compress.data import find_classes
 from compress.distributed import init_distributed
 from compress.evaluation import evaluate
+from compress.machine import check_room
 from compress.teacher_store import TeacherStore, check_store_file, store_key
 from compress.training import MEMORY_FORMAT, Recipe, fit
 
@@ -194,6 +196,8 @@ def distil_checkpoint(teacher_checkpoint: dict, teacher_path: str, student_check
         normalization=normalization, device=device), say=say)
     teacher = model_from_checkpoint(teacher_checkpoint, teacher_path)
     student = model_from_checkpoint(student_checkpoint, student_path)
+    check_room(output, saved_bytes(student_checkpoint["state_dict"]),
+               "the student's checkpoint")
     for network in (teacher.eval(), student):  # the batches arrive in this layout
         network.to(device, memory_format=MEMORY_FORMAT)
     before = evaluate(student, loaders[1], device, len(class_names), progress="student before")

@@ -26,7 +26,7 @@ from collections.abc import Callable, Sequence
 
 from tqdm import tqdm
 
-from compress import nni_engine
+from compress import nni_engine, processes
 from compress.checkpoints import atomic_write, write_json
 from compress.cli import CheckFailed, Interrupted, UserError, quiet_nni
 from compress.candidates import SweepSetup, measure, present, save_rows, within_budget
@@ -227,7 +227,9 @@ def copy_pick(setup: SweepSetup, student: str, copy: str) -> None:
 def run_experiment(setup: SweepSetup, plan: ExperimentPlan, output_dir: str,
                    trial_command_for: Callable[[int], str], code_directory: str) -> None:
     """The search as an NNI experiment: start or resume it, follow its trials, then measure
-    the finished students together and pick, as the plain sweep does.
+    the finished students together and pick, as the plain sweep does. A tuner that stops
+    answering stops the experiment: the finished trials are measured and picked from, then
+    CheckFailed says so.
 
     `trial_command_for(concurrency)` is the command NNI runs for each trial (sweep.py
     --nni-trial with its flags), in `code_directory`.
@@ -246,6 +248,7 @@ def run_experiment(setup: SweepSetup, plan: ExperimentPlan, output_dir: str,
     setup.ship_dense(output_dir)  # before the trials, which time their students against it
     run = nni_engine.NniExperiment(config, experiment_id, plan.host, plan.port, setup.verbose)
     total = config.max_trial_number
+    stopped = None
     try:
         how = run.start()
         write_json({"id": experiment_id, "settings": settings, **{
@@ -257,11 +260,15 @@ def run_experiment(setup: SweepSetup, plan: ExperimentPlan, output_dir: str,
               f"http://{plan.host}:{plan.port}  (trials' files: "
               f"{os.path.join(output_dir, 'trials')}/)", flush=True)
         with tqdm(total=total, desc="trials finished", unit="trial") as bar, \
-                nni_engine.interrupting_signals():
-            for trial in run.follow():
-                bar.write(describe_trial(trial, epochs))
-                bar.n = sum(t.status in nni_engine.FINISHED for t in run.latest)
-                bar.refresh()
+                processes.interrupting_signals():
+            try:
+                for trial in run.follow():
+                    bar.write(describe_trial(trial, epochs))
+                    bar.n = sum(t.status in nni_engine.FINISHED for t in run.latest)
+                    bar.refresh()
+            except nni_engine.TunerStopped as error:  # the finished trials are still measured
+                stopped = error
+                bar.write(f"{error}: stopping it")
         trials = run.latest
     except KeyboardInterrupt:  # (the manager is stopped below)
         raise Interrupted(f"stopped the NNI experiment {experiment_id}, its manager and its "
@@ -279,7 +286,14 @@ def run_experiment(setup: SweepSetup, plan: ExperimentPlan, output_dir: str,
     if "picked_copy" in state:  # an earlier run's pick: kept until collect() replaces it
         record["picked_copy"] = state["picked_copy"]
     write_json(record, state_path)
+    if stopped and not any(trial.succeeded for trial in trials):
+        raise stopped
     collect(setup, trials, record, output_dir, plan.max_drop)
     write_json(record, state_path)
     print(f"Saved {os.path.join(output_dir, 'sweep.json')}, "
           f"{os.path.join(output_dir, 'sweep.png')} and {state_path}")
+    if stopped:
+        finished = sum(trial.succeeded for trial in trials)
+        raise CheckFailed(f"{stopped}; stopped it after {len(trials)} of {total} trials, and "
+                          f"measured the {finished} finished "
+                          f"({os.path.join(output_dir, 'sweep.json')})")

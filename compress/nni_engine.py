@@ -1,4 +1,4 @@
-"""NNI 3.0's experiment engine, as sweep.py --engine nni drives it (and three mends of it).
+"""NNI 3.0's experiment engine, as sweep.py --engine nni drives it (and four mends of it).
 
 - `make_config()`: NNI's ExperimentConfig -- the user's --nni-config YAML (any of NNI's
   training services: local, remote machines, a cluster) or this machine, completed with
@@ -6,9 +6,10 @@
 - `NniExperiment`: creates the experiment, or resumes it (NNI's own resume: finished
   trials are kept), with NNI's manager listening on one address only (127.0.0.1 unless
   asked) and each trial given its own parameters (mends of NNI 3.0, see
-  MANAGER_PRELOAD); `follow()` yields each trial when it changes; `stop()` stops the manager, its
-  tuner and its trials, and frees the port.
-- `interrupting_signals()` / `deferred_signals()`: `kill` and a closed terminal stop an
+  MANAGER_PRELOAD); `follow()` yields each trial when it changes and notices a tuner that
+  stops answering (TunerStopped); `stop()` stops the manager, its tuner and its trials, and
+  frees the port. NNI 3.0's TPE is kept from its numpy-2 failure (MIN_STARTUP_JOBS).
+- `interrupting_signals()` / `processes.deferred_signals()`: `kill` and a closed terminal stop an
   experiment as Ctrl-C does; while the manager starts, all three wait.
 - `Trial`: one trial as NNI recorded it (status, parameters, per-epoch and final
   results, times); `last_lines()` shows a failed trial's log; `assessor_savings()` what
@@ -18,7 +19,6 @@ Imports nothing of the pipeline's stages.
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import os
@@ -29,6 +29,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING
 
+from compress import processes
 from compress.cli import CheckFailed, UserError, quiet_nni
 
 if TYPE_CHECKING:
@@ -49,6 +50,20 @@ TUNER, ASSESSOR = "TPE", "Medianstop"
 MANAGER_PRELOAD = os.path.join(os.path.dirname(os.path.abspath(__file__)),
                                "nni_manager_preload.js")
 FINISHED = ("SUCCEEDED", "FAILED", "EARLY_STOPPED", "USER_CANCELED", "SYS_CANCELED")
+# NNI 3.0's TPE fails as soon as it models a parameter from one result: that result is
+# all "below", the empty "above" becomes a float array, and numpy 2's np.bincount refuses
+# it (TypeError: Cannot cast ... float64 to int64). Its thread dies, its process lives on,
+# and the experiment waits for ever (seen with --trials 2 or 3 at --concurrency 1, whose
+# n_startup_jobs was 1). Two random trials first, it never models fewer than two results,
+# and "above" is never empty (tests/end_to_end/test_experiment.py drives the tuner).
+MIN_STARTUP_JOBS = 2
+# No trial waiting or running, settings left to run, and no new trial for this long: the
+# tuner has stopped answering (NNI submits the next trial a few seconds after one ends).
+PATIENCE_SECONDS = 45
+
+
+class TunerStopped(CheckFailed):
+    """NNI's tuner (or assessor) stopped answering: the experiment cannot go on."""
 
 
 def make_config(nni_config: str | None, trial_command_for: Callable[[int], str],
@@ -102,7 +117,10 @@ def complete(config: ExperimentConfig, trial_command_for: Callable[[int], str],
         # NNI's TPE draws its first 20 trials at random: a small experiment would be only that
         config.tuner = AlgorithmConfig(name=TUNER, class_args={
             "optimize_mode": "maximize", "seed": seed, "tpe_args": {
-                "n_startup_jobs": max(config.trial_concurrency, config.max_trial_number // 2)}})
+                "n_startup_jobs": max(MIN_STARTUP_JOBS, config.trial_concurrency,
+                                      config.max_trial_number // 2)}})
+    else:
+        check_tuner(config.tuner)
     if unset(config.assessor):
         # (Medianstop's default judges from the first epoch, when a student's accuracy
         # says little yet)
@@ -110,6 +128,17 @@ def complete(config: ExperimentConfig, trial_command_for: Callable[[int], str],
             "optimize_mode": "maximize", "start_step": assessor_start})
     config.validate()
     return config
+
+
+def check_tuner(tuner: object) -> None:
+    """Refuse a TPE tuner that NNI 3.0 breaks on under numpy 2 (see MIN_STARTUP_JOBS)."""
+    if getattr(tuner, "name", None) != TUNER:
+        return
+    startup = ((tuner.class_args or {}).get("tpe_args") or {}).get("n_startup_jobs", 20)
+    if startup < MIN_STARTUP_JOBS:
+        raise UserError(f"tuner TPE with n_startup_jobs {startup}: NNI 3.0's TPE fails under "
+                        f"numpy 2 when it models a single result, and the experiment would "
+                        f"wait for ever; give n_startup_jobs {MIN_STARTUP_JOBS} or more")
 
 
 def unset_field(value: object) -> bool:
@@ -191,7 +220,7 @@ class NniExperiment:
         check_port(self.host, self.port)
         folder = os.path.join(self.experiment.config.experiment_working_directory,
                               self.experiment.id)
-        with quiet_nni(self.verbose), deferred_signals():
+        with quiet_nni(self.verbose), processes.deferred_signals():
             try:  # (NNI's list of experiments is in ~/nni-experiments)
                 self.tuner_log_start = file_size(os.path.join(self.log_folder, "dispatcher.log"))
                 os.makedirs(folder, exist_ok=True)
@@ -203,8 +232,9 @@ class NniExperiment:
                                     "~/nni-experiments lacks it) and would mix a new one into "
                                     "its files; give another --output-dir")
                 options = os.environ.get("NODE_OPTIONS", "")
-                with environment_set({"NODE_OPTIONS": f'{options} --require "{preload}"'.strip(),
-                                      "SWEEP_NNI_HOST": self.host}):
+                node_options = f'{options} --require "{preload}"'.strip()
+                with processes.environment_set({"NODE_OPTIONS": node_options,
+                                                "SWEEP_NNI_HOST": self.host}):
                     if resume:
                         self.experiment.resume(self.port, wait_completion=False)
                     else:
@@ -250,10 +280,16 @@ class NniExperiment:
                 job.startTime, job.endTime, job.logPath))
         return trials
 
-    def follow(self, every: float = 2.0) -> Iterator[Trial]:
+    def follow(self, every: float = 2.0,
+               patience: float = PATIENCE_SECONDS) -> Iterator[Trial]:
         """Yield each trial when it starts, reports an epoch or finishes, until the
-        experiment is done; `self.latest` holds every trial as last seen."""
+        experiment is done; `self.latest` holds every trial as last seen.
+
+        TunerStopped if the tuner or assessor stops answering: NNI's manager reports an
+        error, the tuner's log holds one (a dead thread leaves its process alive), or no
+        trial waits or runs for `patience` seconds while settings remain."""
         seen = {}
+        idle_since = time.monotonic()
         while True:
             status = self.status()
             trials = self.latest = self.trials()
@@ -262,13 +298,29 @@ class NniExperiment:
                 if seen.get(trial.id) != state:
                     seen[trial.id] = state
                     yield trial
-            if status in ("DONE", "STOPPED") or status == "TUNER_NO_MORE_TRIAL" and not any(
-                    trial.status in ("WAITING", "RUNNING", "UNKNOWN") for trial in trials):
+            busy = any(trial.status in ("WAITING", "RUNNING", "UNKNOWN") for trial in trials)
+            if status in ("DONE", "STOPPED") or status == "TUNER_NO_MORE_TRIAL" and not busy:
                 return  # (NNI stays at TUNER_NO_MORE_TRIAL: TPE never repeats a setting)
-            if status == "ERROR" or self.tuner_ended() and self.status() not in ("DONE", "STOPPED"):
-                raise CheckFailed(f"the NNI experiment {self.experiment.id} failed: "
-                                  f"{self.tuner_error() or status}; its logs: {self.log_folder}")
+            if busy or len(trials) >= self.experiment.config.max_trial_number:
+                idle_since = time.monotonic()
+            problem = self.tuner_problem(status, time.monotonic() - idle_since, patience)
+            if problem and self.status() not in ("DONE", "STOPPED"):
+                raise TunerStopped(f"the NNI experiment {self.experiment.id} cannot go on: "
+                                   f"{problem}; its logs: {self.log_folder}")
             time.sleep(every)
+
+    def tuner_problem(self, status: str, idle: float, patience: float) -> str | None:
+        """Why the tuner will give no more settings, if it will not (see follow())."""
+        if status == "ERROR":
+            return self.tuner_error() or "NNI's manager reports an error"
+        log = self.tuner_log()
+        if "Dispatcher exiting" in log or "Traceback (most recent call last)" in log:
+            return self.tuner_error() or "its tuner process ended"
+        if idle > patience:
+            return (f"its tuner gave no setting for {idle:.0f}s while no trial ran "
+                    f"({len(self.latest)} of {self.experiment.config.max_trial_number} "
+                    "trials started)")
+        return None
 
     @property
     def log_folder(self) -> str:
@@ -285,16 +337,11 @@ class NniExperiment:
         except OSError:
             return ""
 
-    def tuner_ended(self) -> bool:
-        """Whether NNI's tuner process ended while the experiment runs (its manager then
-        waits for parameters that never come)."""
-        return "Dispatcher exiting" in self.tuner_log()
-
     def tuner_error(self) -> str | None:
         """The tuner's last error line (the exception), if its log holds one."""
         lines = self.tuner_log().splitlines()
         errors = [line for line in lines if line and not line.startswith((" ", "[", "Traceback"))]
-        return f"its tuner stopped ({errors[-1]})" if errors else None
+        return f"its tuner or assessor failed ({errors[-1]})" if errors else None
 
     def stop(self) -> None:
         """Stop the manager, its tuner and its trials (NNI keeps all it needs to resume);
@@ -303,6 +350,9 @@ class NniExperiment:
         try:
             with quiet_nni(self.verbose):
                 self.experiment.stop()
+            # a tuner stuck in its own code outlives NNI's stop, holding our terminal's
+            # output open (seen with a tuner that never answers): it goes too
+            processes.end(processes.tuners(self.experiment.config.experiment_working_directory))
         finally:
             signal.signal(signal.SIGINT, previous)
             self.running = False
@@ -339,54 +389,7 @@ def file_size(path: str) -> int:
     return os.path.getsize(path) if os.path.exists(path) else 0
 
 
-@contextlib.contextmanager
-def interrupting_signals() -> Iterator[None]:
-    """`kill` and a closed terminal raise KeyboardInterrupt, as Ctrl-C does: NNI's manager
-    runs in a process group of its own and would outlive this process."""
-    def interrupt(signum, frame):
-        raise KeyboardInterrupt
-    previous = {number: signal.signal(number, interrupt)
-                for number in (signal.SIGTERM, signal.SIGHUP)}
-    try:
-        yield
-    finally:
-        for number, handler in previous.items():
-            signal.signal(number, handler)
-
-
-@contextlib.contextmanager
-def deferred_signals() -> Iterator[None]:
-    """Ctrl-C, `kill` and a closed terminal wait until the block is done, then raise
-    KeyboardInterrupt."""
-    received = []
-    numbers = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
-    previous = {number: signal.signal(number, lambda number, frame: received.append(number))
-                for number in numbers}
-    try:
-        yield
-    finally:
-        for number, handler in previous.items():
-            signal.signal(number, handler)
-    if received:
-        raise KeyboardInterrupt
-
-
 def one_line(error: BaseException) -> str:
     """The last line of an error's message (its type's name if it has none)."""
     text = str(error).strip().splitlines()
     return text[-1] if text else type(error).__name__
-
-
-@contextlib.contextmanager
-def environment_set(values: dict[str, str]) -> Iterator[None]:
-    """os.environ with `values` set (what NNI's manager inherits), restored after."""
-    previous = {name: os.environ.get(name) for name in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for name, value in previous.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value

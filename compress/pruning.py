@@ -18,6 +18,7 @@ pruned; NNI 3.0's speedup is given a torch.fx graph (its own tracer fails on tor
 """
 from __future__ import annotations
 
+import gc
 import os
 import typing
 from collections.abc import Callable
@@ -300,6 +301,12 @@ def prune_checkpoint(checkpoint: dict, path: str, *, method: str = "l1", sparsit
                              checkpoint["image_size"], checkpoint["normalization"], metrics)
     report = dict(metrics, difference=difference, before=checkpoint["architecture"],
                   after=pruned["architecture"])
+    # NNI's pruner, its wrappers and ModelSpeedup's traced graph hold the dense layers in
+    # reference cycles that Python's collector, counting objects and not bytes, frees only
+    # every few settings: a sweep of six grew 2.1-2.7 GB a setting (peak 12.7 GB for a
+    # 537 MB model); freed now, it stays flat
+    del model
+    gc.collect()
     return pruned, report
 
 

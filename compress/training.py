@@ -24,7 +24,7 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 
 import torch
 from tqdm import tqdm
@@ -34,6 +34,7 @@ from compress.cli import Interrupted, UserError, local_rank
 from compress.data import ORIGINAL_NORMALIZATION, training_loaders
 from compress.distributed import all_reduce_sum, data_parallel, distributed, share_buffers_of_rank_0
 from compress.evaluation import evaluate
+from compress.machine import DiskFull
 from compress.reporting import plot_history
 
 # /2: the model and Adam's moments in the channels-last layout
@@ -328,20 +329,37 @@ def fit(model: torch.nn.Module, optimizer: torch.optim.Optimizer, compute_loss: 
                 progress.best = val["accuracy"]
             if rank == 0:
                 if is_best:
-                    on_best(dict(record, per_class_accuracy=val["per_class_accuracy"],
-                                 confusion=val["confusion"]))
+                    with said_on_full_disk(output, progress.history[:-1], epoch + 1):
+                        on_best(dict(record, per_class_accuracy=val["per_class_accuracy"],
+                                     confusion=val["confusion"]))
                 print(f"{title} epoch {epoch + 1}/{epochs}: {describe(record)}"
                       f"{'  (best, saved)' if is_best else ''} | "
                       + "".join(f"{name} {value:g}, " for name, value in more.items()) +
                       f"{(record['images_per_second'] or 0):.1f} img/s, {record['seconds']:.0f}s",
                       flush=True)
-                save_history(progress.history, output_path(output, "history.json"), title)
+                with said_on_full_disk(output, progress.history, epoch + 1):
+                    save_history(progress.history, output_path(output, "history.json"), title)
                 if on_epoch:
                     on_epoch(record)
             progress.samples_done, progress.totals = 0, Totals()
     if rank == 0 and os.path.exists(state_path):
         os.remove(state_path)
     return progress.history
+
+
+@contextlib.contextmanager
+def said_on_full_disk(output: str, saved: list[dict], epoch: int) -> Iterator[None]:
+    """A full disk after `epoch` (counted from 1): what is kept (the best of the epochs
+    `saved`, whose models reached the disk), and what to do."""
+    try:
+        yield
+    except DiskFull as full:
+        best = max(saved, key=lambda record: record["val_accuracy"], default=None)
+        kept = (f"{output} keeps the best model so far (epoch {best['epoch']}, val "
+                f"{best['val_accuracy']:.1%})" if best and os.path.exists(output)
+                else "no model of this run was saved")
+        raise UserError(f"{full}; stopped after epoch {epoch}: {kept}; make room and run the "
+                        "same command again") from None
 
 
 def epoch_record(epoch: int, totals: Totals, val: dict, trained: int, train_seconds: float,

@@ -15,6 +15,7 @@ NNI's manifest of experiments lives in ~/nni-experiments: each run gets its own 
 """
 import json
 import os
+import re
 import signal
 import socket
 import sqlite3
@@ -430,3 +431,78 @@ def test_assessor_savings_count_the_epochs_a_stopped_trial_did_not_run():
     stopped = trial("S", "EARLY_STOPPED", epochs=[0.5, 0.6], times=[30_000, 40_000], start=0)
     finished = trial("F", "SUCCEEDED", epochs=[0.5] * 5, times=[1, 2, 3, 4, 5])
     assert nni_engine.assessor_savings([stopped, finished], epochs=5) == (1, 30.0)
+
+
+@pytest.mark.parametrize("trials", [2, 3, 5])
+def test_experiments_of_one_trial_at_a_time_run_to_the_end(pipeline, tmp_path, trials):
+    """Unmended, NNI 3.0's TPE died after the first trial of 2 or 3 and the experiment
+    waited for ever (tests/library/test_nni_tuner.py has the cause)."""
+    os.symlink(pipeline.path("dataset"), tmp_path / "dataset")
+    os.symlink(pipeline.path("vgg16Net.pth"), tmp_path / "vgg16Net.pth")
+    proc = run_script("sweep.py", *TINY, "--kd-epochs", 1, "--concurrency", 1,
+                      "--trials", trials, "--port", free_port(),
+                      "--nni-config", local_config(tmp_path), cwd=tmp_path,
+                      env=nni_env(tmp_path / "home"), timeout=120 + 60 * trials)
+    assert proc.returncode == 0, proc.stderr
+    assert f"{trials} trials: {trials} finished" in proc.stdout
+    assert len(json.loads((tmp_path / "sweep" / "sweep.json").read_text())) == trials + 1
+    assert processes_of(tmp_path / "sweep") == []
+
+
+FAILING_TUNER = """
+import time
+
+from nni.tuner import Tuner
+
+
+class SecondSettingFails(Tuner):
+    '''Gives one setting, then raises (hang=False) or never answers (hang=True).'''
+
+    def __init__(self, hang=False):
+        self.hang, self.given = hang, 0
+
+    def update_search_space(self, search_space):
+        pass
+
+    def generate_parameters(self, parameter_id, **kwargs):
+        self.given += 1
+        if self.given > 1:
+            if self.hang:
+                time.sleep(3600)
+            raise RuntimeError("simulated tuner failure")
+        return {"method": "l1", "sparsity": 0.5}
+
+    def receive_trial_result(self, parameter_id, parameters, value, **kwargs):
+        pass
+"""
+
+
+@pytest.mark.parametrize("hang", [False, True], ids=["raises", "hangs"])
+def test_a_tuner_that_stops_answering_is_reported_and_the_finished_trial_measured(
+        pipeline, tmp_path, hang):
+    os.symlink(pipeline.path("dataset"), tmp_path / "dataset")
+    os.symlink(pipeline.path("vgg16Net.pth"), tmp_path / "vgg16Net.pth")
+    hooks = tmp_path / "hooks"
+    hooks.mkdir()
+    (hooks / "failing_tuner.py").write_text(FAILING_TUNER)
+    (tmp_path / "failing.yml").write_text(
+        "trainingService:\n  platform: local\n"
+        "tuner:\n  className: failing_tuner.SecondSettingFails\n"
+        f"  codeDirectory: {hooks}\n  classArgs:\n    hang: {str(hang).lower()}\n"
+        "assessor:\n  name: Medianstop\n  classArgs:\n    optimize_mode: maximize\n"
+        "    start_step: 99\n")
+    proc = run_script("sweep.py", *TINY, "--kd-epochs", 1, "--concurrency", 1, "--trials", 3,
+                      "--port", free_port(), "--nni-config", tmp_path / "failing.yml",
+                      cwd=tmp_path, env=nni_env(tmp_path / "home"), timeout=300)
+    assert proc.returncode == 1, (proc.stdout, proc.stderr)
+    last = proc.stderr.strip().splitlines()[-1]  # (after the trials' bar)
+    assert last.startswith("sweep.py: error: the NNI experiment") and "Traceback" not in proc.stderr
+    assert "stopped it after 1 of 3 trials, and measured the 1 finished" in last
+    if hang:  # noticed within a minute of the trial's end
+        idle = int(re.search(r"gave no setting for (\d+)s", last).group(1))
+        assert nni_engine.PATIENCE_SECONDS <= idle < 60
+    else:
+        assert "RuntimeError: simulated tuner failure" in last
+    rows = json.loads((tmp_path / "sweep" / "sweep.json").read_text())
+    assert [row["name"] for row in rows][0] == "dense" and len(rows) == 2
+    assert processes_of(tmp_path / "sweep") == []
