@@ -32,7 +32,8 @@ model's accuracy in PyTorch. A setting already distilled is not run
 again: run the same command after Ctrl-C, or with more settings, and only what is
 missing runs (timing is always redone, as timings are only comparable within one
 run). The report holds every setting distilled in OUTPUT_DIR from the same teacher
-with the same distillation flags, earlier runs' too.
+with the same distillation flags, earlier runs' too. One run at a time writes in
+OUTPUT_DIR (a second one is refused while the first runs).
 
 --max-drop D names the fastest model within D points of the dense accuracy;
 --search METHOD bisects the sparsity of METHOD for the largest one within that
@@ -171,7 +172,7 @@ def main(args):
     if args.nni_trial:  # (its experiment holds OUTPUT_DIR's lock; the trial writes trials/ID/)
         trial.check_run_by_nni()  # before the teacher is loaded
         return trial.run_trial(setup_of(args), args.output_dir, args.max_drop, args.concurrency)
-    check_writable(args.output_dir + os.sep, "--output-dir")
+    check_writable(args.output_dir, "--output-dir", folder=True)
     with output_lock(args.output_dir, "--output-dir", folder=True):
         sweep(args)
 

@@ -194,7 +194,8 @@ SHARED_FLAGS = {
                          help="smallest random crop, as a fraction of the picture's area"),
     "--cache": dict(action="store_true",
                     help="decode and resize every picture once and keep it in memory (uint8, "
-                         "about 3*(1.15*size)^2 bytes a picture): later epochs skip JPEG "
+                         "about 3*(1.15*size)^2 bytes a picture; refused before decoding if "
+                         "that exceeds the memory available): later epochs skip JPEG "
                          "decoding; augmentation stays random"),
     "--amp": dict(action="store_true",
                   help="mixed precision on CUDA (bf16 where supported, else fp16)"),

@@ -25,11 +25,11 @@ import torch
 
 from compress.checkpoints import (check_made_for, check_replaceable, file_sha256,
                                   model_from_checkpoint, saved_bytes)
-from compress.cli import CheckFailed, is_disk_full
+from compress.cli import CheckFailed
 from compress.cpu import cpu_class, describe_cpu, saturates
 from compress.data import ImageFolder, eval_transform, find_classes, make_loader, val_set
 from compress.evaluation import relative_difference
-from compress.machine import DiskFull, check_room, free_bytes
+from compress.machine import check_room, disk_full, free_bytes
 from compress.onnx_files import (INPUT, OUTPUT, describe, load_onnx, parse_description,
                                  set_metadata, written_by_export)
 
@@ -199,6 +199,10 @@ def export_checkpoint(checkpoint: dict, weights: str, fp32_path: str, *,
     needed = 1.25 * saved_bytes(checkpoint["state_dict"])
     check_room(fp32_path, needed, "the fp32 and int8 ONNX files")
     free = free_bytes(folder)
+
+    def full_disk():  # the writes below: a full disk said as one, naming the fp32 file
+        return disk_full(fp32_path, needed, free=free,
+                         kept="nothing was saved (files there before are as they were)")
     scratch = tempfile.mkdtemp(dir=folder, prefix=".export-")
     saved = False
     try:
@@ -206,7 +210,8 @@ def export_checkpoint(checkpoint: dict, weights: str, fp32_path: str, *,
         say(f"Exporting {weights} ({checkpoint['kind']}, {checkpoint['image_size']} px) "
             "to ONNX ...", flush=True)
         fp32_scratch = os.path.join(scratch, "fp32.onnx")
-        export_onnx(model, fp32_scratch, description, verbose)
+        with full_disk():
+            export_onnx(model, fp32_scratch, description, verbose)
         fp32 = load_onnx(fp32_scratch)[1]
         images = next(iter(val_loader))[0]
         with torch.inference_mode():
@@ -224,9 +229,10 @@ def export_checkpoint(checkpoint: dict, weights: str, fp32_path: str, *,
             + f", calibrated on {min(calibration, len(pictures))} pictures of "
             f"{folders['train']} ...", flush=True)
         int8_scratch = os.path.join(scratch, "int8.onnx")
-        settings = quantize_int8(fp32_scratch, int8_scratch,
-                                 calibration_batches(pictures, calibration, batch_size, seed,
-                                                     workers), target, verbose)
+        with full_disk():
+            settings = quantize_int8(fp32_scratch, int8_scratch,
+                                     calibration_batches(pictures, calibration, batch_size,
+                                                         seed, workers), target, verbose)
         int8 = load_onnx(int8_scratch)[1]
         tops, labels = predictions({"torch": model, "fp32": fp32, "int8": int8}, val_loader)
         accuracy = {name: (top == labels).float().mean().item() for name, top in tops.items()}
@@ -245,11 +251,6 @@ def export_checkpoint(checkpoint: dict, weights: str, fp32_path: str, *,
             os.replace(int8_scratch, int8_path)
         os.replace(fp32_scratch, fp32_path)
         saved = True
-    except Exception as error:
-        if is_disk_full(error):
-            raise DiskFull(fp32_path, needed, free, kept="nothing was saved (files there before "
-                           "are as they were)") from None
-        raise
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
         if made_folder and not saved:

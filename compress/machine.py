@@ -94,11 +94,10 @@ def disk_full(path: str, needed: float | None = None, kept: str = "",
                        kept) from None
 
 
-def check_writable(path: str, flag: str) -> None:
-    """UserError now, before any work, unless files can be created where `path` goes (its
-    folder, made if missing; `path` itself if it is a folder or ends in a separator)."""
-    folder = os.path.abspath(path) if path.endswith(os.sep) or os.path.isdir(path) else \
-        os.path.dirname(os.path.abspath(path))
+def check_writable(path: str, flag: str, folder: bool = False) -> None:
+    """UserError now, before any work, unless files can be created where `path` goes: its
+    folder (made if missing, and removed again), or with `folder` `path` itself."""
+    folder = os.path.abspath(path) if folder else os.path.dirname(os.path.abspath(path))
     made = []
     probe = folder
     while not os.path.isdir(probe):

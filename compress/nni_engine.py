@@ -9,8 +9,6 @@
   MANAGER_PRELOAD); `follow()` yields each trial when it changes and notices a tuner that
   stops answering (TunerStopped); `stop()` stops the manager, its tuner and its trials, and
   frees the port. NNI 3.0's TPE is kept from its numpy-2 failure (MIN_STARTUP_JOBS).
-- `interrupting_signals()` / `processes.deferred_signals()`: `kill` and a closed terminal stop an
-  experiment as Ctrl-C does; while the manager starts, all three wait.
 - `Trial`: one trial as NNI recorded it (status, parameters, per-epoch and final
   results, times); `last_lines()` shows a failed trial's log; `assessor_savings()` what
   the early stops saved.
@@ -55,7 +53,7 @@ FINISHED = ("SUCCEEDED", "FAILED", "EARLY_STOPPED", "USER_CANCELED", "SYS_CANCEL
 # it (TypeError: Cannot cast ... float64 to int64). Its thread dies, its process lives on,
 # and the experiment waits for ever (seen with --trials 2 or 3 at --concurrency 1, whose
 # n_startup_jobs was 1). Two random trials first, it never models fewer than two results,
-# and "above" is never empty (tests/end_to_end/test_experiment.py drives the tuner).
+# and "above" is never empty (tests/library/test_nni_tuner.py drives NNI's TPE so).
 MIN_STARTUP_JOBS = 2
 # No trial waiting or running, settings left to run, and no new trial for this long: the
 # tuner has stopped answering (NNI submits the next trial a few seconds after one ends).
