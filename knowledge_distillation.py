@@ -59,7 +59,9 @@ def get_args_parser():
                         help="softening temperature T")
     parser.add_argument("--alpha", type=float, default=ALPHA,
                         help="weight of the distillation term (1 - alpha: the label term)")
-    parser.add_argument("--lr", type=positive_float, default=1e-4, help="Adam learning rate")
+    parser.add_argument("--lr", type=positive_float, default=1e-4,
+                        help="learning rate (the peak one with --warmup-epochs or --schedule "
+                             "cosine)")
     parser.add_argument("--output", help="best student (default: finetuned_vgg16_net.pth, or "
                                          "finetuned_mobilenet_v2.pth for --student-arch "
                                          "mobilenet_v2)")
@@ -110,8 +112,7 @@ def distil(args, output):
         check_made_for(teacher, args.teacher, "--image-size", image_size=args.image_size)
         student = mobilenet_student(teacher, args.pretrained)
         student_path = f"a new {vgg.MOBILENET_V2}"
-    recipe = Recipe(args.epochs, args.lr, args.batch_size, args.seed, args.crop_scale, args.cache,
-                    args.amp, args.workers)
+    recipe = Recipe.from_args(args)
     distil_checkpoint(teacher, args.teacher, student, student_path, data=args.data, output=output,
                       recipe=recipe, temperature=args.temperature, alpha=args.alpha,
                       device=device, pretrained=args.pretrained, resume=args.resume,

@@ -1,8 +1,11 @@
-"""Stage 1: split a folder of labelled photos into training and validation sets.
+"""Stage 1: split a folder of labelled photos into training, validation (and test) sets.
 
 Reads  SOURCE/<class>/<image>   (one sub-folder per class, e.g. animals/cat, animals/dog)
 Writes DEST/train/<class>/...    a seeded random RATIO of each class's images
-       DEST/val/<class>/...      the rest
+       DEST/val/<class>/...      the rest (less the test part)
+       DEST/test/<class>/...     with --test-ratio: that share, held out. Checkpoints are
+                                 chosen on val/, so val/ flatters them; test.py --compare,
+                                 export.py's check and sweep.py then report on test/
 
 Files that are not images (.DS_Store, Thumbs.db, notes) and images that cannot be
 decoded (empty, truncated, corrupt) are skipped and listed in a summary. The
@@ -12,13 +15,15 @@ leaves the previous DEST as it was.
 
     python split_dataset.py                      # animals/ -> dataset/, 70% train
     python split_dataset.py --source photos --ratio 0.8
+    python split_dataset.py --source photos --ratio 0.6 --test-ratio 0.2   # 60:20:20
     python split_dataset.py --replace            # over a dataset/ the original demo made
 """
 import os
 
-from compress.cli import fraction, make_parser, run_cli
+from compress.cli import UserError, fraction, make_parser, run_cli
 from compress.machine import check_room, check_writable
-from compress.splitting import check_destination, describe_skipped, scan, split, write_split
+from compress.splitting import (PARTS, check_destination, describe_skipped, scan, split,
+                                write_split)
 
 
 def get_args_parser():
@@ -27,6 +32,9 @@ def get_args_parser():
     parser.add_argument("--dest", default="dataset", help="output folder (train/ and val/ inside)")
     parser.add_argument("--ratio", type=fraction, default=0.7,
                         help="fraction of each class that goes to train/")
+    parser.add_argument("--test-ratio", type=fraction, default=0.0,
+                        help="fraction of each class held out in test/ (taken from what "
+                             "--ratio leaves for val/); 0: no test/")
     parser.add_argument("--seed", type=int, default=0, help="random seed of the split")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1,
                         help="threads used to check that images decode")
@@ -40,25 +48,31 @@ def get_args_parser():
 def main(args):
     check_destination(args.source, args.dest, args.replace)
     check_writable(os.path.realpath(args.dest), "--dest")  # (built beside it, then swapped in)
+    if args.ratio + args.test_ratio >= 1:
+        raise UserError(f"--ratio {args.ratio:g} and --test-ratio {args.test_ratio:g} leave "
+                        "nothing for val/: together they must stay below 1")
     usable, skipped = scan(args.source, args.workers)
     if skipped:
         print(describe_skipped(skipped))
-    plan = split(usable, args.ratio, args.seed)
+    plan = split(usable, args.ratio, args.seed, args.test_ratio)
+    parts = PARTS if args.test_ratio else PARTS[:2]
     summary = {"source": os.path.abspath(args.source), "ratio": args.ratio, "seed": args.seed,
-               "classes": {name: {"train": len(t), "val": len(v)} for name, (t, v) in plan.items()},
+               "classes": {name: dict(zip(parts, map(len, files)))
+                           for name, files in plan.items()},
                "skipped": [[path, reason] for path, reason in skipped]}
+    if args.test_ratio:
+        summary["test_ratio"] = args.test_ratio
     check_room(args.dest, sum(os.path.getsize(os.path.join(args.source, name, file))
-                              for name, parts in plan.items() for part in parts for file in part),
+                              for name, files in plan.items() for part in files for file in part),
                "the copies of the pictures")
     write_split(args.source, args.dest, plan, summary)
-    n_train = sum(len(t) for t, _ in plan.values())
-    n_val = sum(len(v) for _, v in plan.values())
-    print(f"Split {n_train + n_val} images of {len(plan)} classes into "
-          f"{os.path.join(args.dest, 'train')} ({n_train}) and {os.path.join(args.dest, 'val')} "
-          f"({n_val}):")
-    for name, (train, val) in plan.items():
-        print(f"  {name:<20} train {len(train):>6}   val {len(val):>6}")
-
+    counts = {part: sum(len(files[i]) for files in plan.values()) for i, part in enumerate(parts)}
+    print(f"Split {sum(counts.values())} images of {len(plan)} classes into "
+          + " and ".join(f"{os.path.join(args.dest, part)} ({count})"
+                         for part, count in counts.items()) + ":")
+    for name, files in plan.items():
+        print(f"  {name:<20}" + "".join(f" {part} {len(part_files):>6}  "
+                                        for part, part_files in zip(parts, files)).rstrip())
 
 if __name__ == "__main__":
     raise SystemExit(run_cli(main, get_args_parser()))

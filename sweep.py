@@ -160,8 +160,7 @@ def trial_command(args, concurrency):
 def setup_of(args, methods=()):
     """What every setting shares, the teacher loaded (once) and checked against `methods`."""
     teacher = Teacher.load(args.weights, args.image_size, methods)
-    recipe = Recipe(args.kd_epochs, args.lr, args.batch_size, args.seed, args.crop_scale,
-                    args.cache, args.amp, args.workers)
+    recipe = Recipe.from_args(args, epochs=args.kd_epochs)
     return SweepSetup(teacher, args.data, recipe, resolve_device(args.device),
                       TimingPlan(args.warmup, args.repeats, args.max_repeats, PRECISION,
                                  args.seed),

@@ -10,6 +10,8 @@ Writes OUTPUT (vgg16Net.pth)      the checkpoint with the best validation accura
     python train.py --image-size 64 --epochs 5 --batch-norm
     python train.py --pretrained imagenet --epochs 5   # from torchvision's ImageNet weights
     python train.py --batch-norm --bn-sparsity 1e-4    # for pruner.py --method slim
+    python train.py --optimizer adamw --lr 1e-3 --weight-decay 0.05 --schedule cosine \
+        --warmup-epochs 2 --label-smoothing 0.1        # a recipe for photographs
 """
 import torch
 import torch.nn.functional as F
@@ -38,7 +40,9 @@ def get_args_parser():
                              "pictures and few classes")
     parser.add_argument("--epochs", type=positive_int, default=30,
                         help="passes over the training set")
-    parser.add_argument("--lr", type=positive_float, default=1e-4, help="Adam learning rate")
+    parser.add_argument("--lr", type=positive_float, default=1e-4,
+                        help="learning rate (the peak one with --warmup-epochs or --schedule "
+                             "cosine)")
     parser.add_argument("--bn-sparsity", type=positive_float, metavar="LAMBDA",
                         help="network slimming's sparsity training: add LAMBDA * sum(|gamma|) "
                              "over the batch-norm scales to the loss, so the scales of channels "
@@ -46,7 +50,7 @@ def get_args_parser():
                              "--global removes them; needs --batch-norm. The history records "
                              f"the penalty and the scales below {NEAR_ZERO:g}")
     parser.add_argument("--bn-lr", type=positive_float,
-                        help="Adam learning rate of the batch-norm scales (default: --lr). Adam "
+                        help="learning rate of the batch-norm scales (default: --lr). Adam "
                              "moves a weight by about its learning rate per step whatever the "
                              "gradient's size, so for --bn-sparsity to bring scales from 1 to "
                              "near zero, steps x BN_LR must reach about 1")
@@ -80,8 +84,7 @@ def train(args):
     """Train as the flags say, into args.output (main() has checked it can be written)."""
     torch.manual_seed(args.seed)
     device = init_distributed(args.device)
-    recipe = Recipe(args.epochs, args.lr, args.batch_size, args.seed, args.crop_scale, args.cache,
-                    args.amp, args.workers)
+    recipe = Recipe.from_args(args)
     normalization = ORIGINAL_NORMALIZATION
     if args.pretrained:
         pretrained, normalization, source = pretrained_weights(args.pretrained, args.arch,
@@ -101,12 +104,9 @@ def train(args):
         load_pretrained_weights(model, pretrained, source, args.arch, args.batch_norm)
     model.to(device, memory_format=MEMORY_FORMAT)
     scales = batch_norm_scales(model)
-    groups = model.parameters()
-    if args.bn_lr:  # the scales in a group of their own
-        groups = [{"params": [p for p in model.parameters() if all(p is not s for s in scales)]},
-                  {"params": scales, "lr": args.bn_lr}]
-    # fused: one kernel updates all parameters; the step is ~3x faster on CPU
-    optimizer = torch.optim.Adam(groups, lr=args.lr, fused=True)
+    optimizer = recipe.make_optimizer(model, {id(scale): args.bn_lr for scale in scales}
+                                      if args.bn_lr else None)
+    scheduler = recipe.make_scheduler(optimizer, len(train_loader))
     # what a resumed run must keep, or it would not continue exactly
     settings = recipe.resume_settings(args.image_size)
     if args.pretrained:  # it sets how pictures are normalised
@@ -116,14 +116,14 @@ def train(args):
 
     def compute_loss(net, images, labels):
         logits = net(images)
-        loss = F.cross_entropy(logits, labels)
+        loss = F.cross_entropy(logits, labels, label_smoothing=recipe.label_smoothing)
         if args.bn_sparsity:
             loss = loss + args.bn_sparsity * sum(scale.abs().sum() for scale in scales)
         return loss, logits
 
     def save_best(metrics):
         metrics.update(lr=args.lr, epochs=args.epochs, seed=args.seed, pretrained=args.pretrained,
-                       bn_sparsity=args.bn_sparsity, bn_lr=args.bn_lr)
+                       bn_sparsity=args.bn_sparsity, bn_lr=args.bn_lr, recipe=recipe.settings())
         atomic_save(make_checkpoint(model, "dense", args.arch, class_names, args.image_size,
                                     normalization, metrics), args.output)
 
@@ -131,7 +131,7 @@ def train(args):
                   epochs=args.epochs, output=args.output, settings=settings, on_best=save_best,
                   title="train", resume=args.resume, amp=args.amp, memory_format=MEMORY_FORMAT,
                   epoch_metrics=(lambda: scale_sparsity(scales, args.bn_sparsity))
-                  if args.bn_sparsity else None)
+                  if args.bn_sparsity else None, scheduler=scheduler)
     best = max(history, key=lambda r: r["val_accuracy"])
     print(f"Best validation accuracy {best['val_accuracy']:.1%} at epoch {best['epoch']}; "
           f"saved {args.output}")

@@ -170,6 +170,9 @@ image_size_type = int_within(32, "at least 32 (VGG halves it five times)")
 fraction = float_within(0, 1, "between 0 and 1")  # a split ratio, a sparsity
 crop_fraction = float_within(0, 1, "above 0 and at most 1", include_high=True)
 positive_float = float_within(0, float("inf"), "a positive number")
+non_negative_float = float_within(0, float("inf"), "0 or more", include_low=True)
+OPTIMIZERS = ("adam", "adamw", "sgd")
+SCHEDULES = ("constant", "cosine")
 # accuracy points, 0 to 100 (--max-drop, --int8-max-drop)
 points = float_within(0, 100, "a number of accuracy points from 0 to 100", include_high=True,
                       include_low=True)
@@ -199,7 +202,24 @@ SHARED_FLAGS = {
                          "decoding; augmentation stays random"),
     "--amp": dict(action="store_true",
                   help="mixed precision on CUDA (bf16 where supported, else fp16)"),
+    "--optimizer": dict(choices=OPTIMIZERS, default="adam",
+                        help="adam (the original demo's), adamw (decoupled weight decay) or sgd "
+                             "(momentum 0.9, Nesterov)"),
+    "--weight-decay": dict(type=non_negative_float, default=0.0,
+                           help="weight decay of the convolutions' and linear layers' weights "
+                                "(not of biases or batch norm)"),
+    "--schedule": dict(choices=SCHEDULES, default="constant",
+                       help="learning rate over the run: constant (the original demo's) or "
+                            "cosine (from --lr down to 0 at the last step, after the warm-up)"),
+    "--warmup-epochs": dict(type=non_negative_float, default=0.0,
+                            help="the learning rate rises linearly from near 0 to --lr over "
+                                 "these epochs first"),
+    "--label-smoothing": dict(type=float_within(0, 1, "from 0 to below 1", include_low=True),
+                              default=0.0, help="of the cross-entropy on the labels"),
 }
+# the flags of a training recipe (training.Recipe), after --lr and --epochs
+RECIPE_FLAGS = ("--optimizer", "--weight-decay", "--schedule", "--warmup-epochs",
+                "--label-smoothing")
 
 
 def add_shared_flags(parser: argparse.ArgumentParser, *names: str, **changes: dict) -> None:
@@ -219,7 +239,7 @@ def add_data_args(parser: argparse.ArgumentParser, image_size: int | None = None
     add_shared_flags(parser, "--data", "--image-size", "--batch-size", "--device", "--workers",
                      "--seed", image_size=size, batch_size={"default": batch_size})
     if training:
-        add_shared_flags(parser, "--crop-scale", "--cache", "--amp")
+        add_shared_flags(parser, "--crop-scale", "--cache", "--amp", *RECIPE_FLAGS)
 
 
 def resolve_device(name: str) -> torch.device:

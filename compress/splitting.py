@@ -1,10 +1,11 @@
-"""Splitting a folder of labelled photos into training and validation sets, safely.
+"""Splitting a folder of labelled photos into training, validation and test sets, safely.
 
 - `check_destination()`: refuse a DEST that overlaps SOURCE or holds what this
   module did not write (a marker file lists what it wrote).
 - `scan()`: the usable pictures of each class (every one decoded once; files that
   are not pictures, or do not decode, set aside with the reason).
-- `split()`: a seeded split of each class; the same inputs always give the same split.
+- `split()`: a seeded split of each class into train/val (and test, if asked); the same
+  inputs always give the same split.
 - `write_split()`: the split built beside DEST and swapped in whole; a failure (a
   full disk) leaves the previous DEST as it was.
 
@@ -58,18 +59,29 @@ def scan(source: str, workers: int) -> tuple[dict, list]:
     return usable, skipped
 
 
-def split(usable: dict, train_ratio: float, seed: int) -> dict:
-    """{class: (train files, val files)}; the same inputs always give the same split."""
+PARTS = ("train", "val", "test")  # the folders a split may hold, in this order
+
+
+def split(usable: dict, train_ratio: float, seed: int, test_ratio: float = 0.0) -> dict:
+    """{class: (train files, val files, test files)}; the same inputs always give the same
+    split. `test_ratio` of each class is held out for test/ (none by default), the rest
+    beyond `train_ratio` goes to val/; with no test part, the split is the one this
+    function has always made."""
     result = {}
     for name, files in usable.items():
         shuffled = sorted(files)
         random.Random(f"{seed}/{name}").shuffle(shuffled)
-        n_val = round(len(shuffled) * (1 - train_ratio))
-        if n_val == 0 or n_val == len(shuffled):
-            raise UserError(f"class {name!r} has {len(files)} usable image(s): a {train_ratio:g} "
-                            "split leaves none for " + ("validation" if n_val == 0 else "training")
-                            + "; add more images to that class")
-        result[name] = (sorted(shuffled[n_val:]), sorted(shuffled[:n_val]))
+        n_test = round(len(shuffled) * test_ratio)
+        n_val = round(len(shuffled) * (1 - train_ratio)) - n_test
+        empty = ("validation" if n_val <= 0 else "test" if test_ratio and n_test == 0
+                 else "training" if n_val + n_test >= len(shuffled) else None)
+        if empty:
+            raise UserError(f"class {name!r} has {len(files)} usable image(s): a {train_ratio:g}"
+                            + (f"/{test_ratio:g}" if test_ratio else "") + " split leaves none "
+                            f"for {empty}; add more images to that class")
+        # (val first, as before: without a test part the split is unchanged)
+        val, test = shuffled[:n_val], shuffled[n_val:n_val + n_test]
+        result[name] = (sorted(shuffled[n_val + n_test:]), sorted(val), sorted(test))
     return result
 
 
@@ -99,9 +111,9 @@ def check_destination(source: str, dest: str, replace: bool = False) -> None:
                             "demo's split, say); refusing to replace it: choose another --dest, "
                             "or add --replace")
         others = sorted(name for name in os.listdir(dest) if not (
-            name in ("train", "val") and os.path.isdir(os.path.join(dest, name))))
+            name in PARTS and os.path.isdir(os.path.join(dest, name))))
         if others:
-            raise UserError(f"{dest}: holds more than a train/ and val/ split (e.g. {others[0]}); "
+            raise UserError(f"{dest}: holds more than a train/, val/ (and test/) split (e.g. {others[0]}); "
                             "refusing to replace it, even with --replace")
         return
     present = {os.path.relpath(os.path.join(folder, name), dest)
@@ -123,18 +135,20 @@ def write_split(source: str, dest: str, plan: dict, summary: dict) -> None:
     parent = os.path.dirname(target)
     building = os.path.join(parent, f".{os.path.basename(target)}.building-{os.getpid()}")
     retired = os.path.join(parent, f".{os.path.basename(target)}.old-{os.getpid()}")
-    total = sum(len(t) + len(v) for t, v in plan.values())
+    total = sum(len(files) for parts in plan.values() for files in parts)
     try:
         with tqdm(total=total, desc="copying", leave=False, disable=None) as bar:
-            for name, (train, val) in plan.items():
-                for part, files in (("train", train), ("val", val)):
+            for name, parts in plan.items():
+                for part, files in zip(PARTS, parts):
+                    if not files:  # (no test part asked for)
+                        continue
                     folder = os.path.join(building, part, name)
                     os.makedirs(folder)
                     for file in files:
                         shutil.copy2(os.path.join(source, name, file), os.path.join(folder, file))
                         bar.update()
-        files = [os.path.join(part, name, file) for name, (train, val) in plan.items()
-                 for part, files in (("train", train), ("val", val)) for file in files]
+        files = [os.path.join(part, name, file) for name, parts in plan.items()
+                 for part, files in zip(PARTS, parts) for file in files]
         with open(os.path.join(building, MARKER), "w") as marker:
             json.dump(dict(summary, files=files), marker, indent=1)
         if os.path.exists(target):

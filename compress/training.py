@@ -1,8 +1,10 @@
 """How a model is trained: by train.py (labels) and knowledge_distillation.py (a teacher).
 
-- `Recipe`: the settings of a training run that the stages share (epochs, Adam's
-  rate, batch size, seed, crops, --cache, --amp, workers), its loaders
-  (`Recipe.loaders()`) and what a resumed run must keep of it.
+- `Recipe`: the settings of a training run that the stages share (epochs, the
+  optimizer, its rate, schedule and weight decay, label smoothing, batch size,
+  seed, crops, --cache, --amp, workers), built from the flags by
+  `Recipe.from_args()`; its loaders, optimizer and schedule, and what a resumed
+  run must keep of it.
 - `train_one_epoch()` runs the batches of one epoch and returns its `Totals`;
   it can be called alone, as in a notebook.
 - `save_training_state()` / `load_training_state()`: what Ctrl-C saves (model,
@@ -20,6 +22,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
+import math
 import os
 import signal
 import sys
@@ -30,7 +34,7 @@ import torch
 from tqdm import tqdm
 
 from compress.checkpoints import atomic_save, output_path, safe_load, write_json
-from compress.cli import Interrupted, UserError, local_rank
+from compress.cli import OPTIMIZERS, SCHEDULES, Interrupted, UserError, local_rank
 from compress.data import ORIGINAL_NORMALIZATION, training_loaders
 from compress.distributed import all_reduce_sum, data_parallel, distributed, share_buffers_of_rank_0
 from compress.evaluation import evaluate
@@ -45,11 +49,28 @@ MEMORY_FORMAT = torch.channels_last
 NEAR_ZERO = 1e-2  # a batch-norm scale this small all but switches its channel off
 
 
+SGD_MOMENTUM = 0.9
+
+
 @dataclasses.dataclass(frozen=True)
 class Recipe:
     """How a model is trained: what the training flags of train.py,
-    knowledge_distillation.py and sweep.py (--kd-epochs) say. `workers` None: the
-    loaders' default (data.default_workers)."""
+    knowledge_distillation.py and sweep.py say, each field named as its flag
+    (`from_args()`; sweep.py's --kd-epochs is `epochs`). The defaults are the original
+    demo's: Adam at a constant rate, no weight decay, no label smoothing.
+
+    Args:
+        epochs: passes over the training set.
+        lr: the learning rate (the peak one, with a schedule).
+        batch_size, seed, crop_scale, cache, amp: as the flags of the same names.
+        workers: data-loading processes; None: the loaders' default (data.default_workers).
+        optimizer: one of cli.OPTIMIZERS (sgd: momentum 0.9, Nesterov).
+        weight_decay: on the weights of convolutions and linear layers, not on biases
+            or batch-norm parameters (Adam: L2 in the gradient; AdamW: decoupled).
+        schedule: one of cli.SCHEDULES: constant, or cosine (down to 0 at the last step).
+        warmup_epochs: the rate rises linearly from near 0 over these epochs first.
+        label_smoothing: of the cross-entropy on the labels.
+    """
     epochs: int
     lr: float
     batch_size: int = 32
@@ -58,6 +79,30 @@ class Recipe:
     cache: bool = False
     amp: bool = False
     workers: int | None = None
+    optimizer: str = "adam"
+    weight_decay: float = 0.0
+    schedule: str = "constant"
+    warmup_epochs: float = 0.0
+    label_smoothing: float = 0.0
+
+    def __post_init__(self):
+        if self.optimizer not in OPTIMIZERS or self.schedule not in SCHEDULES:
+            raise ValueError(f"optimizer {self.optimizer!r} (one of {OPTIMIZERS}), schedule "
+                             f"{self.schedule!r} (one of {SCHEDULES})")
+
+    @classmethod
+    def from_args(cls, args, **given) -> Recipe:
+        """The recipe of parsed arguments: each field from the flag of its name, those
+        `given` instead (sweep.py: epochs=args.kd_epochs)."""
+        values = {field.name: getattr(args, field.name) for field in dataclasses.fields(cls)
+                  if hasattr(args, field.name)}
+        return cls(**{**values, **given})
+
+    def settings(self) -> dict:
+        """What a model trained with this recipe depends on (not `workers`: the pictures
+        of each batch do not depend on them), saved with what it made and compared whole."""
+        return {key: value for key, value in dataclasses.asdict(self).items()
+                if key != "workers"}
 
     def loaders(self, data: str, image_size: int, device: torch.device,
                 normalization: dict = ORIGINAL_NORMALIZATION, keyed: bool = False):
@@ -68,9 +113,55 @@ class Recipe:
                                 normalization=normalization, keyed=keyed)
 
     def resume_settings(self, image_size: int) -> dict:
-        """What a resumed run must keep of this recipe, or it would not continue exactly."""
-        return {"batch_size": self.batch_size, "seed": self.seed, "crop_scale": self.crop_scale,
-                "cache": self.cache, "lr": self.lr, "image_size": image_size, "amp": self.amp}
+        """What a resumed run must keep of this recipe, or it would not continue exactly
+        (--epochs may change, unless a schedule depends on it)."""
+        settings = dict(self.settings(), image_size=image_size)
+        if self.schedule == "constant":
+            del settings["epochs"]
+        return settings
+
+    def make_optimizer(self, model: torch.nn.Module,
+                       rates: dict[int, float] | None = None) -> torch.optim.Optimizer:
+        """The recipe's optimizer over `model`'s trainable parameters; `rates` gives some
+        of them (by id()) a learning rate of their own."""
+        rates = rates or {}
+        groups = {}
+        for parameter in model.parameters():
+            if parameter.requires_grad:
+                # (timm's habit: no decay on biases and normalisation parameters)
+                decay = self.weight_decay if parameter.ndim > 1 else 0.0
+                groups.setdefault((decay, rates.get(id(parameter), self.lr)), []).append(parameter)
+        groups = [{"params": params, "weight_decay": decay, "lr": lr}
+                  for (decay, lr), params in groups.items()]
+        if self.optimizer == "sgd":
+            return torch.optim.SGD(groups, lr=self.lr, momentum=SGD_MOMENTUM, nesterov=True)
+        # fused: one kernel updates all parameters; the step is ~3x faster on CPU
+        kind = torch.optim.AdamW if self.optimizer == "adamw" else torch.optim.Adam
+        return kind(groups, lr=self.lr, fused=True)
+
+    def make_scheduler(self, optimizer: torch.optim.Optimizer,
+                       steps_per_epoch: int) -> torch.optim.lr_scheduler.LambdaLR | None:
+        """The learning rate by step (None for a constant one without warm-up)."""
+        if self.schedule == "constant" and not self.warmup_epochs:
+            return None
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, functools.partial(
+            rate_factor, warmup=round(self.warmup_epochs * steps_per_epoch),
+            total=self.epochs * steps_per_epoch, cosine=self.schedule == "cosine"))
+
+
+RECIPE_DEFAULTS = {field.name: field.default for field in dataclasses.fields(Recipe)
+                   if field.default is not dataclasses.MISSING}
+
+
+def rate_factor(step: int, *, warmup: int, total: int, cosine: bool) -> float:
+    """The learning rate of `step` (from 0) of `total`, as a share of the peak: a linear
+    warm-up over the first `warmup` steps, then constant or a cosine down to 0."""
+    if step < warmup:
+        return (step + 1) / warmup
+    if not cosine:
+        return 1.0
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
 @dataclasses.dataclass
@@ -153,13 +244,14 @@ def train_one_epoch(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                     memory_format: torch.memory_format = torch.contiguous_format,
                     autocast: contextlib.AbstractContextManager | None = None,
                     scaler: torch.amp.GradScaler | None = None, stop: StopRequest | None = None,
+                    scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
                     description: str = "train") -> Totals:
     """Train on each batch of `loader`; returns the `Totals`, added to `totals` if given.
 
     `compute_loss(model, images, labels)` returns (mean loss, logits); a batch with more
     than images and labels (data.Keyed's keys) passes the rest on to it. With a `stop`
     (StopRequest) it returns after the batch at which Ctrl-C was pressed, with
-    `stop.requested` set.
+    `stop.requested` set. A `scheduler` steps after every batch.
     """
     totals = Totals() if totals is None else totals
     autocast = autocast or contextlib.nullcontext()
@@ -179,6 +271,8 @@ def train_one_epoch(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
             else:
                 loss.backward()
                 optimizer.step()
+            if scheduler is not None:
+                scheduler.step()
             totals.add(loss, logits, labels)
             bar.set_postfix(loss=f"{totals.loss / totals.images:.3f}")
             if stop is not None and stop.agreed(device):
@@ -188,7 +282,8 @@ def train_one_epoch(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
 
 def save_training_state(path: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                         scaler: torch.amp.GradScaler | None, device: torch.device,
-                        progress: Progress, settings: dict) -> None:
+                        progress: Progress, settings: dict,
+                        scheduler: torch.optim.lr_scheduler.LRScheduler | None = None) -> None:
     """Everything --resume needs to continue exactly where the run stopped.
 
     `progress.totals` must already hold all processes' sums (`Totals.all_reduced`).
@@ -196,6 +291,7 @@ def save_training_state(path: str, model: torch.nn.Module, optimizer: torch.opti
     atomic_save({"format": TRAINING_STATE_FORMAT, "model": model.state_dict(),
                  "optimizer": optimizer.state_dict(), "rng": torch.get_rng_state(),
                  "scaler": scaler.state_dict() if scaler else None,
+                 "scheduler": scheduler.state_dict() if scheduler else None,
                  "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
                  "world": distributed()[1], "settings": settings,
                  "epoch": progress.epoch, "samples_done": progress.samples_done,
@@ -206,10 +302,13 @@ def save_training_state(path: str, model: torch.nn.Module, optimizer: torch.opti
 
 def load_training_state(path: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                         scaler: torch.amp.GradScaler | None, device: torch.device,
-                        settings: dict, epochs: int) -> Progress:
-    """Restore a state saved by Ctrl-C into `model`, `optimizer` and the RNG; returns its
-    Progress. Refused (UserError) unless it continues this run exactly: same `settings`
-    (declared by the caller: the flags and files a resumed run must keep), same number of
+                        settings: dict, epochs: int,
+                        scheduler: torch.optim.lr_scheduler.LRScheduler | None = None
+                        ) -> Progress:
+    """Restore a state saved by Ctrl-C into `model`, `optimizer`, `scheduler` and the RNG;
+    returns its Progress. Refused (UserError) unless it continues this run exactly: same
+    `settings` (declared by the caller: the flags and files a resumed run must keep; one
+    an older state did not record counts as the Recipe's default), same number of
     processes, an epoch below `epochs`, the same model."""
     state = safe_load(path, "a training state saved by Ctrl-C")
     if not isinstance(state, dict) or state.get("format") != TRAINING_STATE_FORMAT:
@@ -221,14 +320,17 @@ def load_training_state(path: str, model: torch.nn.Module, optimizer: torch.opti
     rank, world = distributed()
     if state["world"] != world:
         raise UserError(f"{path}: saved by {state['world']} process(es), resumed by {world}")
-    unrecorded = [flag(k) for k in settings if k not in state["settings"]]
+    saved = dict(state["settings"])
+    for key, default in RECIPE_DEFAULTS.items():  # (not recorded before they were flags)
+        if key in settings:
+            saved.setdefault(key, default)
+    unrecorded = [flag(k) for k in settings if k not in saved]
     if unrecorded:
         raise UserError(f"{path}: saved by an older version of this pipeline, which did not "
                         f"record {', '.join(unrecorded)}; start over")
-    changed = [f"{flag(k)} {state['settings'][k]} (now {settings[k]})" for k in settings
-               if state["settings"][k] != settings[k]]
-    changed += [f"{flag(k)} {state['settings'][k]} (now not given)" for k in state["settings"]
-                if k not in settings]
+    changed = [f"{flag(k)} {saved[k]} (now {settings[k]})" for k in settings
+               if saved[k] != settings[k]]
+    changed += [f"{flag(k)} {saved[k]} (now not given)" for k in saved if k not in settings]
     if changed:
         raise UserError(f"{path}: was saved with {', '.join(changed)}; resume with the same flags "
                         "and files")
@@ -241,6 +343,8 @@ def load_training_state(path: str, model: torch.nn.Module, optimizer: torch.opti
     optimizer.load_state_dict(state["optimizer"])
     if scaler and state.get("scaler"):
         scaler.load_state_dict(state["scaler"])
+    if scheduler and state.get("scheduler"):
+        scheduler.load_state_dict(state["scheduler"])
     torch.set_rng_state(state["rng"])
     if device.type == "cuda" and state.get("cuda_rng") is not None:
         torch.cuda.set_rng_state(state["cuda_rng"], device)
@@ -270,7 +374,8 @@ def fit(model: torch.nn.Module, optimizer: torch.optim.Optimizer, compute_loss: 
         on_best: Callable[[dict], None], title: str, resume: str | None = None,
         amp: bool = False, memory_format: torch.memory_format = torch.contiguous_format,
         epoch_metrics: Callable[[], dict] | None = None,
-        on_epoch: Callable[[dict], None] | None = None) -> list[dict]:
+        on_epoch: Callable[[dict], None] | None = None,
+        scheduler: torch.optim.lr_scheduler.LRScheduler | None = None) -> list[dict]:
     """Train for `epochs`, validating after each, and call `on_best(metrics)` on a new best.
 
     `train_loader` takes its order from a data.EpochSampler; `settings` are what a
@@ -279,6 +384,8 @@ def fit(model: torch.nn.Module, optimizer: torch.optim.Optimizer, compute_loss: 
     the model is wrapped in DistributedDataParallel and rank 0 alone writes files.
     `epoch_metrics()`, if given, returns more figures (a dict) for each epoch's record;
     `on_epoch(record)`, if given, is told each finished epoch's record (on rank 0).
+    A `scheduler` (Recipe.make_scheduler) steps after every batch; each record holds
+    the learning rate the epoch ended at.
     Returns the per-epoch history (also <output>.history.json and .png).
     """
     rank, world = distributed()
@@ -288,7 +395,8 @@ def fit(model: torch.nn.Module, optimizer: torch.optim.Optimizer, compute_loss: 
     torch.backends.cudnn.benchmark = device.type == "cuda"  # fixed input size: pick fastest kernels
     progress = Progress()
     if resume:
-        progress = load_training_state(resume, model, optimizer, scaler, device, settings, epochs)
+        progress = load_training_state(resume, model, optimizer, scaler, device, settings, epochs,
+                                       scheduler)
         if rank == 0:
             print(f"Resuming from {resume}: epoch {progress.epoch + 1}, "
                   f"{progress.samples_done * world} images done")
@@ -300,7 +408,7 @@ def fit(model: torch.nn.Module, optimizer: torch.optim.Optimizer, compute_loss: 
             train_loader.sampler.set_epoch(epoch, progress.samples_done)
             train_one_epoch(network, optimizer, compute_loss, train_loader, device,
                             totals=progress.totals, memory_format=memory_format,
-                            autocast=autocast, scaler=scaler, stop=stop,
+                            autocast=autocast, scaler=scaler, stop=stop, scheduler=scheduler,
                             description=f"{title} epoch {epoch + 1}/{epochs}")
             # by this process since it (re)started; after a resume rank 0's totals began with
             # all processes' sums of the epoch so far, which keeps the loss sum's order exact
@@ -310,7 +418,7 @@ def fit(model: torch.nn.Module, optimizer: torch.optim.Optimizer, compute_loss: 
             if stop.requested:
                 if rank == 0:
                     save_training_state(state_path, model, optimizer, scaler, device, progress,
-                                        settings)
+                                        settings, scheduler)
                 raise Interrupted(f"Saved the state after {progress.samples_done * world} images "
                                   f"of epoch {epoch + 1} to {state_path}; add --resume "
                                   f"{state_path} to the same command to continue.")
@@ -321,6 +429,8 @@ def fit(model: torch.nn.Module, optimizer: torch.optim.Optimizer, compute_loss: 
             # and DDP's forward would wait for a process that has finished
             val = evaluate(model, val_loader, device, len(val_loader.dataset.class_names))
             record = epoch_record(epoch, progress.totals, val, trained, train_seconds, started)
+            if scheduler is not None:  # (a constant rate is in the checkpoint's settings)
+                record["lr"] = optimizer.param_groups[0]["lr"]
             more = epoch_metrics() if epoch_metrics else {}
             record.update(more)
             progress.history.append(record)
