@@ -25,12 +25,12 @@ the file is for (default: this machine's).
 import os
 import sys
 
-from compress import deployment
 from compress.checkpoints import check_made_for, load_checkpoint, output_path
 from compress.cli import (CheckFailed, UserError, add_shared_flags, add_verbose_arg, make_parser,
                           points, positive_int, run_cli)
-from compress.cpu import CPU_CLASSES, cpu_class
-from compress.machine import check_writable
+from compress.export import convert
+from compress.machine.cpu import CPU_CLASSES, cpu_class
+from compress.machine.resources import check_writable
 
 
 def get_args_parser():
@@ -49,7 +49,7 @@ def get_args_parser():
                         help="CPU class the int8 file is for (default: this machine's, "
                              f"{cpu_class()}): " + "; ".join(
                                  f"{name}: {about}" for name, about in CPU_CLASSES.items()))
-    parser.add_argument("--int8-max-drop", type=points, default=deployment.INT8_MAX_DROP,
+    parser.add_argument("--int8-max-drop", type=points, default=convert.INT8_MAX_DROP,
                         metavar="POINTS",
                         help="refuse to save an int8 file more than this many accuracy points "
                              "below the fp32 file on DATA/val")
@@ -68,15 +68,13 @@ def main(args):
     if not fp32_path.endswith(".onnx"):
         raise UserError(f"--output {fp32_path}: must end in .onnx (test.py knows an exported "
                         "model by it)")
-    for path in (fp32_path, deployment.int8_path_of(fp32_path)):  # before reading the weights
-        deployment.check_onnx_replaceable(path)
+    for path in (fp32_path, convert.int8_path_of(fp32_path)):  # before reading the weights
+        convert.check_onnx_replaceable(path)
     check_writable(fp32_path, "--output")
     checkpoint = load_checkpoint(args.weights, image_size=args.image_size)
     check_made_for(checkpoint, args.weights, "--image-size", image_size=args.image_size)
-    report = deployment.export_checkpoint(
-        checkpoint, args.weights, fp32_path, data=args.data, calibration=args.calibration,
-        batch_size=args.batch_size, workers=args.workers, seed=args.seed, cpu=args.int8_for,
-        max_drop=args.int8_max_drop, force_int8=args.force_int8, verbose=args.verbose)
+    report = convert.export_checkpoint(checkpoint, args.weights, fp32_path, data=args.data,
+                                       plan=convert.ExportPlan.from_args(args))
 
     written = [fp32_path, report["int8_path"]] if report["int8_saved"] else [fp32_path]
     sizes = {path: os.path.getsize(path) for path in [args.weights, *written]}

@@ -19,6 +19,7 @@ The student learns from the teacher's softened predictions and from the labels:
          + CrossEntropy(student, labels) * (1 - alpha)
 
     python knowledge_distillation.py             # T=8, alpha=0.99, Adam 1e-4, 20 epochs
+    python knowledge_distillation.py --kd-loss mse --feature-weight 1   # other losses
     python knowledge_distillation.py --student-arch mobilenet_v2 --epochs 10
     python knowledge_distillation.py --output s70.pth --student pruned70.pth \
         --teacher-cache teacher_logits.pt   # a second student: the teacher runs on no picture
@@ -27,13 +28,12 @@ import torch
 
 import model as vgg
 from compress.checkpoints import check_made_for, check_replaceable, load_checkpoint
-from compress.cli import (UserError, add_data_args, make_parser, positive_float, positive_int,
-                          run_cli)
-from compress.distillation import (ALPHA, TEMPERATURE, check_alpha, distil_checkpoint,
-                                   mobilenet_student)
-from compress.distributed import init_distributed
-from compress.machine import check_writable, output_lock
-from compress.training import Recipe
+from compress.cli import (DISTILLATION_FLAGS, UserError, add_data_args, add_shared_flags,
+                          make_parser, positive_float, positive_int, run_cli)
+from compress.machine.distributed import init_distributed
+from compress.machine.resources import check_writable, output_lock
+from compress.training.distillation import Distillation, distil_checkpoint, mobilenet_student
+from compress.training.recipe import Recipe
 
 DEFAULT_STUDENT = "pruned_vgg16_net.pth"
 DEFAULT_OUTPUT = {"pruned": "finetuned_vgg16_net.pth",
@@ -55,10 +55,7 @@ def get_args_parser():
                              "mobilenet_v2-b0353104.pth); the last layer starts new")
     parser.add_argument("--epochs", type=positive_int, default=20,
                         help="passes over the training set")
-    parser.add_argument("--temperature", type=positive_float, default=TEMPERATURE,
-                        help="softening temperature T")
-    parser.add_argument("--alpha", type=float, default=ALPHA,
-                        help="weight of the distillation term (1 - alpha: the label term)")
+    add_shared_flags(parser, *DISTILLATION_FLAGS)
     parser.add_argument("--lr", type=positive_float, default=1e-4,
                         help="learning rate (the peak one with --warmup-epochs or --schedule "
                              "cosine)")
@@ -88,15 +85,17 @@ def pruned_student(args):
 
 
 def main(args):
-    check_alpha(args.alpha)
+    if args.feature_weight and args.student_arch != "pruned":
+        raise UserError("--feature-weight: needs a pruned VGG student (its blocks are matched to "
+                        "the teacher's), not a MobileNetV2")
     output = args.output or DEFAULT_OUTPUT[args.student_arch]
     check_replaceable(output)
     check_writable(output, "--output")
     with output_lock(output, "--output"):
-        distil(args, output)
+        distil_as_asked(args, output)
 
 
-def distil(args, output):
+def distil_as_asked(args, output):
     """Distil as the flags say, into `output` (main() has checked it can be written)."""
     torch.manual_seed(args.seed)  # dropout's draws, and a new MobileNetV2's weights
     device = init_distributed(args.device)
@@ -112,9 +111,8 @@ def distil(args, output):
         check_made_for(teacher, args.teacher, "--image-size", image_size=args.image_size)
         student = mobilenet_student(teacher, args.pretrained)
         student_path = f"a new {vgg.MOBILENET_V2}"
-    recipe = Recipe.from_args(args)
     distil_checkpoint(teacher, args.teacher, student, student_path, data=args.data, output=output,
-                      recipe=recipe, temperature=args.temperature, alpha=args.alpha,
+                      recipe=Recipe.from_args(args), distillation=Distillation.from_args(args),
                       device=device, pretrained=args.pretrained, resume=args.resume,
                       teacher_cache=args.teacher_cache)
 

@@ -8,7 +8,7 @@ Writes OUTPUT (pruned_vgg16_net.pth)   the pruned, physically smaller model
 
 Every convolution and the two hidden Linear layers (not the final classifier) lose
 the SPARSITY fraction of their output channels, the least important by --method
-(NNI's pruners; the table METHODS in compress/pruning.py). With --global the
+(NNI's pruners; the table METHODS in compress/pruning/channels.py). With --global the
 fraction is taken from all convolutions together (and from both hidden layers
 together), so the layers that matter keep more. NNI ModelSpeedup then rebuilds
 the layers without the pruned channels, so parameters and FLOPs really drop (by
@@ -21,11 +21,11 @@ knowledge_distillation.py wins it back.
     python pruner.py --method slim --global --sparsity 0.7   # after train.py --bn-sparsity
 """
 from compress.checkpoints import check_replaceable, load_checkpoint
-from compress.machine import check_writable
 from compress.cli import (add_shared_flags, add_verbose_arg, fraction, make_parser, positive_int,
                           run_cli)
-from compress.pruning import (METHODS, MOST_REMOVED, layer_widths, prune_checkpoint, save_pruned,
-                              taylor_batches)
+from compress.machine.resources import check_writable
+from compress.pruning.channels import (METHODS, MOST_REMOVED, layer_widths, prune_checkpoint,
+                                       save_pruned, taylor_batches)
 
 
 def get_args_parser():

@@ -21,9 +21,9 @@ leaves the previous DEST as it was.
 import os
 
 from compress.cli import UserError, fraction, make_parser, run_cli
-from compress.machine import check_room, check_writable
-from compress.splitting import (PARTS, check_destination, describe_skipped, scan, split,
-                                write_split)
+from compress.data.splitting import (PARTS, check_destination, describe_skipped, scan, split,
+                                     write_split)
+from compress.machine.resources import check_room, check_writable
 
 
 def get_args_parser():

@@ -41,7 +41,7 @@ budget. --engine nni runs the search as an NNI experiment instead (a TPE tuner
 proposes settings, a Medianstop assessor stops trials that fall behind, trials
 run --concurrency at a time, on this machine or on NNI's other training services
 through --nni-config); its results land in the same sweep.json and sweep.png.
-(The library: compress/search.py, compress/experiment.py, compress/trial.py.)
+(The library: compress/sweep/, plain.py, experiment.py and trial.py.)
 
     python sweep.py                                   # l1 at 0.5, 0.7, 0.9; 3 KD epochs
     python sweep.py --methods l1 slim:global --sparsities 0.5 0.7 --mobilenet-v2
@@ -54,19 +54,18 @@ import shlex
 import sys
 import textwrap
 
-from compress.cli import (UserError, add_data_args, add_timing_args, add_verbose_arg, fraction,
-                          int_within, make_parser, points, positive_float, positive_int,
-                          resolve_device, run_cli)
-from compress import trial
-from compress.machine import check_writable, output_lock
-from compress.experiment import SPARSITY_STEP, ExperimentPlan, run_experiment, search_space
-from compress.nni_engine import ASSESSOR, TUNER
-from compress.pruning import METHODS
-from compress.candidates import SweepSetup, Teacher
-from compress.search import Setting, method_setting, run_sweep
-from compress.shipping import TARGETS
-from compress.timing import PRECISION, TimingPlan
-from compress.training import Recipe
+from compress.cli import (DISTILLATION_FLAGS, UserError, add_data_args, add_shared_flags,
+                          add_timing_args, add_verbose_arg, fraction, int_within, make_parser,
+                          points, positive_float, positive_int, run_cli)
+from compress.machine.resources import check_writable, output_lock
+from compress.measure.timing import PRECISION
+from compress.pruning.channels import METHODS
+from compress.sweep import trial
+from compress.sweep.candidates import SweepSetup, Teacher
+from compress.sweep.experiment import SPARSITY_STEP, ExperimentPlan, run_experiment, search_space
+from compress.sweep.nni_engine import ASSESSOR, TUNER
+from compress.sweep.plain import Setting, method_setting, run_sweep
+from compress.sweep.targets import TARGETS
 
 
 def get_args_parser():
@@ -84,7 +83,10 @@ def get_args_parser():
                              "--student-arch mobilenet_v2)")
     parser.add_argument("--kd-epochs", type=positive_int, default=3,
                         help="distillation epochs of each setting")
-    parser.add_argument("--lr", type=positive_float, default=1e-4, help="distillation Adam rate")
+    parser.add_argument("--lr", type=positive_float, default=1e-4,
+                        help="distillation's learning rate (the peak one with --warmup-epochs "
+                             "or --schedule cosine)")
+    add_shared_flags(parser, *DISTILLATION_FLAGS)
     parser.add_argument("--max-drop", type=points, metavar="POINTS",
                         help="name the fastest model within POINTS of the dense accuracy")
     parser.add_argument("--search", type=method_setting, metavar="METHOD[:global]",
@@ -94,7 +96,8 @@ def get_args_parser():
                         help="--search: sparsities tried (at most 10: 1/1024 apart)")
     parser.add_argument("--target", choices=TARGETS, default="int8",
                         help="what the models are measured as, and the pick decided by: "
-                             + "; ".join(f"{name}: {about}" for name, about in TARGETS.items())
+                             + "; ".join(f"{name}: {target.measures}"
+                                         for name, target in TARGETS.items())
                              + ". int8 and onnx export every candidate (and the dense model) as "
                                "export.py does, beside its .pth; pytorch exports the pick "
                                "only")
@@ -136,35 +139,35 @@ def get_args_parser():
     return parser
 
 
-def trial_command(args, concurrency):
-    """The command NNI runs for each trial: this script with the flags a trial needs, its
-    files by absolute path (NNI runs trials in this script's folder)."""
-    given = {"--data": os.path.abspath(args.data), "--weights": os.path.abspath(args.weights),
-             "--output-dir": os.path.abspath(args.output_dir), "--image-size": args.image_size,
-             "--batch-size": args.batch_size, "--device": args.device, "--workers": args.workers,
-             "--seed": args.seed, "--crop-scale": args.crop_scale, "--cache": args.cache,
-             "--amp": args.amp, "--kd-epochs": args.kd_epochs, "--lr": args.lr,
-             "--max-drop": args.max_drop, "--warmup": args.warmup, "--repeats": args.repeats,
-             "--max-repeats": args.max_repeats, "--verbose": args.verbose,
-             "--target": args.target,
-             "--concurrency": concurrency, "--nni-trial": True}
+# flags of the experiment as a whole, which no trial takes (a trial is one setting)
+EXPERIMENT_FLAGS = {"--help", "--methods", "--sparsities", "--mobilenet-v2", "--search",
+                    "--search-steps", "--engine", "--trials", "--port", "--host", "--nni-config"}
+# flags naming files: a trial gets them by absolute path (NNI runs trials in this folder)
+PATH_FLAGS = {"--data", "--weights", "--output-dir"}
+
+
+def trial_command(parser, args, concurrency):
+    """The command NNI runs for each trial: this script with every flag the user's command
+    parsed (read from the parser itself, so that a new flag reaches the trials), but those
+    of the experiment as a whole, its files by absolute path."""
     argv = []
-    for flag, value in given.items():
+    for action in parser._actions:  # (argparse's own list of what it parses)
+        flag = max(action.option_strings, key=len, default=None)
+        if flag is None or flag in EXPERIMENT_FLAGS or flag == "--nni-trial":
+            continue
+        value = concurrency if flag == "--concurrency" else getattr(args, action.dest)
+        if flag in PATH_FLAGS:
+            value = os.path.abspath(value)
         if value is True:
             argv.append(flag)
         elif value is not None and value is not False:
-            argv += [flag, str(value)]
-    return shlex.join([sys.executable, os.path.abspath(__file__), *argv])
+            argv += [flag, *map(str, value if isinstance(value, list) else [value])]
+    return shlex.join([sys.executable, os.path.abspath(__file__), *argv, "--nni-trial"])
 
 
 def setup_of(args, methods=()):
     """What every setting shares, the teacher loaded (once) and checked against `methods`."""
-    teacher = Teacher.load(args.weights, args.image_size, methods)
-    recipe = Recipe.from_args(args, epochs=args.kd_epochs)
-    return SweepSetup(teacher, args.data, recipe, resolve_device(args.device),
-                      TimingPlan(args.warmup, args.repeats, args.max_repeats, PRECISION,
-                                 args.seed),
-                      args.image_size, args.verbose, args.target, args.output_dir)
+    return SweepSetup.from_args(args, Teacher.load(args.weights, args.image_size, methods))
 
 
 def main(args):
@@ -190,7 +193,8 @@ def sweep(args):
         search_space(plan.methods, plan.sparsities)  # one setting is refused before any work
         setup = setup_of(args, [method for method, _ in methods])
         return run_experiment(setup, plan, args.output_dir,
-                              lambda concurrency: trial_command(args, concurrency),
+                              lambda concurrency: trial_command(get_args_parser(), args,
+                                                                concurrency),
                               os.path.dirname(os.path.abspath(__file__)))
     if args.search and args.max_drop is None:
         raise UserError("--search: needs --max-drop (the budget the sparsity must stay within)")

@@ -25,16 +25,17 @@ import torch
 from compress.checkpoints import output_path, write_json
 from compress.cli import (UserError, add_data_args, add_timing_args, add_verbose_arg, make_parser,
                           resolve_device, run_cli)
-from compress.comparison import THROUGHPUT_BATCH, compare, load_model, val_loader
-from compress.cpu import describe_cpu
-from compress.data import eval_transform, load_rgb
-from compress.evaluation import evaluate
-from compress.machine import check_writable
-from compress.onnx_files import exported_earlier_note, other_cpu_note
-from compress.profiling import GEMM_SIZES, machine_peak, profile_model
-from compress.reporting import (explain_profiles, plot_confusion, plot_prediction, plot_profiles,
-                                print_comparison, print_profile, save_comparison)
-from compress.timing import PRECISION, TimingPlan
+from compress.data.images import eval_transform, load_rgb
+from compress.export.onnx_files import exported_earlier_note, other_cpu_note
+from compress.machine.cpu import describe_cpu
+from compress.machine.resources import check_writable
+from compress.measure.comparison import THROUGHPUT_BATCH, compare, load_model, val_loader
+from compress.measure.evaluation import evaluate
+from compress.measure.profiling import GEMM_SIZES, machine_peak, profile_model
+from compress.measure.reporting import (explain_profiles, plot_confusion, plot_prediction,
+                                        plot_profiles, print_comparison, print_profile,
+                                        save_comparison)
+from compress.measure.timing import PRECISION, TimingPlan
 
 prune_test = False  # False: test the dense vgg16Net.pth; True: the distilled pruned model
 
@@ -134,8 +135,7 @@ def compare_models(args, device):
     models = [(name, path, *load(path, args, device))
               for name, path in named_paths(args.compare, "checkpoint to compare")]
     rows = compare(models, data=args.data, device=device,
-                   timing=TimingPlan(args.warmup, args.repeats, args.max_repeats, PRECISION,
-                                     args.seed),
+                   timing=TimingPlan.from_args(args),
                    batch_size=args.batch_size, workers=args.workers, verbose=args.verbose)
     print_comparison(rows)
     figure = save_comparison(rows, args.report, args.show)

@@ -21,12 +21,12 @@ from compress.checkpoints import (atomic_save, check_class_index, check_replacea
                                   make_checkpoint, saved_bytes, write_json)
 from compress.cli import (UserError, add_data_args, make_parser, positive_float, positive_int,
                           run_cli)
-from compress.data import ORIGINAL_NORMALIZATION
-from compress.distributed import distributed, init_distributed
-from compress.machine import check_room, check_writable, output_lock
-from compress.pretrained import load_pretrained_weights, pretrained_weights
-from compress.training import (MEMORY_FORMAT, NEAR_ZERO, Recipe, batch_norm_scales, fit,
-                               scale_sparsity)
+from compress.data.images import ORIGINAL_NORMALIZATION
+from compress.machine.distributed import distributed, init_distributed
+from compress.machine.resources import check_room, check_writable, output_lock
+from compress.training.loop import MEMORY_FORMAT, NEAR_ZERO, batch_norm_scales, fit, scale_sparsity
+from compress.training.pretrained import load_pretrained_weights, pretrained_weights
+from compress.training.recipe import Recipe
 
 
 def get_args_parser():

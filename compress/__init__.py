@@ -1,35 +1,39 @@
-"""The library under the stage scripts: everything they share, a module per question.
+"""The library under the stage scripts: everything they share, grouped by idea.
 
 The scripts beside this folder (split_dataset.py, train.py, pruner.py,
 knowledge_distillation.py, test.py, export.py, sweep.py) turn flags into calls of
 these modules; model.py, beside them, is the one model definition. Imports point one
 way: this package never imports a script, and its modules import only those listed
-above them here (tests/library/test_layout.py checks it).
+above them here (tests/library/test_layout.py checks it, and that this map lists
+every module).
 
-    cli            the command-line edge: one-line errors, exit statuses, shared flags
-    cpu            which CPU runs int8, and how its products are summed
-    machine        room on disk and in memory, writable folders, one run per output
-    distributed    processes under torchrun: joining, rank 0, adding up
-    data           pictures in, batches out: decoding, transforms, the seeded order
-    checkpoints    what is on disk: the checkpoint format, atomic writes, safe loading
-    splitting      a photo folder split into train/ and val/, never touching the source
-    timing         how fast: timed runs, several models interleaved
-    evaluation     how good and how big: accuracy, confusion, FLOPs
-    onnx_files     exported files: their self-description, running them in onnxruntime
-    profiling      where a model's time goes, layer by layer, against the machine's peak
-    reporting      the tables printed and the figures saved
-    deployment     shipping: fp32 and int8 ONNX, each checked before it is saved
-    comparison     several models measured side by side (test.py --compare)
-    training       the training loop, Ctrl-C and --resume, the shared Recipe
-    pretrained     starting from ImageNet's weights or a file of yours
-    pruning        NNI's pruners and ModelSpeedup: a model that really shrinks
-    teacher_store  the teacher's logits of each training picture, computed once
-    distillation   a student learns from the dense teacher
-    shipping       a candidate as the file that would ship, in its runtime
-    candidates     a sweep's candidates: their setup, measured together, the pick
-    search         the plain sweep: settings pruned, distilled, shipped, measured
-    processes      signals that stop us; other processes found and ended
-    nni_engine     NNI 3.0's experiment engine, and four mends of it
-    experiment     the sweep as an NNI experiment: launched and followed
-    trial          one trial of that experiment, as NNI runs it
+    cli                    the command-line edge: one-line errors, exit statuses, shared flags
+    machine.cpu            which CPU runs int8, and how its products are summed
+    machine.resources      room on disk and in memory, writable folders, one run per output
+    machine.processes      signals that stop us; other processes found and ended
+    machine.distributed    processes under torchrun: joining, rank 0, adding up
+    data.images            pictures in, batches out: decoding, transforms, the seeded order
+    checkpoints            what is on disk: the checkpoint format, atomic writes, safe loading
+    data.splitting         a photo folder split into train/, val/ (and test/), source untouched
+    measure.timing         how fast: timed runs, several models interleaved
+    measure.evaluation     how good and how big: accuracy, confusion, FLOPs
+    export.onnx_files      exported files: their self-description, running them in onnxruntime
+    measure.profiling      where a model's time goes, layer by layer, against the machine's peak
+    measure.reporting      the tables printed and the figures saved
+    export.convert         a checkpoint to fp32 and int8 ONNX, each checked before it is saved
+    measure.comparison     several models measured side by side (test.py --compare)
+    training.recipe        the settings of a training run, from the flags, saved whole
+    training.loop          the training loop, Ctrl-C and --resume
+    training.pretrained    starting from ImageNet's weights or a file of yours
+    pruning.channels       NNI's pruners and ModelSpeedup: a model that really shrinks
+    training.teacher_store the teacher's logits of each training picture, computed once
+    training.features      feature distillation: block outputs matched through 1x1 adapters
+    training.distillation  a student learns from the dense teacher
+    sweep.targets          what a sweep decides by: a candidate as the file that would ship
+    sweep.report           a sweep's table and figure, against the dense model
+    sweep.candidates       a sweep's candidates: their setup, measured together, the pick
+    sweep.plain            the plain sweep: settings pruned, distilled, shipped, measured
+    sweep.nni_engine       NNI 3.0's experiment engine, and four mends of it
+    sweep.experiment       the sweep as an NNI experiment: launched and followed
+    sweep.trial            one trial of that experiment, as NNI runs it
 """

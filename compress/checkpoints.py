@@ -21,8 +21,8 @@ import torch
 
 import model as vgg
 from compress.cli import UserError
-from compress.data import IMAGENET_NORMALIZATION, ORIGINAL_NORMALIZATION
-from compress.machine import disk_full, free_bytes
+from compress.data.images import IMAGENET_NORMALIZATION, ORIGINAL_NORMALIZATION
+from compress.machine.resources import disk_full, free_bytes
 
 CHECKPOINT_FORMAT = "vgg-prune-distill/1"
 

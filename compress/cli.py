@@ -6,6 +6,9 @@
 - `make_parser()`, the shared flag groups (`add_data_args()`, `add_timing_args()`,
   `add_verbose_arg()`) and the flag types (`positive_int`, `fraction`, ...): one
   flag vocabulary and one error style for every script.
+- `settings_from()`: a settings dataclass (training's Recipe, the timing plan, the
+  sweep's setup, export's plan) built from parsed flags, each field from the flag of
+  its name: the one place a flag becomes a setting.
 - `resolve_device()`: --device auto|cpu|cuda[:N].
 - `local_rank()`: under torchrun the first process of each machine speaks for it.
 - `quiet_nni()`: NNI prints only what the user asked for.
@@ -14,6 +17,7 @@ Imports nothing of the pipeline's own: every other module may import it.
 """
 import argparse
 import contextlib
+import dataclasses
 import errno
 import io
 import logging
@@ -172,6 +176,8 @@ crop_fraction = float_within(0, 1, "above 0 and at most 1", include_high=True)
 positive_float = float_within(0, float("inf"), "a positive number")
 non_negative_float = float_within(0, float("inf"), "0 or more", include_low=True)
 OPTIMIZERS = ("adam", "adamw", "sgd")
+KD_LOSSES = ("kl", "mse")
+TEMPERATURE, ALPHA = 8.0, 0.99  # the original demo's distillation
 SCHEDULES = ("constant", "cosine")
 # accuracy points, 0 to 100 (--max-drop, --int8-max-drop)
 points = float_within(0, 100, "a number of accuracy points from 0 to 100", include_high=True,
@@ -214,12 +220,27 @@ SHARED_FLAGS = {
     "--warmup-epochs": dict(type=non_negative_float, default=0.0,
                             help="the learning rate rises linearly from near 0 to --lr over "
                                  "these epochs first"),
+    "--temperature": dict(type=positive_float, default=TEMPERATURE,
+                          help="softening temperature T"),
+    "--alpha": dict(type=float_within(0, 1, "within 0..1", include_low=True, include_high=True),
+                    default=ALPHA,
+                    help="weight of the distillation term (1 - alpha: the label term)"),
+    "--kd-loss": dict(choices=KD_LOSSES, default="kl",
+                      help="the teacher's term: kl on the logits softened by T (the original "
+                           "demo's), or mse on the logits themselves (T unused)"),
+    "--feature-weight": dict(type=non_negative_float, default=0.0,
+                             help="add this weight times the feature loss: the student's "
+                                  "feature map at the end of each VGG block, through a 1x1 "
+                                  "adapter, matched to the teacher's (MSE); the teacher then "
+                                  "runs on every picture. 0: off"),
     "--label-smoothing": dict(type=float_within(0, 1, "from 0 to below 1", include_low=True),
                               default=0.0, help="of the cross-entropy on the labels"),
 }
-# the flags of a training recipe (training.Recipe), after --lr and --epochs
+# the flags of a training recipe (training.recipe.Recipe), after --lr and --epochs
 RECIPE_FLAGS = ("--optimizer", "--weight-decay", "--schedule", "--warmup-epochs",
                 "--label-smoothing")
+# the flags of a distillation's loss (training.distillation.Distillation)
+DISTILLATION_FLAGS = ("--temperature", "--alpha", "--kd-loss", "--feature-weight")
 
 
 def add_shared_flags(parser: argparse.ArgumentParser, *names: str, **changes: dict) -> None:
@@ -240,6 +261,15 @@ def add_data_args(parser: argparse.ArgumentParser, image_size: int | None = None
                      "--seed", image_size=size, batch_size={"default": batch_size})
     if training:
         add_shared_flags(parser, "--crop-scale", "--cache", "--amp", *RECIPE_FLAGS)
+
+
+def settings_from(cls: type, args: argparse.Namespace, **given: object) -> object:
+    """An instance of the dataclass `cls` from parsed flags: each field from the flag of its
+    name (batch_size from --batch-size), those `given` instead (sweep.py's --kd-epochs as
+    epochs), the others at their defaults."""
+    values = {field.name: getattr(args, field.name) for field in dataclasses.fields(cls)
+              if field.init and hasattr(args, field.name)}
+    return cls(**{**values, **given})
 
 
 def resolve_device(name: str) -> torch.device:

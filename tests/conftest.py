@@ -7,13 +7,9 @@
 The tests come in levels, a folder each: library/ (the package's functions),
 scripts/ (each script's command line), end_to_end/ (stages one after another).
 """
-import sys
-from pathlib import Path
-
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # helpers.py, from every level
-from helpers import TRAIN_FLAGS, Pipeline, generate_demo  # noqa: E402
+from helpers import TRAIN_FLAGS, Pipeline, generate_demo  # tests/, on pytest's pythonpath
 
 # fixtures that train, prune or distil for real: every test that uses one is slow
 SLOW_FIXTURES = {"pipeline", "runs", "pruned"}

@@ -22,15 +22,13 @@ import sys
 import types
 from pathlib import Path
 
+import numpy as np
+from PIL import Image
+
+import make_demo_data  # tools/, on pytest's pythonpath (pytest.ini)
+
 REPO = Path(__file__).resolve().parents[1]
 TOOLS = REPO / "tools"
-for folder in (str(REPO), str(TOOLS)):
-    if folder not in sys.path:
-        sys.path.insert(0, folder)
-
-import make_demo_data  # noqa: E402
-import numpy as np  # noqa: E402
-from PIL import Image  # noqa: E402
 
 IMAGE_SIZE = 32  # the smallest size VGG's five 2x2 max-pools accept
 # train.py --classifier-width of the runs here: VGG16's real convolutions under a narrow
@@ -94,9 +92,9 @@ def small_checkpoint(path, kind="dense", class_names=("cat", "dog"), image_size=
     """A pipeline checkpoint (checkpoints.make_checkpoint + atomic_save) of the NARROW model."""
     import torch
 
-    from compress import checkpoints
     import model as vgg
-    from compress.data import ORIGINAL_NORMALIZATION
+    from compress import checkpoints
+    from compress.data.images import ORIGINAL_NORMALIZATION
 
     torch.manual_seed(0)
     model = vgg.from_architecture(NARROW)

@@ -23,24 +23,22 @@ are CPU measurements: with --device cuda they are left out.
 import copy
 import io
 import os
-import sys
 import tempfile
 import time
 import warnings
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from compress.cli import (fraction, image_size_type, make_parser, non_negative_int,  # noqa: E402
-                          positive_int, resolve_device, run_cli)
-from compress.cpu import cpu_class, describe_cpu  # noqa: E402
-from compress.data import ORIGINAL_NORMALIZATION  # noqa: E402
-from compress.deployment import export_onnx, quantize_int8  # noqa: E402
-from compress.evaluation import count_flops  # noqa: E402
-from compress.onnx_files import OnnxModel, describe, session  # noqa: E402
-from compress.pruning import prune  # noqa: E402
-from compress.timing import measure_latency  # noqa: E402
-from model import architecture_of, build_model  # noqa: E402
+from compress.cli import (fraction, image_size_type, make_parser, non_negative_int, positive_int,
+                          resolve_device, run_cli)
+from compress.data.images import ORIGINAL_NORMALIZATION
+from compress.export.convert import export_onnx, quantize_int8
+from compress.export.onnx_files import OnnxModel, describe, session
+from compress.machine.cpu import cpu_class, describe_cpu
+from compress.measure.evaluation import count_flops
+from compress.measure.timing import measure_latency
+from compress.pruning.channels import prune
+from model import architecture_of, build_model
 
 
 def get_args_parser():

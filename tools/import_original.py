@@ -15,15 +15,13 @@ Writes OUTPUT (PATH with .plain.pth: pruned_vgg16_net.plain.pth)
     python tools/import_original.py finetuned_vgg16_net.pth --trust --kind finetuned
 """
 import os
-import sys
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from compress.checkpoints import (atomic_save, check_replaceable,  # noqa: E402
-                                  checkpoint_from_state_dict, is_state_dict, make_checkpoint,
-                                  model_from_checkpoint, output_path)
-from compress.cli import UserError, image_size_type, make_parser, run_cli  # noqa: E402
+from compress.checkpoints import (atomic_save, check_replaceable, checkpoint_from_state_dict,
+                                  is_state_dict, make_checkpoint, model_from_checkpoint,
+                                  output_path)
+from compress.cli import UserError, image_size_type, make_parser, run_cli
 
 
 def get_args_parser():

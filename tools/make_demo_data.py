@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import colorsys
 import io
-import os
 import shutil
 import sys
 from pathlib import Path
@@ -51,9 +50,7 @@ from typing import NamedTuple
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from compress.cli import (UserError, int_within, make_parser, non_negative_int,  # noqa: E402
-                          positive_int, run_cli)
+from compress.cli import UserError, int_within, make_parser, non_negative_int, positive_int, run_cli
 
 CLASSES = ("cat", "dog")
 MARKER_NAME = ".demo_data"

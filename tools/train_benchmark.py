@@ -35,13 +35,13 @@ import torch.nn.functional as F
 import torchvision
 from tqdm import tqdm
 
+from compress.cli import (UserError, image_size_type, int_within, make_parser, non_negative_int,
+                          positive_int, resolve_device, run_cli)
+from compress.data.images import ImageFolder, default_workers, train_transform, val_set
+from make_demo_data import generate  # (tools/ is on the path: this script's folder)
+from model import build_model
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
-from compress.cli import (UserError, image_size_type, int_within, make_parser,  # noqa: E402
-                          non_negative_int, positive_int, resolve_device, run_cli)
-from compress.data import ImageFolder, default_workers, train_transform, val_set  # noqa: E402
-from make_demo_data import generate  # noqa: E402  (tools/ is on the path: this script's folder)
-from model import build_model  # noqa: E402
 
 
 def get_args_parser():

@@ -116,7 +116,8 @@ def test_test_py_reports_the_dense_models_accuracy(pipeline):
     accuracy, count = accuracy_line(proc.stdout, "vgg16Net.pth")
     assert count == 8
     # the same validation images as training's: the same accuracy it recorded
-    assert accuracy == pytest.approx(100 * load(pipeline, "vgg16Net.pth")["metrics"]["val_accuracy"])
+    recorded = load(pipeline, "vgg16Net.pth")["metrics"]["val_accuracy"]
+    assert accuracy == pytest.approx(100 * recorded)
     assert pipeline.path("vgg16Net.confusion.png").stat().st_size > 1000
 
 

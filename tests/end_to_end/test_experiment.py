@@ -28,10 +28,9 @@ from pathlib import Path
 import psutil
 import pytest
 
-from compress import experiment, nni_engine, search
 from compress.cli import CheckFailed, UserError
-from helpers import (REPO, assert_clean_error, free_port, load_script, run_script,
-                     small_checkpoint)
+from compress.sweep import experiment, nni_engine, plain
+from helpers import REPO, assert_clean_error, free_port, load_script, run_script, small_checkpoint
 
 pytestmark = pytest.mark.slow  # (every test starts sweep.py, most of them NNI's manager)
 
@@ -134,7 +133,7 @@ def test_tiny_experiment_writes_a_row_per_finished_trial_as_the_trial_reported(e
         assert job_parameters(out)[row["trial"]] == final["parameters"]
         assert 0.5 <= row["sparsity"] <= 0.8
         assert row["name"] == f"{final['name']} [{row['trial']}]"
-        assert final["name"] == search.setting_name("l1", False, row["sparsity"])
+        assert final["name"] == plain.setting_name("l1", False, row["sparsity"])
         # the student in the trial's own folder is the one of that sparsity
         assert Path(row["path"]).parent == out.resolve() / "trials" / row["trial"]
         import torch
@@ -391,8 +390,8 @@ def test_plain_sweep_and_nni_experiment_do_not_share_a_folder(tmp_path):
         {"name": "dense", "kind": "dense"},
         {"name": "l1-0.5 [abc]", "engine": "nni", "training": {}}]))
     with pytest.raises(UserError, match="--engine nni"):
-        search.read_report(str(tmp_path / "sweep.json"), "plain")
-    assert len(search.read_report(str(tmp_path / "sweep.json"), "nni")) == 1
+        plain.read_report(str(tmp_path / "sweep.json"), "plain")
+    assert len(plain.read_report(str(tmp_path / "sweep.json"), "nni")) == 1
 
 
 # --- the objective, the pairing check and the assessor's savings ---

@@ -168,7 +168,7 @@ def test_a_read_only_split_is_read_and_trained_on(pipeline, tmp_path):
 
 HOLD = """
 import sys, time
-from compress.machine import output_lock
+from compress.machine.resources import output_lock
 with output_lock(sys.argv[1], "--output", folder=sys.argv[2] == "folder"):
     print("holding", flush=True)
     time.sleep(600)

@@ -6,7 +6,7 @@
 - It resumes: a setting already distilled with the same training flags is not run
   again; adding a sparsity runs only the new setting; timings are always redone.
 - --max-drop picks the fastest row within the budget (sweep.pick); sweep.pareto marks
-  the rows no other row beats; --search bisects the sparsity (sweep.search).
+  the rows no other row beats; --search bisects the sparsity (plain.bisect_sparsity).
 - Bad values are one-line errors.
 - timing.interleaved_seconds times its runs interleaved, each round in a new order,
   and stops as soon as every run's median is known well enough (else at max_repeats).
@@ -25,7 +25,9 @@ import types
 import pytest
 import torch
 
-from compress import candidates, onnx_files, search, timing
+from compress.export import onnx_files
+from compress.measure import timing
+from compress.sweep import candidates, plain
 from helpers import (assert_clean_error, files_under, load_script, run_in_process, run_script,
                      small_checkpoint)
 
@@ -338,10 +340,10 @@ class Prober:
 
 def test_search_bisects_to_the_largest_sparsity_within_the_budget():
     prober = Prober()
-    assert search.search(prober, "l1", False, 0.9, 1, 4) == 0.5625
+    assert plain.bisect_sparsity(prober, "l1", False, 0.9, 1, 4) == 0.5625
     assert prober.tried == ["l1-0.5", "l1-0.75", "l1-0.625", "l1-0.5625"]
     prober = Prober()
-    assert search.search(prober, "slim", True, 0.9, 1, 2) == 0.5
+    assert plain.bisect_sparsity(prober, "slim", True, 0.9, 1, 2) == 0.5
     assert prober.tried == ["slim-global-0.5", "slim-global-0.75"]
 
 

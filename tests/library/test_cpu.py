@@ -2,7 +2,7 @@
 from their /proc/cpuinfo (fixture files in tests/cpuinfo/)."""
 import pytest
 
-from compress import cpu
+from compress.machine import cpu
 from helpers import REPO
 
 FIXTURES = REPO / "tests" / "cpuinfo"

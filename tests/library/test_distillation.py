@@ -8,8 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-
-from compress import distillation as kd  # noqa: E402
+from compress.training import distillation as kd  # noqa: E402
 
 STUDENT = torch.tensor([[2.0, -1.0, 0.5], [0.1, 0.2, 3.0]])
 TEACHER = torch.tensor([[1.0, 0.0, -2.0], [-0.5, 2.5, 1.0]])

@@ -6,7 +6,7 @@ import time
 import pytest
 import torch
 
-from compress import timing
+from compress.measure import timing
 
 
 class FakeClock:

@@ -1,6 +1,6 @@
 """Specification of the pruning methods and of what feeds them.
 
-- pruning.prune(model, ..., method=METHOD) for each of l1, l2, fpgm, taylor and slim: every
+- channels.prune(model, ..., method=METHOD) for each of l1, l2, fpgm, taylor and slim: every
   convolution and the two hidden Linear layers lose int(width * sparsity) channels
   (NNI rounds the removed count down), the ones of lowest score by the method, and the
   sped-up model computes what the masked one does.
@@ -23,11 +23,13 @@ import pytest
 import torch
 from torch import nn
 
-from compress import checkpoints, pruning, training
 import model as vgg
+from compress import checkpoints
+from compress.data.images import ORIGINAL_NORMALIZATION
+from compress.pruning import channels
+from compress.training import loop
 from helpers import (IMAGE_SIZE, NARROW, TRAIN_FLAGS, assert_clean_error, files_under,
-                      generate_demo, load_script, run_in_process, run_script, small_checkpoint)
-from compress.data import ORIGINAL_NORMALIZATION
+                     generate_demo, load_script, run_in_process, run_script, small_checkpoint)
 
 pruner = load_script("pruner")
 train = load_script("train")
@@ -80,18 +82,18 @@ def some_batches(count=2, size=4):
 
 # --- each method, layer by layer -------------------------------------------------------
 
-@pytest.fixture(scope="module", params=list(pruning.METHODS))
+@pytest.fixture(scope="module", params=list(channels.METHODS))
 def pruned_by(request):
     """(method, dense copy, pruned model, prune()'s difference) at SPARSITY, per layer."""
     model = narrow_bn_vgg()
     dense = copy.deepcopy(model).eval()
-    difference = pruning.prune(model, SPARSITY, IMAGE_SIZE, request.param,
+    difference = channels.prune(model, SPARSITY, IMAGE_SIZE, request.param,
                               batches=some_batches())
     return request.param, dense, model, difference
 
 
 def test_every_method_is_tried_here():
-    assert set(pruning.METHODS) == {"l1", "l2", "fpgm", "taylor", "slim"}
+    assert set(channels.METHODS) == {"l1", "l2", "fpgm", "taylor", "slim"}
 
 
 def test_each_layer_loses_the_sparsity_fraction_of_its_channels_rounded_down(pruned_by):
@@ -104,7 +106,7 @@ def test_each_layer_loses_the_sparsity_fraction_of_its_channels_rounded_down(pru
 
 def test_each_method_gives_a_sped_up_model_equal_to_the_masked_one(pruned_by):
     _, _, _, difference = pruned_by
-    assert 0 <= difference <= pruning.TOLERANCE
+    assert 0 <= difference <= channels.TOLERANCE
 
 
 def test_the_kept_architecture_rebuilds_and_keeps_batch_norm(pruned_by):
@@ -145,7 +147,7 @@ def test_taylor_ranks_by_the_gradients_of_the_batches_it_is_given():
         batches = [(torch.randn(4, 3, IMAGE_SIZE, IMAGE_SIZE, generator=generator),
                     torch.randint(0, 2, (4,), generator=generator)) for _ in range(2)]
         dense, model = narrow_bn_vgg(), narrow_bn_vgg()
-        pruning.prune(model, SPARSITY, IMAGE_SIZE, "taylor", batches=batches)
+        channels.prune(model, SPARSITY, IMAGE_SIZE, "taylor", batches=batches)
         kept.append([kept_channels(norm, narrow) for norm, narrow
                      in zip(batch_norms(dense), batch_norms(model))])
     assert kept[0] != kept[1]
@@ -170,12 +172,12 @@ def slim_global():
                          .view(-1, 1, 1, 1))
         batch_norms(model)[LARGE].weight.uniform_(10, 20)
     dense = copy.deepcopy(model).eval()
-    difference = pruning.prune(model, 0.5, IMAGE_SIZE, "slim", global_ranking=True)
+    difference = channels.prune(model, 0.5, IMAGE_SIZE, "slim", global_ranking=True)
     return dense, model, difference
 
 
 def floor(width):
-    return max(1, round((1 - pruning.MOST_REMOVED) * width))
+    return max(1, round((1 - channels.MOST_REMOVED) * width))
 
 
 def test_global_ranking_leaves_uneven_widths_none_below_the_floor(slim_global):
@@ -184,7 +186,7 @@ def test_global_ranking_leaves_uneven_widths_none_below_the_floor(slim_global):
     assert len({a / b for a, b in zip(after, before)}) > 3, after
     for index, (b, a) in enumerate(zip(before, after)):
         assert floor(b) <= a <= b, (index, b, a)
-    assert difference <= pruning.TOLERANCE
+    assert difference <= channels.TOLERANCE
 
 
 def test_the_floor_keeps_a_layer_the_global_threshold_would_empty(slim_global):
@@ -205,9 +207,9 @@ def test_the_floor_refills_a_slim_layer_with_its_largest_scales(slim_global):
 
 
 def test_the_global_configs_share_one_group_per_kind_of_layer_and_cap_each_layer():
-    configs = pruning.config_lists("slim", 0.7, global_ranking=True)["L1NormPruner"]
+    configs = channels.config_lists("slim", 0.7, global_ranking=True)["L1NormPruner"]
     assert [c["global_group_id"] for c in configs] == ["convolutions", "hidden"]
-    assert all(c["sparse_ratio"] == 0.7 and c["max_sparse_ratio"] == pruning.MOST_REMOVED
+    assert all(c["sparse_ratio"] == 0.7 and c["max_sparse_ratio"] == channels.MOST_REMOVED
                for c in configs)
     assert configs[0]["op_types"] == ["BatchNorm2d"]
 
@@ -246,7 +248,7 @@ def bn_start(tmp_path_factory):
     generate_demo(folder / "dataset" / "val", per_class=2, seed=1)
     torch.manual_seed(0)
     model = vgg.build_model("vgg11", 2, batch_norm=True, classifier_width=64)
-    scales = training.batch_norm_scales(model)
+    scales = loop.batch_norm_scales(model)
     with torch.no_grad():
         for scale in scales:
             scale.uniform_(-1.5, 1.5)
@@ -296,7 +298,7 @@ def test_the_history_records_the_penalty_and_near_zero_scales_of_the_saved_model
     assert not torch.equal(magnitudes(scales), magnitudes(start))  # training moved them
     assert record["bn_penalty"] == pytest.approx(LAMBDA * magnitudes(scales).sum().item(),
                                                  rel=1e-6)
-    near_zero = int((magnitudes(scales) < training.NEAR_ZERO).sum())
+    near_zero = int((magnitudes(scales) < loop.NEAR_ZERO).sum())
     assert record["bn_scales_near_zero"] == near_zero
     assert near_zero >= 40  # those set to 1e-3, one Adam step of 1e-3 away
 
@@ -337,7 +339,7 @@ def test_bn_sparsity_without_batch_norm_is_a_one_line_error(bn_start):
 
 def test_the_scale_sparsity_figures_by_hand():
     scales = [torch.tensor([0.5, -0.005, 2.0]), torch.tensor([-1.0, 0.0])]
-    assert training.scale_sparsity(scales, 0.1) == {"bn_penalty": pytest.approx(0.1 * 3.505),
+    assert loop.scale_sparsity(scales, 0.1) == {"bn_penalty": pytest.approx(0.1 * 3.505),
                                                  "bn_scales_near_zero": 2}
 
 

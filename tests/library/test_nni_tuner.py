@@ -7,8 +7,8 @@ number of trials runs to the end. (The real experiments: tests/end_to_end/test_e
 """
 import pytest
 
-from compress import experiment, nni_engine
 from compress.cli import UserError
+from compress.sweep import experiment, nni_engine
 
 SPACE = experiment.search_space([("l1", False), ("taylor", False)], [0.5, 0.8])
 

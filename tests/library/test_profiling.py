@@ -1,4 +1,4 @@
-"""Specification of compress.profiling: where a model's time goes, layer by layer.
+"""Specification of compress.measure.profiling: where a model's time goes, layer by layer.
 
 The models are narrow VGG16s (helpers.NARROW) and a MobileNetV2 on the CPU; the .onnx
 files are exported and quantised here as export.py does. The timed one is four times
@@ -11,10 +11,11 @@ import pytest
 import torch
 
 import model as vgg
-from compress import deployment, onnx_files, profiling
 from compress.checkpoints import atomic_save, load_checkpoint, make_checkpoint
-from compress.data import ORIGINAL_NORMALIZATION
-from compress.evaluation import count_flops
+from compress.data.images import ORIGINAL_NORMALIZATION
+from compress.export import convert, onnx_files
+from compress.measure import profiling
+from compress.measure.evaluation import count_flops
 from helpers import IMAGE_SIZE, NARROW
 
 CPU = torch.device("cpu")
@@ -34,10 +35,10 @@ def files(tmp_path_factory):
                                 ORIGINAL_NORMALIZATION, {}), path)
     checkpoint = load_checkpoint(path)
     fp32, int8 = str(folder / "wider.onnx"), str(folder / "wider.int8.onnx")
-    deployment.export_onnx(model, fp32, onnx_files.describe(checkpoint, path, "-"))
+    convert.export_onnx(model, fp32, onnx_files.describe(checkpoint, path, "-"))
     calibration = [torch.randn(8, 3, TIMED_SIZE, TIMED_SIZE, generator=torch.Generator()
                                .manual_seed(index)) for index in range(2)]
-    deployment.quantize_int8(fp32, int8, calibration, "avx2")
+    convert.quantize_int8(fp32, int8, calibration, "avx2")
     return {"torch": (path, checkpoint, model),
             **{name: (file, *onnx_files.load_onnx(file)) for name, file in
                (("onnx", fp32), ("int8", int8))}}

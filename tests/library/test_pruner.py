@@ -1,4 +1,4 @@
-"""Specification of pruner.prune: L1-norm channel pruning made physical by NNI's speedup.
+"""Specification of channels.prune: L1-norm channel pruning made physical by NNI's speedup.
 
 A random-weight VGG16 (2 classes, 32 px) is pruned at sparsity 0.5. Besides what
 prune() reports, the tests check independently that exactly the half of each
@@ -13,10 +13,10 @@ import torch
 from torch import nn
 
 import model as vgg
+from compress.pruning import channels  # noqa: E402
 from helpers import (IMAGE_SIZE, assert_clean_error, files_under, load_script, run_in_process,
-                      small_checkpoint)
+                     small_checkpoint)
 
-from compress import pruning as pruner  # noqa: E402
 DENSE_PARAMS = 134_268_738
 
 
@@ -34,7 +34,7 @@ def pruned(request):
                     module.weight.uniform_(0.5, 1.5)
                     module.bias.uniform_(-0.1, 0.1)
     dense = copy.deepcopy(model).eval()
-    difference = pruner.prune(model, 0.5, IMAGE_SIZE)
+    difference = channels.prune(model, 0.5, IMAGE_SIZE)
     return dense, model, difference
 
 
@@ -59,14 +59,14 @@ def test_sped_up_model_matches_the_masked_model(pruned):
 def test_a_sped_up_model_that_differs_from_the_masked_one_is_refused_and_not_saved(
         tmp_path, monkeypatch):
     """The check of prune() must be able to fire: the speedup is made to change the network."""
-    speed_up = pruner.speed_up
+    speed_up = channels.speed_up
 
     def speed_up_then_change_the_last_layer(model, example_inputs, masks):
         speed_up(model, example_inputs, masks)
         with torch.no_grad():
             model.classifier[6].weight.mul_(1.1)  # outputs 10% off
 
-    monkeypatch.setattr(pruner, "speed_up", speed_up_then_change_the_last_layer)
+    monkeypatch.setattr(channels, "speed_up", speed_up_then_change_the_last_layer)
     weights = small_checkpoint(tmp_path / "dense.pth")
     proc = run_in_process(load_script("pruner"), "--weights", weights, cwd=tmp_path)
     assert_clean_error(proc, "15 pruned layers", "differs from the masked model by 1.00e-01",
@@ -91,7 +91,8 @@ def test_every_layer_but_the_last_is_halved(pruned):
 
 def test_the_weakest_channels_by_l1_norm_are_the_ones_removed(pruned):
     dense, small, _ = pruned
-    (dense_convs, dense_norms, dense_linears), (convs, norms, linears) = layers(dense), layers(small)
+    dense_convs, dense_norms, dense_linears = layers(dense)
+    convs, norms, linears = layers(small)
     previous = torch.arange(3)
     for index, (big, narrow) in enumerate(zip(dense_convs, convs)):
         kept = kept_channels(big.weight, big.out_channels // 2)
@@ -126,7 +127,8 @@ def test_small_model_computes_what_the_dense_model_computes_with_those_channels_
             if norms and index < len(norms):
                 norms[index].weight[removed] = 0
                 norms[index].bias[removed] = 0
-        batch = torch.randn(4, 3, IMAGE_SIZE, IMAGE_SIZE, generator=torch.Generator().manual_seed(1))
+        generator = torch.Generator().manual_seed(1)
+        batch = torch.randn(4, 3, IMAGE_SIZE, IMAGE_SIZE, generator=generator)
         expected, got = masked.eval()(batch), small.eval()(batch)
     scale = expected.abs().max()
     assert scale > 0

@@ -1,4 +1,5 @@
-"""Specification of compress.teacher_store: the teacher's logits, computed once per picture.
+"""Specification of compress.training.teacher_store: the teacher's logits, computed once per
+picture.
 
 A narrow VGG16 teacher (helpers.NARROW, untrained) and students pruned from it, distilled
 for 2 epochs on 24 toy pictures, in this process (distillation.distil_checkpoint) and
@@ -13,12 +14,11 @@ import torch
 
 from compress.checkpoints import atomic_save, load_checkpoint
 from compress.cli import Interrupted
-from compress.distillation import distil_checkpoint
-from compress.pruning import prune_checkpoint
-from compress.teacher_store import MAGIC
-from compress.training import Recipe
-from helpers import (assert_clean_error, load_script, run_in_process, small_checkpoint,
-                     toy_pictures)
+from compress.pruning.channels import prune_checkpoint
+from compress.training.distillation import distil_checkpoint
+from compress.training.recipe import Recipe
+from compress.training.teacher_store import MAGIC
+from helpers import assert_clean_error, load_script, run_in_process, small_checkpoint, toy_pictures
 
 RECIPE = Recipe(epochs=2, lr=1e-3, batch_size=8, workers=0)
 kd = load_script("knowledge_distillation")

@@ -22,10 +22,10 @@ import torch
 import torch.nn.functional as F
 
 import model as vgg
-from compress import training
 from compress.cli import Interrupted, UserError
+from compress.data.images import training_loaders
+from compress.training import loop
 from helpers import IMAGE_SIZE, NARROW, generate_demo
-from compress.data import training_loaders
 
 CPU = torch.device("cpu")
 SETTINGS = {"lr": 1e-3, "batch_size": 2, "seed": 5}
@@ -42,7 +42,7 @@ def dataset(tmp_path_factory):
 def new_run(dataset):
     """(model, optimizer, train loader, val loader), the same every time."""
     torch.manual_seed(SETTINGS["seed"])
-    model = vgg.from_architecture(NARROW).to(memory_format=training.MEMORY_FORMAT)
+    model = vgg.from_architecture(NARROW).to(memory_format=loop.MEMORY_FORMAT)
     optimizer = torch.optim.Adam(model.parameters(), lr=SETTINGS["lr"], fused=True)
     return (model, optimizer, *training_loaders(str(dataset), IMAGE_SIZE, CPU, crop_scale=0.5,
                                                 seed=SETTINGS["seed"],
@@ -71,10 +71,10 @@ def fit(folder, run, compute_loss=cross_entropy, resume=None):
     """training.fit for 2 epochs; returns (history, the metrics of each new best)."""
     model, optimizer, train_loader, val_loader = run
     bests = []
-    history = training.fit(model, optimizer, compute_loss, train_loader, val_loader, CPU,
+    history = loop.fit(model, optimizer, compute_loss, train_loader, val_loader, CPU,
                            epochs=2, output=str(folder / "model.pth"), settings=SETTINGS,
                            on_best=bests.append, title="test", resume=resume,
-                           memory_format=training.MEMORY_FORMAT)
+                           memory_format=loop.MEMORY_FORMAT)
     return history, bests
 
 
@@ -107,13 +107,13 @@ def runs(dataset, tmp_path_factory):
 def test_train_one_epoch_runs_alone_and_returns_named_totals(dataset):
     model, optimizer, train_loader, _ = new_run(dataset)
     before = copy.deepcopy(model.state_dict())
-    totals = training.train_one_epoch(model, optimizer, cross_entropy, train_loader, CPU)
+    totals = loop.train_one_epoch(model, optimizer, cross_entropy, train_loader, CPU)
     assert totals.images == 6 and 0 <= totals.correct <= 6 and totals.loss > 0
     assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
 def test_ctrl_c_saves_where_the_epoch_stopped(runs):
-    assert runs.state["format"] == training.TRAINING_STATE_FORMAT
+    assert runs.state["format"] == loop.TRAINING_STATE_FORMAT
     assert runs.state["epoch"] == 0 and runs.state["samples_done"] == 4
     assert runs.state["sums"][2] == 4 and runs.state["history"] == []
     assert runs.state["settings"] == SETTINGS
@@ -136,7 +136,7 @@ def test_a_run_stopped_twice_in_one_epoch_under_torchrun_resumes_to_the_same_end
         runs, dataset, tmp_path, monkeypatch):
     """Sums added up over processes come back as floats: the image counts in the state must
     stay whole numbers, or the second resume cannot skip the images already trained."""
-    monkeypatch.setattr(training, "all_reduce_sum",
+    monkeypatch.setattr(loop, "all_reduce_sum",
                         lambda values, device: [float(value) for value in values])
     state = str(tmp_path / "model.state.pth")
     with pytest.raises(Interrupted, match="after 4 images of epoch 1"):
@@ -199,7 +199,7 @@ def test_load_training_state_refuses_what_would_not_continue_exactly(runs, datas
     before = copy.deepcopy(model.state_dict())
     arguments = {"settings": SETTINGS, "epochs": 2, **overrides}
     with pytest.raises(UserError, match=re.escape(reason)) as error:
-        training.load_training_state(str(make_path(runs, tmp_path)), model, optimizer, None, CPU,
+        loop.load_training_state(str(make_path(runs, tmp_path)), model, optimizer, None, CPU,
                                      **arguments)
     assert "\n" not in str(error.value)
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # untouched
@@ -209,5 +209,5 @@ def test_load_training_state_refuses_a_state_of_another_model(runs, tmp_path):
     other = vgg.from_architecture(dict(NARROW, classifier=[32, 32]))
     optimizer = torch.optim.Adam(other.parameters())
     with pytest.raises(UserError, match="saved for a different model"):
-        training.load_training_state(str(state_with(runs, tmp_path)), other, optimizer, None, CPU,
+        loop.load_training_state(str(state_with(runs, tmp_path)), other, optimizer, None, CPU,
                                      SETTINGS, epochs=2)

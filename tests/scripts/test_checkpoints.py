@@ -15,10 +15,10 @@ import torch
 
 import model as vgg
 from compress import checkpoints
-from compress.machine import DiskFull
 from compress.cli import UserError
+from compress.machine.resources import DiskFull
 from helpers import (IMAGE_SIZE, NARROW, CreatesFileWhenUnpickled, assert_clean_error,
-                      generate_demo, load_script, run_in_process, run_script, small_checkpoint)
+                     generate_demo, load_script, run_in_process, run_script, small_checkpoint)
 
 SCRIPTS = {name: load_script(name) for name in ("test", "pruner", "knowledge_distillation")}
 

@@ -14,8 +14,11 @@ import torch
 import torch.nn.functional as F
 
 import model as vgg
-from compress import checkpoints, cpu, deployment, onnx_files, training
-from compress.data import ORIGINAL_NORMALIZATION, training_loaders
+from compress import checkpoints
+from compress.data.images import ORIGINAL_NORMALIZATION, training_loaders
+from compress.export import convert, onnx_files
+from compress.machine import cpu
+from compress.training import loop
 from helpers import (IMAGE_SIZE, NARROW, assert_clean_error, load_script, run_in_process,
                      toy_pictures)
 
@@ -42,7 +45,7 @@ def exported(tmp_path_factory):
 
     for epoch in range(4):
         train_loader.sampler.set_epoch(epoch)
-        training.train_one_epoch(model, optimizer, cross_entropy, train_loader, CPU)
+        loop.train_one_epoch(model, optimizer, cross_entropy, train_loader, CPU)
     checkpoint = checkpoints.make_checkpoint(model.eval(), "finetuned", "vgg16", ["dark", "light"],
                                              IMAGE_SIZE, ORIGINAL_NORMALIZATION, {})
     checkpoints.atomic_save(checkpoint, str(folder / "finetuned_vgg16_net.pth"))
@@ -134,8 +137,8 @@ def test_test_py_notes_an_int8_file_that_records_no_cpu_class(exported, tmp_path
 def squeezed_calibration(monkeypatch):
     """Calibrate on pictures scaled down 100-fold: every activation range set far too
     narrow, so the int8 file clips what it sees and loses its accuracy."""
-    batches = deployment.calibration_batches
-    monkeypatch.setattr(deployment, "calibration_batches",
+    batches = convert.calibration_batches
+    monkeypatch.setattr(convert, "calibration_batches",
                         lambda *args, **kwargs: (images / 100
                                                  for images in batches(*args, **kwargs)))
 
@@ -284,7 +287,7 @@ def test_ctrl_c_during_export_leaves_nothing_behind(exported, tmp_path, monkeypa
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(deployment, "quantize_int8", interrupted)  # after the fp32 file was made
+    monkeypatch.setattr(convert, "quantize_int8", interrupted)  # after the fp32 file was made
     proc = run_in_process(export, "--output", "new/model.onnx", cwd=tmp_path)
     assert proc.returncode == 130 and "nothing was saved" in proc.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["dataset", "finetuned_vgg16_net.pth"]

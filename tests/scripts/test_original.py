@@ -15,13 +15,15 @@ import urllib.error
 import pytest
 import torch
 
-from compress import data, pretrained, pruning
 import model as vgg
 from compress.checkpoints import load_checkpoint
 from compress.cli import UserError
+from compress.data import images
+from compress.pruning import channels
+from compress.training import pretrained
 from helpers import (IMAGE_SIZE, CreatesFileWhenUnpickled, assert_clean_error, files_under,
-                      generate_demo, load_script, run_in_process, run_script, small_checkpoint,
-                      tree_digest)
+                     generate_demo, load_script, run_in_process, run_script, small_checkpoint,
+                     tree_digest)
 
 train = load_script("train")
 pruner = load_script("pruner")
@@ -44,7 +46,7 @@ def original(pipeline, tmp_path_factory):
     # the original pruner.py: NNI L1 0.5 + ModelSpeedup on the dense model, then torch.save
     module = vgg.from_architecture(dense["architecture"])
     module.load_state_dict(dense["state_dict"])
-    pruning.prune(module, 0.5, IMAGE_SIZE)
+    channels.prune(module, 0.5, IMAGE_SIZE)
     torch.save(module, folder / "pruned_vgg16_net.pth")
     whole_module_as_the_original_saved_it(pipeline.path("finetuned_vgg16_net.pth"), folder,
                                           "finetuned_vgg16_net.pth")
@@ -61,7 +63,7 @@ def test_a_bare_state_dict_is_read_with_its_architecture_classes_and_size(origin
     assert checkpoint["kind"] == "dense" and checkpoint["class_names"] == ["cat", "dog"]
     assert checkpoint["image_size"] == 224
     assert checkpoint["architecture"]["features"] == vgg.CONV_WIDTHS["vgg16"]
-    assert checkpoint["normalization"] == data.ORIGINAL_NORMALIZATION
+    assert checkpoint["normalization"] == images.ORIGINAL_NORMALIZATION
     line = capsys.readouterr().out.strip()
     assert "a bare vgg16 state dict" in line and "class_indices.json" in line
     assert len(line.splitlines()) == 1
@@ -126,9 +128,9 @@ def test_the_bare_state_dict_computes_what_the_checkpoint_it_came_from_computes(
     for checkpoint in (bare, ours):
         model = vgg.from_architecture(checkpoint["architecture"]).eval()
         model.load_state_dict(checkpoint["state_dict"])
-        transform = data.eval_transform(checkpoint["image_size"], checkpoint["normalization"])
+        transform = images.eval_transform(checkpoint["image_size"], checkpoint["normalization"])
         with torch.no_grad():
-            outputs.append(model(torch.stack([transform(data.load_rgb(p)) for p in pictures])))
+            outputs.append(model(torch.stack([transform(images.load_rgb(p)) for p in pictures])))
     assert bare["class_names"] == ours["class_names"]
     assert torch.equal(*outputs)
 
@@ -324,7 +326,7 @@ def test_imagenet_weights_come_from_torchs_cache_with_their_normalisation(tmp_pa
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
     cached = imagenet_file(tmp_path / "hub")
     state_dict, normalization, source = pretrained.pretrained_weights("imagenet", "vgg11", False)
-    assert normalization == data.IMAGENET_NORMALIZATION
+    assert normalization == images.IMAGENET_NORMALIZATION
     assert "VGG11_Weights.IMAGENET1K_V1" in source
     model = vgg.build_model("vgg11", 2, classifier_width=64)
     new = vgg.load_pretrained(model, state_dict)
@@ -380,12 +382,12 @@ def test_pretrained_from_a_file_follows_its_normalisation_and_names_its_architec
         tmp_path):
     path = small_checkpoint(tmp_path / "ours.pth")  # one of ours: its normalisation
     normalization = pretrained.pretrained_weights(str(path), "vgg16", False)[1]
-    assert normalization == data.ORIGINAL_NORMALIZATION
+    assert normalization == images.ORIGINAL_NORMALIZATION
     torch.save(vgg.build_model("vgg11", 1000, classifier_width=8).state_dict(),
                tmp_path / "imagenet.pth")  # torchvision-like: 1000 classes
     state_dict, normalization, _ = pretrained.pretrained_weights(str(tmp_path / "imagenet.pth"),
                                                             "vgg16", False)
-    assert normalization == data.IMAGENET_NORMALIZATION
+    assert normalization == images.IMAGENET_NORMALIZATION
     with pytest.raises(UserError, match=r"they are a vgg11: add --arch vgg11\)"):
         pretrained.load_pretrained_weights(vgg.build_model("vgg16", 2), state_dict,
                                       "imagenet.pth", "vgg16", False)
@@ -402,11 +404,11 @@ def test_training_from_imagenet_records_its_normalisation_for_every_later_stage(
     assert "Starting from torchvision's VGG11_Weights.IMAGENET1K_V1; new classifier.6" \
         in proc.stdout
     dense = torch.load(tmp_path / "vgg16Net.pth", weights_only=True)
-    assert dense["normalization"] == data.IMAGENET_NORMALIZATION
+    assert dense["normalization"] == images.IMAGENET_NORMALIZATION
 
     assert run_in_process(pruner, cwd=tmp_path).returncode == 0
     pruned = torch.load(tmp_path / "pruned_vgg16_net.pth", weights_only=True)
-    assert pruned["normalization"] == data.IMAGENET_NORMALIZATION
+    assert pruned["normalization"] == images.IMAGENET_NORMALIZATION
 
     # test.py --image normalises the picture as the checkpoint says; the model's last layer
     # is sharpened, so that the two normalisations give visibly different probabilities
@@ -416,9 +418,9 @@ def test_training_from_imagenet_records_its_normalisation_for_every_later_stage(
     model.load_state_dict(dense["state_dict"])
     picture = sorted((tmp_path / "dataset" / "val" / "dog").glob("*.jpg"))[0]
     dog = {}
-    for name, normalization in (("imagenet", data.IMAGENET_NORMALIZATION),
-                                ("original", data.ORIGINAL_NORMALIZATION)):
-        batch = data.eval_transform(IMAGE_SIZE, normalization)(data.load_rgb(picture))
+    for name, normalization in (("imagenet", images.IMAGENET_NORMALIZATION),
+                                ("original", images.ORIGINAL_NORMALIZATION)):
+        batch = images.eval_transform(IMAGE_SIZE, normalization)(images.load_rgb(picture))
         with torch.no_grad():
             dog[name] = f"{100 * torch.softmax(model(batch[None]), dim=1)[0, 1].item():.1f}%"
     assert dog["imagenet"] != dog["original"]  # the control: the test can tell them apart

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from compress.checkpoints import atomic_save, load_checkpoint
-from compress.pruning import prune_checkpoint
+from compress.pruning.channels import prune_checkpoint
 from helpers import assert_clean_error, load_script, run_in_process, small_checkpoint
 
 test_py = load_script("test")

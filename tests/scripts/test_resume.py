@@ -13,8 +13,8 @@ import time
 import pytest
 import torch
 
-from helpers import (IMAGE_SIZE, REPO, TRAIN_FLAGS, assert_clean_error, generate_demo,
-                      load_script, run_in_process, run_script, small_checkpoint)
+from helpers import (IMAGE_SIZE, REPO, TRAIN_FLAGS, assert_clean_error, generate_demo, load_script,
+                     run_in_process, run_script, small_checkpoint)
 
 FLAGS = ["--data", "../dataset", *TRAIN_FLAGS, "--epochs", 2, "--batch-size", 2, "--workers", 0,
          "--seed", 3]

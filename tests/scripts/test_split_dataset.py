@@ -6,11 +6,11 @@ from pathlib import Path
 
 import pytest
 
-from helpers import (assert_clean_error, files_under, generate_demo, load_script,
-                      run_in_process, run_script, tree_digest)
+from helpers import (assert_clean_error, files_under, generate_demo, load_script, run_in_process,
+                     run_script, tree_digest)
 
 split_dataset = load_script("split_dataset")
-from compress import splitting  # noqa: E402
+from compress.data import splitting  # noqa: E402
 
 
 def split_here(*args, cwd):

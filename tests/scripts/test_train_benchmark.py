@@ -9,7 +9,7 @@ import re
 import pytest
 
 from helpers import (TRAIN_FLAGS, assert_clean_error, files_under, generate_demo, run_script,
-                      tree_digest)
+                     tree_digest)
 
 pytestmark = pytest.mark.slow  # (real trainings)
 

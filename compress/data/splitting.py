@@ -22,7 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 from tqdm import tqdm
 
 from compress.cli import UserError
-from compress.data import check_image, find_classes, is_image_name
+from compress.data.images import check_image, find_classes, is_image_name
 
 MARKER = ".split_dataset.json"  # marks a folder this script made and may replace
 
@@ -113,8 +113,8 @@ def check_destination(source: str, dest: str, replace: bool = False) -> None:
         others = sorted(name for name in os.listdir(dest) if not (
             name in PARTS and os.path.isdir(os.path.join(dest, name))))
         if others:
-            raise UserError(f"{dest}: holds more than a train/, val/ (and test/) split (e.g. {others[0]}); "
-                            "refusing to replace it, even with --replace")
+            raise UserError(f"{dest}: holds more than a train/, val/ (and test/) split (e.g. "
+                            f"{others[0]}); refusing to replace it, even with --replace")
         return
     present = {os.path.relpath(os.path.join(folder, name), dest)
                for folder, _, names in os.walk(dest) for name in names} - {MARKER}

@@ -21,7 +21,7 @@ import torch
 
 from compress.checkpoints import file_sha256
 from compress.cli import UserError
-from compress.cpu import cpu_class, saturates
+from compress.machine.cpu import cpu_class, saturates
 
 if TYPE_CHECKING:
     import onnx

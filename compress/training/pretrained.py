@@ -19,7 +19,7 @@ import torchvision
 import model as vgg
 from compress.checkpoints import guess_normalization, is_state_dict, safe_load
 from compress.cli import UserError
-from compress.data import ORIGINAL_NORMALIZATION
+from compress.data.images import ORIGINAL_NORMALIZATION
 
 
 def pretrained_weights(source: str, arch: str, batch_norm: bool) -> tuple[dict, dict, str]:

@@ -2,7 +2,8 @@
 
 - `export_checkpoint()`: what export.py does -- both files from a checkpoint, the
   fp32 one checked against PyTorch, the int8 one measured against it on DATA/val
-  and saved only within a budget of accuracy points; written atomically.
+  and saved only within a budget of accuracy points; written atomically. How: an
+  `ExportPlan` (export.py's flags, `ExportPlan.from_args()`).
 - `export_onnx()`: an fp32 ONNX file (torch.onnx's dynamo exporter) that takes any
   batch size, with its description (onnx_files.describe()) in its metadata.
 - `quantize_int8()`: static post-training int8 (QDQ: uint8 activations, int8
@@ -11,7 +12,9 @@
 """
 from __future__ import annotations
 
+import argparse
 import contextlib
+import dataclasses
 import io
 import logging
 import os
@@ -25,19 +28,49 @@ import torch
 
 from compress.checkpoints import (check_made_for, check_replaceable, file_sha256,
                                   model_from_checkpoint, saved_bytes)
-from compress.cli import CheckFailed
-from compress.cpu import cpu_class, describe_cpu, saturates
-from compress.data import ImageFolder, eval_transform, find_classes, make_loader, val_set
-from compress.evaluation import relative_difference
-from compress.machine import check_room, disk_full, free_bytes
-from compress.onnx_files import (INPUT, OUTPUT, describe, load_onnx, parse_description,
-                                 set_metadata, written_by_export)
+from compress.cli import CheckFailed, settings_from
+from compress.data.images import ImageFolder, eval_transform, find_classes, make_loader, val_set
+from compress.export.onnx_files import (INPUT, OUTPUT, describe, load_onnx, parse_description,
+                                        set_metadata, written_by_export)
+from compress.machine.cpu import cpu_class, describe_cpu, saturates
+from compress.machine.resources import check_room, disk_full, free_bytes
+from compress.measure.evaluation import relative_difference
 
 # The fp32 file must compute what PyTorch does, up to this relative difference.
 TOLERANCE = 1e-4
 # The int8 file may lose at most this many accuracy points against the fp32 one.
 INT8_MAX_DROP = 1.0
 CPU = torch.device("cpu")
+
+
+@dataclasses.dataclass(frozen=True)
+class ExportPlan:
+    """How a checkpoint is shipped: export.py's flags, each field named as its flag.
+
+    Args:
+        calibration: training pictures whose activations set int8's value ranges.
+        batch_size, workers: pictures per batch and loader processes, calibrating and
+            measuring.
+        seed: of the calibration sample.
+        int8_for: the CPU class (cpu.CPU_CLASSES) the int8 file is for; None: this one's.
+        int8_max_drop: the int8 file is saved only if it lost at most this many accuracy
+            points against the fp32 file ...
+        force_int8: ... or anyway.
+        verbose: show the exporter's and the quantiser's messages.
+    """
+    calibration: int = 128
+    batch_size: int = 32
+    workers: int | None = 0
+    seed: int = 0
+    int8_for: str | None = None
+    int8_max_drop: float = INT8_MAX_DROP
+    force_int8: bool = False
+    verbose: bool = False
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> ExportPlan:
+        """The plan of export.py's flags."""
+        return settings_from(cls, args)
 
 
 @contextlib.contextmanager
@@ -158,19 +191,18 @@ def predictions(models: dict, loader: Iterable) -> tuple[dict, torch.Tensor]:
     return {name: torch.cat(tops) for name, tops in outputs.items()}, torch.cat(labels)
 
 
-def export_checkpoint(checkpoint: dict, weights: str, fp32_path: str, *,
-                      data: str, calibration: int = 128, batch_size: int = 32, workers: int = 0,
-                      seed: int = 0, cpu: str | None = None, max_drop: float = INT8_MAX_DROP,
-                      force_int8: bool = False, source_sha256: str | None = None,
-                      verbose: bool = False, say: Callable = print) -> dict:
+def export_checkpoint(checkpoint: dict, weights: str, fp32_path: str, *, data: str,
+                      plan: ExportPlan = ExportPlan(), source_sha256: str | None = None,
+                      say: Callable = print) -> dict:
     """Export the model of `checkpoint` (read from the file `weights`) to `fp32_path` and its
-    int8 file beside it (int8_path_of), for CPU class `cpu` (this machine's if None).
+    int8 file beside it (int8_path_of), for the CPU class `plan.int8_for`.
 
     Refused before any work (UserError): an .onnx file there that export.py did not write,
     DATA/train or DATA/val of other classes. The fp32 file must compute what PyTorch
     computes (else CheckFailed, nothing saved); the int8 file is calibrated on
-    `calibration` pictures of DATA/train and measured on DATA/val on this CPU, and saved
-    only if it lost at most `max_drop` points against the fp32 file (or `force_int8`).
+    `plan.calibration` pictures of DATA/train and measured on DATA/val on this CPU, and
+    saved only if it lost at most `plan.int8_max_drop` points against the fp32 file (or
+    `plan.force_int8`).
     Both are built in a folder beside them and renamed into place. Returns the report:
     paths, accuracies, agreement, points lost, the int8 settings, whether it was saved.
     `source_sha256`: the SHA-256 of `weights`, if the caller has it (else read).
@@ -185,11 +217,11 @@ def export_checkpoint(checkpoint: dict, weights: str, fp32_path: str, *,
     pictures = ImageFolder(folders["train"], transform, checkpoint["class_names"])
     val_loader = make_loader(val_set(data, checkpoint["image_size"], checkpoint["class_names"],
                                      normalization=checkpoint["normalization"]),
-                             batch_size, workers, CPU, sampler=None)
+                             plan.batch_size, plan.workers, CPU, sampler=None)
     description = describe(checkpoint, weights, source_sha256 or file_sha256(weights))
     model = model_from_checkpoint(checkpoint, weights).eval()
     here = cpu_class()
-    target = cpu or here
+    target = plan.int8_for or here
 
     # written beside the outputs, then renamed into place: nothing half-written is left
     folder = os.path.dirname(os.path.abspath(fp32_path))
@@ -211,7 +243,7 @@ def export_checkpoint(checkpoint: dict, weights: str, fp32_path: str, *,
             "to ONNX ...", flush=True)
         fp32_scratch = os.path.join(scratch, "fp32.onnx")
         with full_disk():
-            export_onnx(model, fp32_scratch, description, verbose)
+            export_onnx(model, fp32_scratch, description, plan.verbose)
         fp32 = load_onnx(fp32_scratch)[1]
         images = next(iter(val_loader))[0]
         with torch.inference_mode():
@@ -226,13 +258,14 @@ def export_checkpoint(checkpoint: dict, weights: str, fp32_path: str, *,
         started = time.perf_counter()
         say(f"Quantizing to int8 for {target} CPUs"
             + ("" if target == here else f" (this one: {describe_cpu()})")
-            + f", calibrated on {min(calibration, len(pictures))} pictures of "
+            + f", calibrated on {min(plan.calibration, len(pictures))} pictures of "
             f"{folders['train']} ...", flush=True)
         int8_scratch = os.path.join(scratch, "int8.onnx")
         with full_disk():
             settings = quantize_int8(fp32_scratch, int8_scratch,
-                                     calibration_batches(pictures, calibration, batch_size,
-                                                         seed, workers), target, verbose)
+                                     calibration_batches(pictures, plan.calibration,
+                                                         plan.batch_size, plan.seed,
+                                                         plan.workers), target, plan.verbose)
         int8 = load_onnx(int8_scratch)[1]
         tops, labels = predictions({"torch": model, "fp32": fp32, "int8": int8}, val_loader)
         accuracy = {name: (top == labels).float().mean().item() for name, top in tops.items()}
@@ -246,7 +279,7 @@ def export_checkpoint(checkpoint: dict, weights: str, fp32_path: str, *,
             f"{accuracy['int8']:.1%}; int8 agrees with fp32 on {agreement:.1%} "
             f"({time.perf_counter() - started:.0f}s)")
         lost = round(100 * (accuracy["fp32"] - accuracy["int8"]), 9)
-        int8_saved = lost <= max_drop or force_int8
+        int8_saved = lost <= plan.int8_max_drop or plan.force_int8
         if int8_saved:
             os.replace(int8_scratch, int8_path)
         os.replace(fp32_scratch, fp32_path)

@@ -27,8 +27,8 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING
 
-from compress import processes
 from compress.cli import CheckFailed, UserError, quiet_nni
+from compress.machine import processes
 
 if TYPE_CHECKING:
     from nni.experiment import ExperimentConfig
@@ -100,8 +100,7 @@ def complete(config: ExperimentConfig, trial_command_for: Callable[[int], str],
              code_directory: str, search_space: dict, trials: int, concurrency: int,
              assessor_start: int, seed: int, working_directory: str) -> ExperimentConfig:
     """`config` with what it leaves unset filled in, and what sweep.py sets, validated."""
-    from nni.experiment.config import AlgorithmConfig
-    from nni.experiment.config import utils
+    from nni.experiment.config import AlgorithmConfig, utils
 
     if utils.is_missing(config.trial_concurrency):
         config.trial_concurrency = concurrency

@@ -3,7 +3,13 @@
     loss = KL(softmax(teacher/T) || softmax(student/T)) * alpha * T^2
          + CrossEntropy(student, labels) * (1 - alpha)
 
-- `distillation_loss()`: that loss, per batch.
+or, with --kd-loss mse, MSE(student logits, teacher logits) * alpha in place of the KL
+term (the seed material's other KD loss; T is not used); with --feature-weight W,
+W * the feature loss (features.py: the blocks' feature maps matched) is added.
+
+- `Distillation`: those settings (--temperature, --alpha, --kd-loss, --feature-weight),
+  from the flags by `Distillation.from_args()`, saved whole with the student.
+- `distillation_loss()`: the logit loss, per batch.
 - `distil()`: train a student from a teacher (training.fit: validation, the best
   checkpoint, the history, Ctrl-C and --resume, torchrun); returns the history.
 - `distil_checkpoint()`: what knowledge_distillation.py does with two checkpoints --
@@ -19,11 +25,14 @@
     torch.manual_seed(0)  # the dropout's draws
     history = distil_checkpoint(teacher, "vgg16Net.pth", student, "pruned_vgg16_net.pth",
                                 data="dataset", output="student.pth",
-                                recipe=Recipe(epochs=20, lr=1e-4))
+                                recipe=Recipe(epochs=20, lr=1e-4),
+                                distillation=Distillation(temperature=4, alpha=0.9))
 """
 from __future__ import annotations
 
+import argparse
 import contextlib
+import dataclasses
 import os
 import time
 from collections.abc import Callable
@@ -33,33 +42,76 @@ import torch.nn.functional as F
 
 import model as vgg
 from compress.checkpoints import (atomic_save, check_made_for, file_sha256, is_state_dict,
-                                  make_checkpoint, model_from_checkpoint, safe_load,
-                                  saved_bytes)
-from compress.cli import UserError
-from compress.data import find_classes
-from compress.distributed import init_distributed
-from compress.evaluation import evaluate
-from compress.machine import check_room
-from compress.teacher_store import TeacherStore, check_store_file, store_key
-from compress.training import MEMORY_FORMAT, Recipe, fit
-
-TEMPERATURE, ALPHA = 8.0, 0.99  # the original demo's
-
-
-def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
-                      labels: torch.Tensor, temperature: float, alpha: float,
-                      label_smoothing: float = 0.0) -> torch.Tensor:
-    """The batch's mean distillation loss (see the module's docstring); KL per picture."""
-    soft = F.kl_div(F.log_softmax(student_logits / temperature, dim=1),
-                    F.softmax(teacher_logits / temperature, dim=1), reduction="batchmean")
-    hard = F.cross_entropy(student_logits, labels, label_smoothing=label_smoothing)
-    return soft * alpha * temperature ** 2 + hard * (1 - alpha)
-
+                                  make_checkpoint, model_from_checkpoint, safe_load, saved_bytes)
+from compress.cli import ALPHA, KD_LOSSES, TEMPERATURE, UserError, settings_from
+from compress.data.images import find_classes
+from compress.machine.distributed import init_distributed
+from compress.machine.resources import check_room
+from compress.measure.evaluation import evaluate
+from compress.training.features import Hints, WithAdapters, feature_loss
+from compress.training.loop import MEMORY_FORMAT, fit
+from compress.training.recipe import Recipe
+from compress.training.teacher_store import TeacherStore, check_store_file, store_key
 
 def check_alpha(alpha: float) -> None:
     """UserError unless the distillation term's weight `alpha` is within 0..1."""
     if not 0 <= alpha <= 1:
         raise UserError(f"--alpha {alpha}: must be within 0..1")
+
+
+@dataclasses.dataclass(frozen=True)
+class Distillation:
+    """What a student learns from the teacher: knowledge_distillation.py's and sweep.py's
+    flags, each field named as its flag (the defaults: the original demo's).
+
+    Args:
+        temperature: T, softening both models' logits for the KL term.
+        alpha: the weight of the teacher's term; 1 - alpha, the labels'.
+        kd_loss: kl (on softened logits) or mse (on the logits themselves).
+        feature_weight: the weight of the feature loss (features.py); 0: none.
+    """
+    temperature: float = TEMPERATURE
+    alpha: float = ALPHA
+    kd_loss: str = "kl"
+    feature_weight: float = 0.0
+
+    def __post_init__(self):
+        check_alpha(self.alpha)
+        if self.kd_loss not in KD_LOSSES:
+            raise ValueError(f"kd_loss {self.kd_loss!r}: one of {KD_LOSSES}")
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> Distillation:
+        """The settings of the distillation flags."""
+        return settings_from(cls, args)
+
+    def settings(self) -> dict:
+        """All of them, as saved with the student and compared on --resume and by the sweep."""
+        return dataclasses.asdict(self)
+
+    def describe(self) -> str:
+        """As the distillation's first line says it."""
+        loss = (f"T={self.temperature:g}, alpha={self.alpha:g}" if self.kd_loss == "kl"
+                else f"MSE on the logits, alpha={self.alpha:g}")
+        return loss + (f", feature weight {self.feature_weight:g}" if self.feature_weight else "")
+
+
+DISTILLATION_DEFAULTS = Distillation().settings()
+
+
+def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
+                      labels: torch.Tensor, temperature: float, alpha: float,
+                      label_smoothing: float = 0.0, kd_loss: str = "kl") -> torch.Tensor:
+    """The batch's mean distillation loss on the logits (see the module's docstring); KL
+    per picture."""
+    if kd_loss == "mse":
+        soft = F.mse_loss(student_logits, teacher_logits) * alpha
+    else:  # (in this order: the original demo's losses, bit for bit)
+        soft = F.kl_div(F.log_softmax(student_logits / temperature, dim=1),
+                        F.softmax(teacher_logits / temperature, dim=1),
+                        reduction="batchmean") * alpha * temperature ** 2
+    hard = F.cross_entropy(student_logits, labels, label_smoothing=label_smoothing)
+    return soft + hard * (1 - alpha)
 
 
 def mobilenet_student(teacher_checkpoint: dict, pretrained: str | None = None,
@@ -101,14 +153,16 @@ class TeacherTime:
 
 
 def distil(teacher: torch.nn.Module, student: torch.nn.Module, loaders: tuple, device: torch.device,
-           *, recipe: Recipe, temperature: float = TEMPERATURE, alpha: float = ALPHA,
+           *, recipe: Recipe, distillation: Distillation = Distillation(),
            output: str, settings: dict, save_best: Callable[[dict], None],
            resume: str | None = None, on_epoch: Callable[[dict], None] | None = None,
            store: TeacherStore | None = None,
            teacher_time: TeacherTime | None = None) -> list[dict]:
     """Train `student` from `teacher` (both on `device`, in MEMORY_FORMAT) as `recipe` says
-    (its optimizer, schedule, epochs, --amp; its label smoothing on the label term) on
-    `loaders` (train, val); returns the history (a record per epoch).
+    (its optimizer, schedule, epochs, --amp; its label smoothing on the label term) and
+    `distillation` (the loss) on `loaders` (train, val); returns the history (a record
+    per epoch). With a feature weight, the student trains with its adapters
+    (features.WithAdapters) and the teacher runs on every picture (give no `store`).
 
     `save_best(metrics)` is called on each new best validation accuracy; `output` names
     the history and the Ctrl-C state beside it, `settings` what a resumed run must keep
@@ -117,8 +171,13 @@ def distil(teacher: torch.nn.Module, student: torch.nn.Module, loaders: tuple, d
     where it has them, and it is saved as the run ends, Ctrl-C too. `teacher_time` adds
     up the teacher's forward passes.
     """
-    check_alpha(alpha)
-    optimizer = recipe.make_optimizer(student)
+    weight = distillation.feature_weight
+    if weight and store is not None:
+        raise ValueError("feature distillation runs the teacher on every picture: no store")
+    trained = WithAdapters(student, teacher).to(device, memory_format=MEMORY_FORMAT) \
+        if weight else student
+    hints = Hints(teacher) if weight else None
+    optimizer = recipe.make_optimizer(trained)
     scheduler = recipe.make_scheduler(optimizer, len(loaders[0]))
     answer = (teacher_time or TeacherTime())(teacher)
 
@@ -127,13 +186,18 @@ def distil(teacher: torch.nn.Module, student: torch.nn.Module, loaders: tuple, d
             teacher_logits = answer(images) if store is None else \
                 store.logits(images, keys, answer)
         logits = net(images)
-        loss = distillation_loss(logits.float(), teacher_logits.float(), labels, temperature,
-                                 alpha, recipe.label_smoothing)
+        if weight:
+            logits, adapted = logits
+        loss = distillation_loss(logits.float(), teacher_logits.float(), labels,
+                                 distillation.temperature, distillation.alpha,
+                                 recipe.label_smoothing, distillation.kd_loss)
+        if weight:
+            loss = loss + weight * feature_loss(adapted, hints.taken())
         return loss, logits
 
     train_loader, val_loader = loaders
     try:
-        history = fit(student, optimizer, compute_loss, train_loader, val_loader, device,
+        history = fit(trained, optimizer, compute_loss, train_loader, val_loader, device,
                       epochs=recipe.epochs, output=output, settings=settings,
                       on_best=save_best, title="distill", resume=resume, amp=recipe.amp,
                       memory_format=MEMORY_FORMAT, on_epoch=on_epoch, scheduler=scheduler)
@@ -142,6 +206,10 @@ def distil(teacher: torch.nn.Module, student: torch.nn.Module, loaders: tuple, d
             with contextlib.suppress(Exception):  # the first error is the one to tell
                 store.save()
         raise
+    finally:
+        if weight:
+            hints.remove()
+            trained.hints.remove()
     if store is not None:
         store.save()
     return history
@@ -163,14 +231,15 @@ def check_pair(teacher_checkpoint: dict, teacher_path: str, student_checkpoint: 
 
 def distil_checkpoint(teacher_checkpoint: dict, teacher_path: str, student_checkpoint: dict,
                       student_path: str, *, data: str, output: str, recipe: Recipe,
-                      temperature: float = TEMPERATURE, alpha: float = ALPHA,
+                      distillation: Distillation = Distillation(),
                       device: str | torch.device = "auto", teacher_sha256: str | None = None,
                       pretrained: str | None = None, resume: str | None = None,
                       on_epoch: Callable[[dict], None] | None = None,
                       teacher_cache: str | None = None, say: Callable = print) -> list[dict]:
     """Distil `student_checkpoint` (read from `student_path`, or a new MobileNetV2's) from
     `teacher_checkpoint` on the split in `data` with `recipe`; the best student is saved to
-    `output` as a finetuned checkpoint. Returns the history.
+    `output` as a finetuned checkpoint, with `recipe` and `distillation` (the loss).
+    Returns the history.
 
     `teacher_sha256`: the SHA-256 of the teacher's file if the caller has it already (the
     sweep, distilling many students from one teacher read once), else read from
@@ -188,6 +257,10 @@ def distil_checkpoint(teacher_checkpoint: dict, teacher_path: str, student_check
     image_size = student_checkpoint["image_size"]
     normalization = student_checkpoint["normalization"]
     class_names = teacher_checkpoint["class_names"]
+    if distillation.feature_weight and teacher_cache is not None:
+        say("(--feature-weight: the teacher runs on every picture, its feature maps are not "
+            f"stored; {teacher_cache} is neither read nor written)")
+        teacher_cache = None
     if teacher_cache is not None:
         check_store_file(teacher_cache)  # before the pictures are read
     teacher_sha256 = teacher_sha256 or file_sha256(teacher_path)
@@ -208,28 +281,30 @@ def distil_checkpoint(teacher_checkpoint: dict, teacher_path: str, student_check
     teacher_val = "not recorded" if teacher_accuracy is None else f"{teacher_accuracy:.1%}"
     say(f"Distilling {teacher_path} (val {teacher_val} when trained) into "
         f"{student_path} (val {before['accuracy']:.1%} now) on {device}, "
-        f"T={temperature:g}, alpha={alpha:g}, {image_size} px")
+        f"{distillation.describe()}, {image_size} px")
     # what a resumed run must keep, or it would not continue exactly: the flags, the
     # student's real image size, and the teacher (its path and, shortened, its checksum)
-    settings = dict(recipe.resume_settings(image_size), temperature=temperature, alpha=alpha,
+    settings = dict(recipe.resume_settings(image_size), **distillation.settings(),
                     student=student_path, pretrained=pretrained,
                     teacher=f"{teacher_path} (sha256 {teacher_sha256[:16]})")
 
     def save_best(metrics):
-        metrics.update(temperature=temperature, alpha=alpha, lr=recipe.lr, epochs=recipe.epochs,
-                       seed=recipe.seed, teacher=teacher_path, teacher_sha256=teacher_sha256,
+        metrics.update(temperature=distillation.temperature, alpha=distillation.alpha,
+                       lr=recipe.lr, epochs=recipe.epochs, seed=recipe.seed, teacher=teacher_path,
+                       teacher_sha256=teacher_sha256,
                        teacher_val_accuracy=teacher_accuracy,
                        student_val_accuracy_before=before["accuracy"],
                        student=student_path, student_metrics=student_checkpoint["metrics"],
-                       recipe=recipe.settings())
+                       recipe=recipe.settings(), distillation=distillation.settings())
         atomic_save(make_checkpoint(student, "finetuned",
                                     student_checkpoint["architecture"]["arch"], class_names,
                                     image_size, normalization, metrics), output)
 
     teacher_time, started = TeacherTime(), time.perf_counter()
-    history = distil(teacher, student, loaders, device, recipe=recipe, temperature=temperature,
-                     alpha=alpha, output=output, settings=settings, save_best=save_best,
-                     resume=resume, on_epoch=on_epoch, store=store, teacher_time=teacher_time)
+    history = distil(teacher, student, loaders, device, recipe=recipe,
+                     distillation=distillation, output=output, settings=settings,
+                     save_best=save_best, resume=resume, on_epoch=on_epoch, store=store,
+                     teacher_time=teacher_time)
     best = max(history, key=lambda r: r["val_accuracy"])
     say(f"Student validation accuracy {before['accuracy']:.1%} -> {best['val_accuracy']:.1%} "
         f"(epoch {best['epoch']}); teacher {teacher_val}; saved {output}")

@@ -30,8 +30,8 @@ import torch
 
 from compress.checkpoints import atomic_write
 from compress.cli import UserError
-from compress.distributed import distributed
-from compress.training import Recipe
+from compress.machine.distributed import distributed
+from compress.training.recipe import Recipe
 
 STORE_FORMAT = "vgg-prune-distill-teacher-logits/1"
 MAGIC = (STORE_FORMAT + "\n").encode()  # the file's first bytes: a store, even cut short

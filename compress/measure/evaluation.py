@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from compress.cli import quiet_nni
-from compress.distributed import all_reduce_sum
+from compress.machine.distributed import all_reduce_sum
 
 
 def evaluate(model: torch.nn.Module, loader: Iterable, device: torch.device, num_classes: int,
@@ -39,10 +39,10 @@ def evaluate(model: torch.nn.Module, loader: Iterable, device: torch.device, num
     *flat, total_loss, count = all_reduce_sum(confusion.flatten().tolist() + [total_loss, count],
                                               device)
     confusion = torch.tensor(flat).round().long().view(num_classes, num_classes)
-    return summarise(confusion, total_loss, int(count))
+    return confusion_metrics(confusion, total_loss, int(count))
 
 
-def summarise(confusion: torch.Tensor, total_loss: float, count: int) -> dict:
+def confusion_metrics(confusion: torch.Tensor, total_loss: float, count: int) -> dict:
     """evaluate()'s figures from the confusion matrix and the summed loss."""
     per_class_total = confusion.sum(1).clamp(min=1)
     return {"accuracy": confusion.diag().sum().item() / max(count, 1),

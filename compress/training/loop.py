@@ -1,10 +1,5 @@
-"""How a model is trained: by train.py (labels) and knowledge_distillation.py (a teacher).
+"""The training loop of train.py (labels) and knowledge_distillation.py (a teacher).
 
-- `Recipe`: the settings of a training run that the stages share (epochs, the
-  optimizer, its rate, schedule and weight decay, label smoothing, batch size,
-  seed, crops, --cache, --amp, workers), built from the flags by
-  `Recipe.from_args()`; its loaders, optimizer and schedule, and what a resumed
-  run must keep of it.
 - `train_one_epoch()` runs the batches of one epoch and returns its `Totals`;
   it can be called alone, as in a notebook.
 - `save_training_state()` / `load_training_state()`: what Ctrl-C saves (model,
@@ -15,15 +10,14 @@
 - `batch_norm_scales()` / `scale_sparsity()`: network slimming's sparsity term
   (train.py --bn-sparsity).
 
-The caller builds the model, the optimizer and the loaders, and chooses the
-memory format (`MEMORY_FORMAT` is the one both stages use).
+The caller builds the model, the optimizer, its schedule and the loaders (with a
+recipe.Recipe), and chooses the memory format (`MEMORY_FORMAT` is the one both
+stages use).
 """
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
-import math
 import os
 import signal
 import sys
@@ -34,12 +28,13 @@ import torch
 from tqdm import tqdm
 
 from compress.checkpoints import atomic_save, output_path, safe_load, write_json
-from compress.cli import OPTIMIZERS, SCHEDULES, Interrupted, UserError, local_rank
-from compress.data import ORIGINAL_NORMALIZATION, training_loaders
-from compress.distributed import all_reduce_sum, data_parallel, distributed, share_buffers_of_rank_0
-from compress.evaluation import evaluate
-from compress.machine import DiskFull
-from compress.reporting import plot_history
+from compress.cli import Interrupted, UserError, local_rank
+from compress.machine.distributed import (all_reduce_sum, data_parallel, distributed,
+                                          share_buffers_of_rank_0)
+from compress.machine.resources import DiskFull
+from compress.measure.evaluation import evaluate
+from compress.measure.reporting import plot_history
+from compress.training.recipe import RECIPE_DEFAULTS
 
 # /2: the model and Adam's moments in the channels-last layout
 TRAINING_STATE_FORMAT = "vgg-prune-distill-state/2"
@@ -47,121 +42,6 @@ TRAINING_STATE_FORMAT = "vgg-prune-distill-state/2"
 # 16) and no slower at 64 px; on CUDA it is the layout tensor cores want
 MEMORY_FORMAT = torch.channels_last
 NEAR_ZERO = 1e-2  # a batch-norm scale this small all but switches its channel off
-
-
-SGD_MOMENTUM = 0.9
-
-
-@dataclasses.dataclass(frozen=True)
-class Recipe:
-    """How a model is trained: what the training flags of train.py,
-    knowledge_distillation.py and sweep.py say, each field named as its flag
-    (`from_args()`; sweep.py's --kd-epochs is `epochs`). The defaults are the original
-    demo's: Adam at a constant rate, no weight decay, no label smoothing.
-
-    Args:
-        epochs: passes over the training set.
-        lr: the learning rate (the peak one, with a schedule).
-        batch_size, seed, crop_scale, cache, amp: as the flags of the same names.
-        workers: data-loading processes; None: the loaders' default (data.default_workers).
-        optimizer: one of cli.OPTIMIZERS (sgd: momentum 0.9, Nesterov).
-        weight_decay: on the weights of convolutions and linear layers, not on biases
-            or batch-norm parameters (Adam: L2 in the gradient; AdamW: decoupled).
-        schedule: one of cli.SCHEDULES: constant, or cosine (down to 0 at the last step).
-        warmup_epochs: the rate rises linearly from near 0 over these epochs first.
-        label_smoothing: of the cross-entropy on the labels.
-    """
-    epochs: int
-    lr: float
-    batch_size: int = 32
-    seed: int = 0
-    crop_scale: float = 0.08
-    cache: bool = False
-    amp: bool = False
-    workers: int | None = None
-    optimizer: str = "adam"
-    weight_decay: float = 0.0
-    schedule: str = "constant"
-    warmup_epochs: float = 0.0
-    label_smoothing: float = 0.0
-
-    def __post_init__(self):
-        if self.optimizer not in OPTIMIZERS or self.schedule not in SCHEDULES:
-            raise ValueError(f"optimizer {self.optimizer!r} (one of {OPTIMIZERS}), schedule "
-                             f"{self.schedule!r} (one of {SCHEDULES})")
-
-    @classmethod
-    def from_args(cls, args, **given) -> Recipe:
-        """The recipe of parsed arguments: each field from the flag of its name, those
-        `given` instead (sweep.py: epochs=args.kd_epochs)."""
-        values = {field.name: getattr(args, field.name) for field in dataclasses.fields(cls)
-                  if hasattr(args, field.name)}
-        return cls(**{**values, **given})
-
-    def settings(self) -> dict:
-        """What a model trained with this recipe depends on (not `workers`: the pictures
-        of each batch do not depend on them), saved with what it made and compared whole."""
-        return {key: value for key, value in dataclasses.asdict(self).items()
-                if key != "workers"}
-
-    def loaders(self, data: str, image_size: int, device: torch.device,
-                normalization: dict = ORIGINAL_NORMALIZATION, keyed: bool = False):
-        """(train loader, val loader) of the split in `data` (data.training_loaders)."""
-        return training_loaders(data, image_size, device, batch_size=self.batch_size,
-                                workers=self.workers, seed=self.seed,
-                                crop_scale=self.crop_scale, cache=self.cache,
-                                normalization=normalization, keyed=keyed)
-
-    def resume_settings(self, image_size: int) -> dict:
-        """What a resumed run must keep of this recipe, or it would not continue exactly
-        (--epochs may change, unless a schedule depends on it)."""
-        settings = dict(self.settings(), image_size=image_size)
-        if self.schedule == "constant":
-            del settings["epochs"]
-        return settings
-
-    def make_optimizer(self, model: torch.nn.Module,
-                       rates: dict[int, float] | None = None) -> torch.optim.Optimizer:
-        """The recipe's optimizer over `model`'s trainable parameters; `rates` gives some
-        of them (by id()) a learning rate of their own."""
-        rates = rates or {}
-        groups = {}
-        for parameter in model.parameters():
-            if parameter.requires_grad:
-                # (timm's habit: no decay on biases and normalisation parameters)
-                decay = self.weight_decay if parameter.ndim > 1 else 0.0
-                groups.setdefault((decay, rates.get(id(parameter), self.lr)), []).append(parameter)
-        groups = [{"params": params, "weight_decay": decay, "lr": lr}
-                  for (decay, lr), params in groups.items()]
-        if self.optimizer == "sgd":
-            return torch.optim.SGD(groups, lr=self.lr, momentum=SGD_MOMENTUM, nesterov=True)
-        # fused: one kernel updates all parameters; the step is ~3x faster on CPU
-        kind = torch.optim.AdamW if self.optimizer == "adamw" else torch.optim.Adam
-        return kind(groups, lr=self.lr, fused=True)
-
-    def make_scheduler(self, optimizer: torch.optim.Optimizer,
-                       steps_per_epoch: int) -> torch.optim.lr_scheduler.LambdaLR | None:
-        """The learning rate by step (None for a constant one without warm-up)."""
-        if self.schedule == "constant" and not self.warmup_epochs:
-            return None
-        return torch.optim.lr_scheduler.LambdaLR(optimizer, functools.partial(
-            rate_factor, warmup=round(self.warmup_epochs * steps_per_epoch),
-            total=self.epochs * steps_per_epoch, cosine=self.schedule == "cosine"))
-
-
-RECIPE_DEFAULTS = {field.name: field.default for field in dataclasses.fields(Recipe)
-                   if field.default is not dataclasses.MISSING}
-
-
-def rate_factor(step: int, *, warmup: int, total: int, cosine: bool) -> float:
-    """The learning rate of `step` (from 0) of `total`, as a share of the peak: a linear
-    warm-up over the first `warmup` steps, then constant or a cosine down to 0."""
-    if step < warmup:
-        return (step + 1) / warmup
-    if not cosine:
-        return 1.0
-    progress = (step - warmup) / max(1, total - warmup)
-    return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
 @dataclasses.dataclass

@@ -6,7 +6,7 @@
   then all of them timed interleaved (batch-1 latency, batch-32 throughput) on the
   same inputs: one row (a dict) per model, as test.py --compare reports them.
 
-    from compress.comparison import compare, load_model
+    from compress.measure.comparison import compare, load_model
     models = [(name, path, *load_model(path, device)) for name, path in ...]
     rows = compare(models, data="dataset", device=device)
 """
@@ -19,11 +19,11 @@ import torch
 
 import model as vgg
 from compress.checkpoints import check_made_for, load_checkpoint, model_from_checkpoint
-from compress.cpu import cpu_class, describe_cpu
-from compress.data import find_classes, make_loader, val_set
-from compress.evaluation import count_flops, evaluate
-from compress.onnx_files import load_onnx
-from compress.timing import TimingPlan, interleaved_seconds, synchronizer
+from compress.data.images import find_classes, make_loader, val_set
+from compress.export.onnx_files import load_onnx
+from compress.machine.cpu import cpu_class, describe_cpu
+from compress.measure.evaluation import count_flops, evaluate
+from compress.measure.timing import TimingPlan, interleaved_seconds, synchronizer
 
 CPU = torch.device("cpu")
 THROUGHPUT_BATCH = 32
@@ -56,7 +56,7 @@ def val_loader(data: str, checkpoint: dict, path: str, device: torch.device, bat
     return make_loader(dataset, batch_size, workers, device, sampler=None)
 
 
-def measure(name: str, path: str, checkpoint: dict, model: torch.nn.Module, *, data: str,
+def model_row(name: str, path: str, checkpoint: dict, model: torch.nn.Module, *, data: str,
             device: torch.device, batch_size: int = 32, workers: int | None = None,
             verbose: bool = False, metrics: dict | None = None) -> dict:
     """One model's row before timing: accuracy (and the confusion matrix), size, FLOPs.
@@ -131,7 +131,7 @@ def compare(models: Sequence[tuple[str, str, dict, torch.nn.Module]], *, data: s
     """
     rows = []
     for name, path, checkpoint, model in models:
-        rows.append(measure(name, path, checkpoint, model, data=data, device=device,
+        rows.append(model_row(name, path, checkpoint, model, data=data, device=device,
                             batch_size=batch_size, workers=workers, verbose=verbose,
                             metrics=(known or {}).get(path)))
         say(f"measured {path}", flush=True)

@@ -1,7 +1,7 @@
 """One trial of sweep.py --engine nni, as NNI runs it (`sweep.py --nni-trial`).
 
 The setting NNI's tuner proposes is pruned and distilled in OUTPUT_DIR/trials/TRIAL_ID/
-(search.prune_and_distil), each epoch's validation accuracy but the last reported to
+(plain.prune_and_distil), each epoch's validation accuracy but the last reported to
 the assessor, then the student is shipped (unless the target is PyTorch) and timed
 beside the dense model in the target runtime, and the trial's final result reported:
 the objective (experiment.objective) and every figure the launcher needs, the
@@ -15,10 +15,10 @@ import signal
 import torch
 
 from compress.cli import Interrupted, UserError
-from compress.experiment import objective
-from compress.candidates import SweepSetup, measure, within_budget
-from compress.reporting import reference_accuracy
-from compress.search import Setting, method_setting, prune_and_distil
+from compress.sweep.candidates import SweepSetup, measure_candidates, within_budget
+from compress.sweep.experiment import objective
+from compress.sweep.plain import Setting, method_setting, prune_and_distil
+from compress.sweep.report import reference_accuracy
 
 
 def check_run_by_nni() -> None:
@@ -53,8 +53,8 @@ def run_trial(setup: SweepSetup, output_dir: str, max_drop: float, concurrency: 
     try:
         history = prune_and_distil(setup, student, setting, on_epoch=report_epoch)
         if setup.target != "pytorch":  # measured as it would ship
-            setup.ship(student)
-        (row,), dense = measure(setup, [{"name": setting.name, "path": student}],
+            setup.ship_student(student)
+        (row,), dense = measure_candidates(setup, [{"name": setting.name, "path": student}],
                                 os.path.join(folder, "compare.json"), output_dir)
     except (Interrupted, KeyboardInterrupt):
         # NNI's assessor stops a trial with SIGINT (a distillation saves its state first);

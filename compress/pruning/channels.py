@@ -28,9 +28,9 @@ import torch
 from compress.checkpoints import (atomic_save, check_made_for, make_checkpoint,
                                   model_from_checkpoint, output_path)
 from compress.cli import CheckFailed, UserError, quiet_nni
-from compress.data import ImageFolder, eval_transform, find_classes, make_loader
-from compress.evaluation import count_flops, relative_difference
-from compress.reporting import plot_channels
+from compress.data.images import ImageFolder, eval_transform, find_classes, make_loader
+from compress.measure.evaluation import count_flops, relative_difference
+from compress.measure.reporting import plot_channels
 
 # The sped-up model must compute what the masked one does, up to this relative difference.
 TOLERANCE = 1e-3

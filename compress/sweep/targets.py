@@ -11,20 +11,29 @@
 """
 from __future__ import annotations
 
+import typing
 from collections.abc import Callable
 
 import torch
 
 from compress.checkpoints import file_sha256, load_checkpoint, output_path
-from compress.comparison import load_model, val_loader
-from compress.cpu import cpu_class
-from compress.deployment import export_checkpoint, int8_path_of, int8_settings
-from compress.evaluation import evaluate
-from compress.onnx_files import read_description
+from compress.export.convert import ExportPlan, export_checkpoint, int8_path_of, int8_settings
+from compress.export.onnx_files import read_description
+from compress.machine.cpu import cpu_class
+from compress.measure.comparison import load_model, val_loader
+from compress.measure.evaluation import evaluate
 
-TARGETS = {"int8": "the int8 ONNX file in onnxruntime (what export.py ships)",
-           "onnx": "the fp32 ONNX file in onnxruntime",
-           "pytorch": "the checkpoint in PyTorch"}
+
+class Target(typing.NamedTuple):
+    """A runtime a sweep can decide by: its name in tables, and what it measures."""
+    name: str
+    measures: str
+
+
+TARGETS = {"int8": Target("int8 ONNX in onnxruntime",
+                          "the int8 ONNX file in onnxruntime (what export.py ships)"),
+           "onnx": Target("fp32 ONNX in onnxruntime", "the fp32 ONNX file in onnxruntime"),
+           "pytorch": Target("PyTorch", "the checkpoint in PyTorch")}
 CPU = torch.device("cpu")
 
 
@@ -67,9 +76,9 @@ def ship(checkpoint_path: str, *, data: str, checkpoint: dict | None = None,
         return None
     checkpoint = checkpoint or load_checkpoint(checkpoint_path)
     paths = onnx_paths(checkpoint_path, fp32_path)
-    report = export_checkpoint(checkpoint, checkpoint_path, paths["onnx"], data=data,
-                               batch_size=batch_size, workers=workers or 0, seed=seed,
-                               force_int8=True, source_sha256=sha256, say=say)
+    plan = ExportPlan(batch_size=batch_size, workers=workers or 0, seed=seed, force_int8=True)
+    report = export_checkpoint(checkpoint, checkpoint_path, paths["onnx"], data=data, plan=plan,
+                               source_sha256=sha256, say=say)
     if not report["int8_lost_points"] <= 1:
         say(f"  (the int8 file lost {report['int8_lost_points']:.2f} points: the sweep counts "
             "it by its int8 accuracy)")

@@ -5,7 +5,7 @@ of --sparsities, in steps of SPARSITY_STEP), its Medianstop assessor stops trial
 fall behind, and each trial (trial.py, run by NNI as `sweep.py --nni-trial`) prunes,
 distils and times its student and reports `objective()`. When the experiment ends,
 the finished trials' students are measured together with the dense model exactly as
-the plain sweep measures (candidates.measure), and the pick is copied beside them.
+the plain sweep measures (candidates.measure_candidates), and the pick is copied beside them.
 
 - `ExperimentPlan`: the experiment's flags (methods, sparsities, budget, trials,
   concurrency, where the manager listens, the user's NNI config).
@@ -26,12 +26,14 @@ from collections.abc import Callable, Sequence
 
 from tqdm import tqdm
 
-from compress import nni_engine, processes
 from compress.checkpoints import atomic_write, write_json
 from compress.cli import CheckFailed, Interrupted, UserError, quiet_nni
-from compress.candidates import SweepSetup, measure, present, save_rows, within_budget
-from compress.search import method_setting, read_report, setting_name
-from compress.shipping import onnx_paths
+from compress.machine import processes
+from compress.sweep import nni_engine
+from compress.sweep.candidates import (SweepSetup, comparable_training, measure_candidates,
+                                       present, save_rows, within_budget)
+from compress.sweep.plain import method_setting, read_report, setting_name
+from compress.sweep.targets import onnx_paths
 
 SPARSITY_STEP = 0.025  # the sparsities the tuner may propose
 
@@ -155,14 +157,17 @@ def read_state(state_path: str, settings: dict, output_dir: str) -> dict:
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         raise UserError(f"{state_path}: not an experiment's record; give another "
                         "--output-dir, or move it first") from None
-    if state["settings"] != settings:
-        changed = [key for key in settings if state["settings"].get(key) != settings[key]]
+    recorded = dict(state["settings"])
+    if isinstance(recorded.get("training"), dict):  # (as an older version recorded it)
+        recorded["training"] = comparable_training(recorded["training"])
+    if recorded != settings:
+        changed = [key for key in settings if recorded.get(key) != settings[key]]
         raise UserError(f"{output_dir}: holds the NNI experiment {state['id']} of other "
                         f"settings ({', '.join(changed)}); give another --output-dir")
     return state
 
 
-def summarise(trials: Sequence[nni_engine.Trial], experiment_id: str, settings: dict,
+def summarise_experiment(trials: Sequence[nni_engine.Trial], experiment_id: str, settings: dict,
               epochs: int) -> dict:
     """experiment.json's record of the ended experiment: every trial, and the assessor's
     savings; its summary printed as one line."""
@@ -194,7 +199,8 @@ def collect(setup: SweepSetup, trials: Sequence[nni_engine.Trial], record: dict,
             if os.path.exists(path) and path not in earlier:
                 raise UserError(f"{path}: exists, and the picked trial's student may be copied "
                                 "there; move it first")
-    rows, dense = measure(setup, done, os.path.join(output_dir, "compare.json"), output_dir)
+    rows, dense = measure_candidates(setup, done, os.path.join(output_dir, "compare.json"),
+                                     output_dir)
     chosen = present(rows, dense, max_drop, output_dir)
     save_rows(rows, dense, os.path.join(output_dir, "sweep.json"))
     for path in earlier:
@@ -209,7 +215,7 @@ def collect(setup: SweepSetup, trials: Sequence[nni_engine.Trial], record: dict,
 
 
 def with_onnx(path: str) -> list[str]:
-    """A checkpoint's path and its .onnx files' (shipping.onnx_paths)."""
+    """A checkpoint's path and its .onnx files' (targets.onnx_paths)."""
     return [path, *onnx_paths(path).values()]
 
 
@@ -221,7 +227,7 @@ def copy_pick(setup: SweepSetup, student: str, copy: str) -> None:
             with open(source, "rb") as file:
                 atomic_write(destination, lambda out: shutil.copyfileobj(file, out))
     if not all(os.path.isfile(path) for path in with_onnx(copy)):
-        setup.ship(copy)
+        setup.ship_student(copy)
 
 
 def run_experiment(setup: SweepSetup, plan: ExperimentPlan, output_dir: str,
@@ -282,7 +288,7 @@ def run_experiment(setup: SweepSetup, plan: ExperimentPlan, output_dir: str,
             folder = os.path.join(output_dir, "trials", trial.id)
             for leftover in glob.glob(os.path.join(folder, "*.state.pth")):
                 os.remove(leftover)
-    record = summarise(trials, experiment_id, settings, epochs)
+    record = summarise_experiment(trials, experiment_id, settings, epochs)
     if "picked_copy" in state:  # an earlier run's pick: kept until collect() replaces it
         record["picked_copy"] = state["picked_copy"]
     write_json(record, state_path)

@@ -4,8 +4,8 @@
   now for what a stage would refuse later.
 - `SweepSetup`: what every setting shares (the teacher, the data, the distillation
   recipe, the device, the timing, the target runtime).
-- `measure()`: the students and the dense model measured together in the target
-  runtime (shipping.TARGETS: their int8 ONNX files by default), as test.py --compare
+- `measure_candidates()`: the students and the dense model measured together in the target
+  runtime (targets.TARGETS: their int8 ONNX files by default), as test.py --compare
   measures, and in PyTorch beside it; the Pareto fronts marked.
 - `pick()` / `within_budget()` / `pareto()`: the decisions, on the target's numbers;
   the accuracy budget counts from the dense model's accuracy in PyTorch (the model the
@@ -13,6 +13,7 @@
 """
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import os
@@ -22,15 +23,17 @@ import torch
 
 from compress.checkpoints import (check_made_for, file_sha256, load_checkpoint,
                                   model_from_checkpoint, write_json)
-from compress.comparison import compare, load_model
-from compress.data import ImageFolder
-from compress.pruning import check_rankable
-from compress.reporting import (RUNTIMES, in_pytorch, plot_sweep, print_sweep, reference_accuracy,
-                                save_comparison)
-from compress.shipping import ship, target_file
-from compress.teacher_store import key_name, pictures_fingerprint, store_key
-from compress.timing import TimingPlan
-from compress.training import Recipe
+from compress.cli import resolve_device, settings_from
+from compress.data.images import ImageFolder
+from compress.measure.comparison import compare, load_model
+from compress.measure.reporting import save_comparison
+from compress.measure.timing import TimingPlan
+from compress.pruning.channels import check_rankable
+from compress.sweep.report import in_pytorch, plot_sweep, print_sweep, reference_accuracy
+from compress.sweep.targets import TARGETS, ship, target_file
+from compress.training.distillation import DISTILLATION_DEFAULTS, Distillation
+from compress.training.recipe import RECIPE_DEFAULTS, Recipe
+from compress.training.teacher_store import key_name, pictures_fingerprint, store_key
 
 # what evaluate() gives (the keys) and where a measured row holds it (the values)
 EVALUATED = {"accuracy": "accuracy", "loss": "loss", "per_class_accuracy": "per_class_accuracy",
@@ -64,12 +67,14 @@ class Teacher:
 @dataclasses.dataclass
 class SweepSetup:
     """What every setting of a sweep shares: the teacher, the split in `data`, the
-    distillation `recipe`, the device, how the models are timed, the image size asked
-    for (None: the teacher's), whether NNI may talk, and the runtime that decides
-    (`target`, a key of shipping.TARGETS)."""
+    distillation's `recipe` and loss (`distillation`), the device, how the models are
+    timed, the image size asked for (None: the teacher's), whether NNI may talk, and the
+    runtime that decides (`target`, a key of targets.TARGETS). sweep.py builds it from
+    its flags (`from_args()`)."""
     teacher: Teacher
     data: str
     recipe: Recipe
+    distillation: Distillation = Distillation()
     device: torch.device = torch.device("cpu")
     timing: TimingPlan = TimingPlan()
     image_size: int | None = None
@@ -77,14 +82,20 @@ class SweepSetup:
     target: str = "int8"
     store_dir: str | None = None  # where the teacher's logits are kept (None: not kept)
 
+    @classmethod
+    def from_args(cls, args: argparse.Namespace, teacher: Teacher) -> SweepSetup:
+        """The setup of sweep.py's flags, for `teacher` (read once by the caller)."""
+        return settings_from(cls, args, teacher=teacher,
+                             recipe=Recipe.from_args(args, epochs=args.kd_epochs),
+                             distillation=Distillation.from_args(args),
+                             device=resolve_device(args.device),
+                             timing=TimingPlan.from_args(args), store_dir=args.output_dir)
+
     def training_settings(self) -> dict:
-        """What makes two students comparable: the same teacher, data and distillation (kept
-        in each row of sweep.json)."""
-        recipe = self.recipe
-        return {"kd_epochs": recipe.epochs, "lr": recipe.lr, "batch_size": recipe.batch_size,
-                "seed": recipe.seed, "crop_scale": recipe.crop_scale,
+        """What makes two students comparable: the same teacher, data, recipe and loss (kept
+        whole in each row of sweep.json, and compared whole: comparable_training())."""
+        return {**self.recipe.settings(), **self.distillation.settings(),
                 "data": os.path.abspath(self.data), "image_size": self.image_size,
-                "amp": recipe.amp, "cache": recipe.cache,
                 # (retrained in place, it is another teacher)
                 "teacher_sha256": self.teacher.sha256}
 
@@ -117,8 +128,8 @@ class SweepSetup:
                "pictures": pictures_fingerprint(pictures.samples)}
         return os.path.join(self.store_dir, f"dense_evaluation.{key_name(key)}.json")
 
-    def ship(self, path: str, **known) -> dict | None:
-        """shipping.ship() of the candidate at `path` with this sweep's data and loader
+    def ship_student(self, path: str, **known) -> dict | None:
+        """targets.ship() of the candidate at `path` with this sweep's data and loader
         settings (`known`: its checkpoint, SHA-256, fp32 path, as ship() takes them)."""
         return ship(path, data=self.data, batch_size=self.recipe.batch_size,
                     workers=self.recipe.workers, seed=self.recipe.seed, **known)
@@ -130,9 +141,20 @@ class SweepSetup:
             return None
         fp32_path = os.path.join(output_dir, "dense.onnx")
         teacher = self.teacher
-        self.ship(teacher.path, checkpoint=teacher.checkpoint, sha256=teacher.sha256,
+        self.ship_student(teacher.path, checkpoint=teacher.checkpoint, sha256=teacher.sha256,
                   fp32_path=fp32_path)
         return fp32_path
+
+
+def comparable_training(training: dict) -> dict:
+    """A row's training settings as this version records them: what an older sweep.json
+    recorded under another name (kd_epochs), or not at all (the settings that were not
+    flags yet), at what it was then."""
+    upgraded = {**{key: value for key, value in RECIPE_DEFAULTS.items() if key != "workers"},
+                **DISTILLATION_DEFAULTS, **training}
+    if "kd_epochs" in upgraded:
+        upgraded["epochs"] = upgraded.pop("kd_epochs")
+    return upgraded
 
 
 def within_budget(accuracy: float, dense_accuracy: float, max_drop: float) -> bool:
@@ -167,7 +189,7 @@ def pick(rows: Sequence[dict], dense: dict, max_drop: float) -> dict | None:
                default=None)
 
 
-def measure(setup: SweepSetup, done: Sequence[dict], report: str,
+def measure_candidates(setup: SweepSetup, done: Sequence[dict], report: str,
             output_dir: str) -> tuple[list[dict], dict]:
     """(rows, dense row): the students of `done` (rows with the "path" of their checkpoint,
     shipped if the target is not PyTorch) and the dense model (shipped into `output_dir`
@@ -196,15 +218,15 @@ def measure(setup: SweepSetup, done: Sequence[dict], report: str,
 
 def measure_in(setup: SweepSetup, done: Sequence[dict], report: str, target: str,
                dense_onnx: str | None) -> tuple[list[dict], dict]:
-    """measure() in one runtime: (rows, dense row), each row the setting as it was made
+    """measure_candidates() in one runtime: (rows, dense row), each row the setting as it was made
     with the numbers as measured now; "path" stays its checkpoint, "file" is what ran."""
     print(f"\nMeasuring the dense model and {len(done)} students as test.py --compare, "
-          f"{RUNTIMES[target]} ...", flush=True)
+          f"{TARGETS[target].name} ...", flush=True)
     teacher, device = setup.teacher, setup.device
     files = [(teacher.path, target_file(teacher.path, target, dense_onnx))]
     files += [(row["path"], target_file(row["path"], target)) for row in done]
     models = []
-    for (checkpoint_path, path), name in zip(files, ["dense", *(row["name"] for row in done)]):
+    for (_, path), name in zip(files, ["dense", *(row["name"] for row in done)]):
         if path == teacher.path:  # (read once: built from the checkpoint in memory)
             checkpoint = teacher.checkpoint
             model = model_from_checkpoint(checkpoint, path).to(device).eval()

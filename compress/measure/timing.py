@@ -8,6 +8,7 @@
 """
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import math
 import random
@@ -17,6 +18,8 @@ import typing
 from collections.abc import Callable, Sequence
 
 import torch
+
+from compress.cli import settings_from
 
 # --compare and the sweep time until each model's median is known this well
 PRECISION = 0.02
@@ -32,6 +35,11 @@ class TimingPlan:
     max_repeats: int = 60
     precision: float = PRECISION
     seed: int = 0
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> TimingPlan:
+        """The plan of --warmup, --repeats, --max-repeats and --seed (cli.add_timing_args)."""
+        return settings_from(cls, args)
 
 
 def measure_latency(model: torch.nn.Module, inputs: torch.Tensor, device: torch.device,

@@ -32,8 +32,8 @@ from torch import nn
 
 import model as vgg
 from compress.cli import UserError
-from compress.onnx_files import OnnxModel, session
-from compress.timing import measure_latency, median_seconds
+from compress.export.onnx_files import OnnxModel, session
+from compress.measure.timing import measure_latency, median_seconds
 
 # the peak: the fastest of square matrix products of these sizes (on the 2-core Xeon of
 # this project, fp32 171 and 176 GMAC/s at 1024 and 2048, 169 at 512 and 3072)

@@ -8,9 +8,9 @@
   settings is not run again. Each student is shipped (exported and calibrated as
   export.py does) unless the sweep decides by PyTorch, and counted by its accuracy in
   the target runtime.
-- `search()`: bisect a method's sparsity for the largest within the --max-drop budget.
+- `bisect_sparsity()`: bisect a method's sparsity for the largest within the --max-drop budget.
 - `run_sweep()`: all of it, then the candidates measured together and the pick
-  (candidates.measure(), candidates.present()).
+  (candidates.measure_candidates(), candidates.present()).
 
     setup = SweepSetup(Teacher.load("vgg16Net.pth"), "dataset", Recipe(epochs=3, lr=1e-4),
                        target="int8")
@@ -27,16 +27,17 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from model import MOBILENET_V2, count_parameters
-from compress.candidates import SweepSetup, measure, present, within_budget
-from compress.checkpoints import (check_replaceable, load_checkpoint,
-                                  model_from_checkpoint, output_path, saved_bytes, write_json)
+from compress.checkpoints import (check_replaceable, load_checkpoint, model_from_checkpoint,
+                                  output_path, saved_bytes, write_json)
 from compress.cli import Interrupted, UserError
-from compress.deployment import check_onnx_replaceable
-from compress.distillation import distil_checkpoint, mobilenet_student
-from compress.machine import check_room
-from compress.pruning import METHODS, prune_checkpoint, save_pruned, taylor_batches
-from compress.shipping import onnx_paths, target_accuracy
+from compress.export.convert import check_onnx_replaceable
+from compress.machine.resources import check_room
+from compress.pruning.channels import METHODS, prune_checkpoint, save_pruned, taylor_batches
+from compress.sweep.candidates import (SweepSetup, comparable_training, measure_candidates,
+                                      present, within_budget)
+from compress.sweep.targets import onnx_paths, target_accuracy
+from compress.training.distillation import distil_checkpoint, mobilenet_student
+from model import MOBILENET_V2, count_parameters
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,10 +88,11 @@ def prune_and_distil(setup: SweepSetup, student: str, setting: Setting,
     else:
         student_path = pruned
         checkpoint = (load_checkpoint(pruned, kinds=("pruned", "finetuned")) if resume  # (kept)
-                      else prune(setup, pruned, setting))
+                      else prune_setting(setup, pruned, setting))
         torch.manual_seed(recipe.seed)  # dropout's draws, as knowledge_distillation.py seeds them
     return distil_checkpoint(teacher.checkpoint, teacher.path, checkpoint, student_path,
                              data=setup.data, output=student, recipe=recipe,
+                             distillation=setup.distillation,
                              device=setup.device, teacher_sha256=teacher.sha256,
                              resume=resume, on_epoch=on_epoch,
                              teacher_cache=setup.teacher_cache(checkpoint["image_size"]))
@@ -106,7 +108,7 @@ def check_outputs(student: str, setting: Setting, resume: str | None = None) -> 
         check_onnx_replaceable(path, "--output-dir")
 
 
-def prune(setup: SweepSetup, path: str, setting: Setting) -> dict:
+def prune_setting(setup: SweepSetup, path: str, setting: Setting) -> dict:
     """The teacher pruned as `setting` says, saved to `path` (as pruner.py saves it)."""
     teacher, recipe = setup.teacher, setup.recipe
     batches = (taylor_batches(teacher.checkpoint, teacher.path, setup.data,
@@ -166,7 +168,7 @@ class Sweep:
         """Whether `name` was distilled with this sweep's training settings, its file there."""
         row = self.rows.get(name)
         return (row is not None and os.path.isfile(self.student(name))
-                and row["training"] == self.training)
+                and comparable_training(row["training"]) == self.training)
 
     def run(self, name: str, method: str | None = None, global_ranking: bool = False,
             sparsity: float | None = None, position: str = "") -> dict:
@@ -207,7 +209,7 @@ class Sweep:
         by_runtime = row.setdefault("accuracy_by_runtime", {"pytorch": row["accuracy"]})
         if setup.target != "pytorch":
             path = self.student(name)
-            measured = setup.ship(path)
+            measured = setup.ship_student(path)
             if measured:
                 by_runtime.update(measured)
             elif setup.target not in by_runtime:
@@ -231,7 +233,7 @@ class Sweep:
         write_json(rows, self.report)
 
 
-def search(sweep: Sweep, method: str, global_ranking: bool, dense_accuracy: float,
+def bisect_sparsity(sweep: Sweep, method: str, global_ranking: bool, dense_accuracy: float,
            max_drop: float, steps: int) -> float:
     """The largest sparsity of `method` whose student stays within `max_drop` points of
     the dense accuracy, by bisection between 0 (the dense model) and 1; each probe is a
@@ -280,7 +282,7 @@ def run_sweep(setup: SweepSetup, settings: Sequence[Setting], output_dir: str, *
                   f"setting {number} of {len(settings)}")
     if bisect:
         dense_accuracy = setup.teacher.checkpoint["metrics"]["val_accuracy"]
-        found = search(sweep, *bisect, dense_accuracy, max_drop, bisect_steps)
+        found = bisect_sparsity(sweep, *bisect, dense_accuracy, max_drop, bisect_steps)
         print(f"search: the largest {bisect[0]} sparsity within {max_drop:g} points is "
               f"{found:g}" if found else "search: no sparsity tried stays within the budget")
 
@@ -294,10 +296,11 @@ def run_sweep(setup: SweepSetup, settings: Sequence[Setting], output_dir: str, *
     sweep.save()
     done = [dict(row, path=sweep.student(name)) for name, row in sweep.rows.items()
             if name not in left_out]
-    rows, dense = measure(setup, done, os.path.join(output_dir, "compare.json"), output_dir)
+    rows, dense = measure_candidates(setup, done, os.path.join(output_dir, "compare.json"),
+                                     output_dir)
     chosen = present(rows, dense, max_drop, output_dir)
     if chosen and setup.target == "pytorch":  # the pick ready to ship, as the others were not
-        setup.ship(chosen["path"])
+        setup.ship_student(chosen["path"])
     sweep.rows = {row["name"]: row for row in rows}
     sweep.save(dense)
     print(f"Saved {sweep.report} and {os.path.join(output_dir, 'sweep.png')}"

@@ -22,8 +22,8 @@ from torchvision import transforms
 from tqdm import tqdm
 
 from compress.cli import UserError
-from compress.distributed import distributed
-from compress.machine import check_memory
+from compress.machine.distributed import distributed
+from compress.machine.resources import check_memory
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 # The largest picture accepted: 2**27 pixels (e.g. 16384 x 8192), about 400 MB decoded.
@@ -191,7 +191,7 @@ class ImageFolder(torch.utils.data.Dataset):
             except (OSError, ValueError) as error:
                 if path not in self.bad_files:
                     self.bad_files.add(path)
-                    warnings.warn(f"skipping unreadable image {path}: {error}")
+                    warnings.warn(f"skipping unreadable image {path}: {error}", stacklevel=2)
         else:
             raise UserError(f"{self.root}: none of the {len(self)} images can be read")
         with torch.random.fork_rng(devices=[]):

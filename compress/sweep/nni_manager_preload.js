@@ -1,4 +1,4 @@
-// given to NNI 3.0's manager by sweep.py --engine nni (compress/nni_engine.py): see the
+// given to NNI 3.0's manager by sweep.py --engine nni (compress/sweep/nni_engine.py): see the
 // comment above MANAGER_PRELOAD there
 const net = require('net');
 const host = process.env.SWEEP_NNI_HOST;

@@ -1,0 +1,1 @@
+"""Pictures: read, transformed, batched, and split into train/, val/ and test/."""

@@ -1,0 +1,1 @@
+"""What ships: ONNX files, fp32 and int8, and running them in onnxruntime."""

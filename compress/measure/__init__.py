@@ -1,0 +1,1 @@
+"""How good, how big, how fast: evaluation, timing, profiles, and their tables and figures."""

@@ -1,0 +1,1 @@
+"""Pruning: which channels go, and a model that really shrinks."""

@@ -1,0 +1,80 @@
+"""A sweep's report: its table, its figure, and the dense figures its budget counts from.
+
+- `in_pytorch()` / `reference_accuracy()`: the dense model as the user has it (PyTorch),
+  from which --max-drop counts.
+- `print_sweep()`: the table, in the runtime that decided, against the dense model.
+- `plot_sweep()`: accuracy against latency and against parameters, the Pareto front.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from compress.measure.reporting import print_loose_timings, pyplot, save_figure
+from compress.sweep.targets import TARGETS
+
+
+def in_pytorch(dense: dict) -> dict:
+    """The dense model's figures in PyTorch (its row itself where PyTorch decided)."""
+    return dense.get("pytorch", dense)
+
+
+def reference_accuracy(dense: dict) -> float:
+    """The accuracy a sweep's budget counts from: the dense model's in PyTorch."""
+    return in_pytorch(dense)["accuracy"]
+
+
+def print_sweep(rows: Sequence[dict], dense: dict) -> None:
+    """The sweep's table: the dense row, then each setting's (p: Pareto front, *: picked),
+    in the runtime that decided; beside it, with a target other than PyTorch, how many
+    times faster and smaller than the dense model in PyTorch each is."""
+    against = dense.get("pytorch")
+    header = (f"{'setting':<30}{'val acc':>9}{'params':>10}{'x fewer':>9}{'FLOPs':>9}"
+              f"{'latency b=1':>14}{'IQR':>7}{'x faster':>10}{'img/s b=32':>12}"
+              + (f"{'x faster than':>15}{'x smaller':>11}" if against else ""))
+    print(f"\nMeasured on {dense['device']} with {dense['threads']} threads; CPU: "
+          f"{dense['cpu']}\nDecided by {TARGETS[dense.get('target', 'pytorch')].name}"
+          + (f"; the last two columns against the dense model in PyTorch "
+             f"({against['latency_ms']:.2f} ms, {against['file_bytes'] / 2**20:.1f} MB, "
+             f"{against['accuracy']:.1%}), from which the budget counts" if against else "")
+          + f"\n{header}\n{'-' * len(header)}")
+    for row in [dense, *rows]:
+        mark = "*" if row.get("picked") else "p" if row.get("pareto_latency") else ""
+        print(f"{row['name'][:27] + ' ' + mark:<30}{row['accuracy']:>9.1%}"
+              f"{row['params'] / 1e6:>9.2f}M{dense['params'] / row['params']:>8.1f}x"
+              f"{row['flops'] / 1e9:>8.3f}G{row['latency_ms']:>12.2f}ms"
+              f"{row['latency_iqr_ms']:>7.2f}{dense['latency_ms'] / row['latency_ms']:>9.1f}x"
+              f"{row['throughput_ips']:>12.0f}"
+              + (f"{against['latency_ms'] / row['latency_ms']:>14.1f}x"
+                 f"{against['file_bytes'] / row['file_bytes']:>10.1f}x" if against else ""))
+    print("(p: on the accuracy/latency Pareto front; *: picked by --max-drop)")
+    print_loose_timings([dense, *rows])
+
+
+def plot_sweep(rows: Sequence[dict], dense: dict, path: str, max_drop: float | None) -> None:
+    """Accuracy against latency and against parameters in the runtime that decided, the
+    Pareto front, the dense model and the --max-drop budget."""
+    plt = pyplot()
+    figure, axes = plt.subplots(1, 2, figsize=(13, 5))
+    for axis, key, label, scale in [(axes[0], "latency_ms", "latency, batch 1 (ms)", 1),
+                                    (axes[1], "params", "parameters (M)", 1e6)]:
+        front = sorted((r for r in rows if r[f"pareto_{key.split('_')[0]}"]), key=lambda r: r[key])
+        axis.plot([r[key] / scale for r in front], [100 * r["accuracy"] for r in front], "-",
+                  color="C1", label="Pareto front")
+        axis.scatter([r[key] / scale for r in rows], [100 * r["accuracy"] for r in rows],
+                     color=["C1" if r in front else "C0" for r in rows], zorder=3)
+        axis.scatter([dense[key] / scale], [100 * dense["accuracy"]], marker="*", s=200,
+                     color="C3", zorder=3, label="dense")
+        if max_drop is not None:  # counted from the dense model's accuracy in PyTorch
+            axis.axhline(100 * reference_accuracy(dense) - max_drop, color="C3", linestyle=":",
+                         label=f"--max-drop {max_drop:g} (from the dense model in PyTorch)")
+        for row in rows:
+            axis.annotate(row["name"] + (" (picked)" if row.get("picked") else ""),
+                          (row[key] / scale, 100 * row["accuracy"]), fontsize=8,
+                          textcoords="offset points", xytext=(4, 4))
+        axis.set_xscale("log")
+        axis.set(xlabel=label + " (log)", ylabel="val accuracy (%)")
+        axis.legend()
+    figure.suptitle(f"Decided by {TARGETS[dense.get('target', 'pytorch')].name}: measured on "
+                    f"{dense['device']} ({dense.get('cpu_class', '')}), {dense['threads']} "
+                    f"threads, {dense['image_size']} px")
+    save_figure(figure, path)

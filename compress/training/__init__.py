@@ -1,0 +1,1 @@
+"""Training a model: its recipe, the loop, pretrained weights, and distillation from a teacher."""
