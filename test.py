@@ -3,13 +3,16 @@
 Reads  vgg16Net.pth (prune_test = False) or finetuned_vgg16_net.pth (prune_test = True,
        or --pruned), or --weights PATH: a checkpoint, a bare VGG state dict (like the
        original demo's vgg16Net.pth) or an .onnx file from export.py (run in
-       onnxruntime); DATA/val/<class>/ for accuracy
+       onnxruntime); DATA/test/<class>/ for accuracy (DATA/val/ where the split has no
+       test part: checkpoints were chosen on val, which flatters them), each accuracy
+       with its 95% interval, and in --compare each model against the first on the same
+       pictures (a paired difference and its interval)
 Writes <weights>.confusion.png            (accuracy mode)
        <image name>.prediction.png        (--image: the picture with its predicted class)
        compare.json, compare.png, <weights>.confusion.png for each model   (--compare)
        profile.json, profile.png          (--profile: each model's time, layer by layer)
 
-    python test.py                         # accuracy of vgg16Net.pth on dataset/val
+    python test.py                         # accuracy of vgg16Net.pth on dataset/test (or val)
     python test.py --pruned                # ... of finetuned_vgg16_net.pth
     python test.py --image cat.jpg         # classify one picture
     python test.py --compare               # dense vs pruned vs distilled (vs int8, once
@@ -25,12 +28,13 @@ import torch
 from compress.checkpoints import output_path, write_json
 from compress.cli import (UserError, add_data_args, add_timing_args, add_verbose_arg, make_parser,
                           resolve_device, run_cli)
-from compress.data.images import eval_transform, load_rgb
+from compress.data.images import eval_transform, load_rgb, report_split
 from compress.export.onnx_files import exported_earlier_note, other_cpu_note
 from compress.machine.cpu import describe_cpu
 from compress.machine.resources import check_writable
-from compress.measure.comparison import THROUGHPUT_BATCH, compare, load_model, val_loader
+from compress.measure.comparison import THROUGHPUT_BATCH, compare, load_model, split_loader
 from compress.measure.evaluation import evaluate
+from compress.measure.intervals import accuracy_interval
 from compress.measure.profiling import GEMM_SIZES, machine_peak, profile_model
 from compress.measure.reporting import (explain_profiles, plot_confusion, plot_prediction,
                                         plot_profiles, print_comparison, print_profile,
@@ -87,10 +91,13 @@ def load(path, args, device):
 def test_accuracy(path, args, device):
     checkpoint, model = load(path, args, device)
     class_names = checkpoint["class_names"]
-    loader = val_loader(args.data, checkpoint, path, device, args.batch_size, args.workers)
+    split = report_split(args.data)
+    loader = split_loader(args.data, checkpoint, path, device, args.batch_size, args.workers,
+                          split)
     metrics = evaluate(model, loader, device, len(class_names), progress="evaluating")
+    low, high = accuracy_interval(sum(metrics["hits"]), metrics["count"])
     print(f"{path}: accuracy {metrics['accuracy']:.2%} on {metrics['count']} images of "
-          f"{os.path.join(args.data, 'val')}")
+          f"{os.path.join(args.data, split)} (95% interval {low:.1%} to {high:.1%})")
     for name, accuracy in zip(class_names, metrics["per_class_accuracy"]):
         print(f"  {name:<20} {accuracy:.2%}")
     figure = output_path(path, "confusion.png")

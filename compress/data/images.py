@@ -242,14 +242,20 @@ def training_loaders(data: str, image_size: int, device: torch.device, *, batch_
             make_loader(validation, batch_size, workers, device, sampler=None))
 
 
+def report_split(data: str) -> str:
+    """The split figures are reported on: test (held out, never chosen on) where DATA/test
+    exists, else val (on which checkpoints were chosen: it flatters them)."""
+    return "test" if os.path.isdir(os.path.join(data, "test")) else "val"
+
+
 def val_set(data: str, image_size: int, class_names: list[str] | None = None, cache: bool = False,
-            normalization: dict = ORIGINAL_NORMALIZATION) -> ImageFolder:
-    """DATA/val as every stage evaluates it.
+            normalization: dict = ORIGINAL_NORMALIZATION, split: str = "val") -> ImageFolder:
+    """DATA/val (or DATA/`split`) as every stage evaluates it.
 
     With `cache`, pictures are kept at exactly the size the evaluation transform
     resizes them to, so results equal those without a cache.
     """
-    return ImageFolder(os.path.join(data, "val"), eval_transform(image_size, normalization),
+    return ImageFolder(os.path.join(data, split), eval_transform(image_size, normalization),
                        class_names,
                        cache_size=(image_size, image_size) if cache else None)
 

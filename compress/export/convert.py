@@ -29,7 +29,8 @@ import torch
 from compress.checkpoints import (check_made_for, check_replaceable, file_sha256,
                                   model_from_checkpoint, saved_bytes)
 from compress.cli import CheckFailed, settings_from
-from compress.data.images import ImageFolder, eval_transform, find_classes, make_loader, val_set
+from compress.data.images import (ImageFolder, eval_transform, find_classes, make_loader,
+                                  report_split, val_set)
 from compress.export.onnx_files import (INPUT, OUTPUT, describe, load_onnx, parse_description,
                                         set_metadata, written_by_export)
 from compress.machine.cpu import cpu_class, describe_cpu, saturates
@@ -57,6 +58,8 @@ class ExportPlan:
             points against the fp32 file ...
         force_int8: ... or anyway.
         verbose: show the exporter's and the quantiser's messages.
+        split: the split of DATA the files are measured on (None: test where there is
+            one, else val: data.report_split()).
     """
     calibration: int = 128
     batch_size: int = 32
@@ -66,6 +69,7 @@ class ExportPlan:
     int8_max_drop: float = INT8_MAX_DROP
     force_int8: bool = False
     verbose: bool = False
+    split: str | None = None
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> ExportPlan:
@@ -200,7 +204,8 @@ def export_checkpoint(checkpoint: dict, weights: str, fp32_path: str, *, data: s
     Refused before any work (UserError): an .onnx file there that export.py did not write,
     DATA/train or DATA/val of other classes. The fp32 file must compute what PyTorch
     computes (else CheckFailed, nothing saved); the int8 file is calibrated on
-    `plan.calibration` pictures of DATA/train and measured on DATA/val on this CPU, and
+    `plan.calibration` pictures of DATA/train and measured on DATA/test (or val:
+    `plan.split`) on this CPU, and
     saved only if it lost at most `plan.int8_max_drop` points against the fp32 file (or
     `plan.force_int8`).
     Both are built in a folder beside them and renamed into place. Returns the report:
@@ -210,13 +215,14 @@ def export_checkpoint(checkpoint: dict, weights: str, fp32_path: str, *, data: s
     int8_path = int8_path_of(fp32_path)
     for path in (fp32_path, int8_path):
         check_onnx_replaceable(path)
-    folders = {part: os.path.join(data, part) for part in ("val", "train")}
+    split = plan.split or report_split(data)
+    folders = {"measured": os.path.join(data, split), "train": os.path.join(data, "train")}
     for folder in folders.values():
         check_made_for(checkpoint, weights, folder, class_names=find_classes(folder))
     transform = eval_transform(checkpoint["image_size"], checkpoint["normalization"])
     pictures = ImageFolder(folders["train"], transform, checkpoint["class_names"])
     val_loader = make_loader(val_set(data, checkpoint["image_size"], checkpoint["class_names"],
-                                     normalization=checkpoint["normalization"]),
+                                     normalization=checkpoint["normalization"], split=split),
                              plan.batch_size, plan.workers, CPU, sampler=None)
     description = describe(checkpoint, weights, source_sha256 or file_sha256(weights))
     model = model_from_checkpoint(checkpoint, weights).eval()
@@ -274,7 +280,7 @@ def export_checkpoint(checkpoint: dict, weights: str, fp32_path: str, *, data: s
             f"{'channel' if settings['per_channel'] else 'tensor'}"
             + (" (reduce_range: u8 x s8 products saturate int16 there)"
                if settings["reduce_range"] else ""))
-        say(f"  on {len(labels)} pictures of {folders['val']}, on this CPU ({here}): accuracy "
+        say(f"  on {len(labels)} pictures of {folders['measured']}, on this CPU ({here}): accuracy "
             f"PyTorch {accuracy['torch']:.1%}, ONNX fp32 {accuracy['fp32']:.1%}, int8 "
             f"{accuracy['int8']:.1%}; int8 agrees with fp32 on {agreement:.1%} "
             f"({time.perf_counter() - started:.0f}s)")
@@ -291,4 +297,5 @@ def export_checkpoint(checkpoint: dict, weights: str, fp32_path: str, *, data: s
     return {"fp32_path": fp32_path, "int8_path": int8_path, "int8_saved": int8_saved,
             "cpu": here, "int8_for": target, "settings": settings, "accuracy": accuracy,
             "agreement": agreement, "int8_lost_points": lost, "val_images": len(labels),
+            "split": split,
             "difference": difference}

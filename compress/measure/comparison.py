@@ -2,9 +2,11 @@
 
 - `load_model()`: any model file of this pipeline -- a checkpoint (.pth), a bare VGG
   state dict, or an .onnx file from export.py (run in onnxruntime) -- ready to run.
-- `compare()`: each model's accuracy on DATA/val, parameters, FLOPs and file size,
-  then all of them timed interleaved (batch-1 latency, batch-32 throughput) on the
-  same inputs: one row (a dict) per model, as test.py --compare reports them.
+- `compare()`: each model's accuracy on DATA/test (DATA/val where there is no test
+  split) with its 95% interval, and against the first model as a paired difference on
+  the same pictures (intervals.py); parameters, FLOPs and file size; then all of them
+  timed interleaved (batch-1 latency, batch-32 throughput) on the same inputs: one row
+  (a dict) per model, as test.py --compare reports them.
 
     from compress.measure.comparison import compare, load_model
     models = [(name, path, *load_model(path, device)) for name, path in ...]
@@ -19,10 +21,11 @@ import torch
 
 import model as vgg
 from compress.checkpoints import check_made_for, load_checkpoint, model_from_checkpoint
-from compress.data.images import find_classes, make_loader, val_set
+from compress.data.images import find_classes, make_loader, report_split, val_set
 from compress.export.onnx_files import load_onnx
 from compress.machine.cpu import cpu_class, describe_cpu
 from compress.measure.evaluation import count_flops, evaluate
+from compress.measure.intervals import accuracy_interval, paired_difference
 from compress.measure.timing import TimingPlan, interleaved_seconds, synchronizer
 
 CPU = torch.device("cpu")
@@ -46,26 +49,39 @@ def load_model(path: str, device: torch.device, image_size: int | None = None,
     return checkpoint, model
 
 
-def val_loader(data: str, checkpoint: dict, path: str, device: torch.device, batch_size: int,
-               workers: int | None):
-    """DATA/val as the checkpoint sees it, refused if its classes are not the checkpoint's."""
-    folder = os.path.join(data, "val")
+def split_loader(data: str, checkpoint: dict, path: str, device: torch.device, batch_size: int,
+                 workers: int | None, split: str = "val"):
+    """DATA/`split` as the checkpoint sees it, refused if its classes are not the
+    checkpoint's."""
+    folder = os.path.join(data, split)
     check_made_for(checkpoint, path, folder, class_names=find_classes(folder))
     dataset = val_set(data, checkpoint["image_size"], checkpoint["class_names"],
-                      normalization=checkpoint["normalization"])
+                      normalization=checkpoint["normalization"], split=split)
     return make_loader(dataset, batch_size, workers, device, sampler=None)
 
 
+def split_figures(metrics: dict) -> dict:
+    """What a row keeps of one split's evaluate(): all of it, and the accuracy's interval."""
+    correct = sum(metrics["hits"]) if metrics.get("hits") is not None else \
+        round(metrics["accuracy"] * metrics["count"])
+    low, high = accuracy_interval(correct, metrics["count"])
+    return dict(metrics, hits=metrics.get("hits"), accuracy_low=low, accuracy_high=high)
+
+
 def model_row(name: str, path: str, checkpoint: dict, model: torch.nn.Module, *, data: str,
-            device: torch.device, batch_size: int = 32, workers: int | None = None,
-            verbose: bool = False, metrics: dict | None = None) -> dict:
-    """One model's row before timing: accuracy (and the confusion matrix), size, FLOPs.
-    `metrics`: its evaluate() on DATA/val if known already (then not evaluated again)."""
+              device: torch.device, batch_size: int = 32, workers: int | None = None,
+              verbose: bool = False, metrics: dict | None = None,
+              splits: Sequence[str] = ("val",)) -> dict:
+    """One model's row before timing: accuracy (and the confusion matrix) on the first of
+    `splits`, each split's figures in "by_split", size, FLOPs. `metrics`: its evaluate()
+    of some splits, by split, if known already (those not evaluated again)."""
     image_size = checkpoint["image_size"]
-    metrics = metrics or evaluate(model, val_loader(data, checkpoint, path, device, batch_size,
-                                                    workers),
-                                  device, len(checkpoint["class_names"]),
-                                  progress=f"evaluating {name}")
+    known = metrics or {}
+    evaluated = {split: known.get(split) or evaluate(
+        model, split_loader(data, checkpoint, path, device, batch_size, workers, split),
+        device, len(checkpoint["class_names"]), progress=f"evaluating {name} on {split}")
+        for split in dict.fromkeys(splits)}
+    metrics = evaluated[splits[0]]
     onnx = path.endswith(".onnx")
     # an .onnx file's FLOPs and parameters are those of the widths it describes
     counted = vgg.from_architecture(checkpoint["architecture"]) if onnx else model.cpu()
@@ -83,7 +99,24 @@ def model_row(name: str, path: str, checkpoint: dict, model: torch.nn.Module, *,
             "runtime": "onnxruntime" if onnx else "torch",
             "precision": checkpoint.get("precision", "fp32"),
             "memory_format": None if onnx else "channels_last",
-            "image_size": image_size, "val_images": metrics["count"]}
+            "image_size": image_size, "val_images": metrics["count"], "split": splits[0],
+            "accuracy_low": split_figures(metrics)["accuracy_low"],
+            "accuracy_high": split_figures(metrics)["accuracy_high"],
+            "by_split": {split: split_figures(figures) for split, figures in evaluated.items()}}
+
+
+def against_first(rows: Sequence[dict], seed: int = 0) -> None:
+    """Each row after the first compared with it on the same pictures of each split (a
+    paired difference, intervals.paired_difference: "vs_first" in its split's figures),
+    the report split's also as the row's "difference" (None where the hits are unknown)."""
+    first = rows[0]["by_split"]
+    for row in rows[1:]:
+        for split, figures in row["by_split"].items():
+            reference = first.get(split, {}).get("hits")
+            figures["vs_first"] = (paired_difference(reference, figures["hits"], seed)
+                                   if reference is not None and figures["hits"] is not None
+                                   and len(reference) == len(figures["hits"]) else None)
+        row["difference"] = row["by_split"][row["split"]]["vs_first"]
 
 
 def time_models(rows: Sequence[dict], models: Sequence[torch.nn.Module], device: torch.device,
@@ -122,19 +155,25 @@ def time_models(rows: Sequence[dict], models: Sequence[torch.nn.Module], device:
 def compare(models: Sequence[tuple[str, str, dict, torch.nn.Module]], *, data: str,
             device: torch.device, timing: TimingPlan = TimingPlan(), batch_size: int = 32,
             workers: int | None = None, verbose: bool = False,
-            known: dict[str, dict] | None = None, say: Callable = print) -> list[dict]:
+            known: dict[str, dict] | None = None, splits: Sequence[str] | None = None,
+            say: Callable = print) -> list[dict]:
     """Measure `models` -- (name, path, checkpoint, model) each, as load_model() gives them --
-    on DATA/val, then time them all interleaved; a row per model, in the order given.
+    on each of `splits` of DATA (default: data.report_split(), test if there is one), each
+    against the first model on the same pictures, then time them all interleaved; a row
+    per model, in the order given. Accuracy and "split" are those of the first split.
 
     Every model stays in memory until all are timed (dense VGG16: 0.5 GB). `known`: the
-    evaluate() metrics of some of the files, by path, known already (not evaluated again).
+    evaluate() metrics of some of the files, by path then split, known already (not
+    evaluated again).
     """
+    splits = splits or [report_split(data)]
     rows = []
     for name, path, checkpoint, model in models:
         rows.append(model_row(name, path, checkpoint, model, data=data, device=device,
-                            batch_size=batch_size, workers=workers, verbose=verbose,
-                            metrics=(known or {}).get(path)))
+                              batch_size=batch_size, workers=workers, verbose=verbose,
+                              metrics=(known or {}).get(path), splits=splits))
         say(f"measured {path}", flush=True)
+    against_first(rows, timing.seed)
     say(f"timing {len(models)} models interleaved ...", flush=True)
     time_models(rows, [model for *_, model in models], device, timing)
     return rows

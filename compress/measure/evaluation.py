@@ -1,7 +1,8 @@
 """How good and how big a model is.
 
 - `evaluate()`: accuracy, mean cross-entropy and the confusion matrix on a loader
-  (all processes' shares added up under torchrun).
+  (all processes' shares added up under torchrun), and which pictures it got right
+  (in a single process: what a paired comparison of two models needs).
 - `count_flops()`: FLOPs and parameters of one image's forward pass (NNI's counter).
 - `relative_difference()`: how far one model's outputs are from another's.
 
@@ -16,15 +17,17 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from compress.cli import quiet_nni
-from compress.machine.distributed import all_reduce_sum
+from compress.machine.distributed import all_reduce_sum, distributed
 
 
 def evaluate(model: torch.nn.Module, loader: Iterable, device: torch.device, num_classes: int,
              progress: str | None = None) -> dict:
-    """Accuracy, mean cross-entropy and the confusion matrix (rows: true, cols: predicted)."""
+    """Accuracy, mean cross-entropy and the confusion matrix (rows: true, cols: predicted);
+    "hits": 1 for each picture it got right, in the loader's order (None under torchrun,
+    where each process sees a share)."""
     model.eval()
     confusion = torch.zeros(num_classes, num_classes, dtype=torch.long)
-    total_loss, count = 0.0, 0
+    total_loss, count, hits = 0.0, 0, []
     with torch.inference_mode():
         for images, labels in tqdm(loader, desc=progress, leave=False,
                                    disable=True if progress is None else None):
@@ -33,13 +36,15 @@ def evaluate(model: torch.nn.Module, loader: Iterable, device: torch.device, num
             total_loss += F.cross_entropy(logits, labels, reduction="sum").item()
             count += labels.numel()
             predictions = logits.argmax(1)
+            hits += (predictions == labels).int().tolist()
             confusion += torch.bincount(labels.cpu() * num_classes + predictions.cpu(),
                                         minlength=num_classes ** 2).view(num_classes, num_classes)
     # under torchrun each process saw its share of the images: add them up
     *flat, total_loss, count = all_reduce_sum(confusion.flatten().tolist() + [total_loss, count],
                                               device)
     confusion = torch.tensor(flat).round().long().view(num_classes, num_classes)
-    return confusion_metrics(confusion, total_loss, int(count))
+    return dict(confusion_metrics(confusion, total_loss, int(count)),
+                hits=hits if distributed()[1] == 1 else None)
 
 
 def confusion_metrics(confusion: torch.Tensor, total_loss: float, count: int) -> dict:

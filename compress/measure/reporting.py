@@ -110,18 +110,39 @@ def plot_prediction(image: Image.Image, label: str, path: str, show: bool = Fals
     save_figure(figure, path, show, bbox_inches="tight")
 
 
+def accuracy_cell(row: dict) -> str:
+    """'86.4% [84.0, 88.6]': an accuracy and its 95% interval, in percent."""
+    if "accuracy_low" not in row:  # (a row measured before intervals were)
+        return f"{row['accuracy']:.1%}"
+    return (f"{row['accuracy']:.1%} [{100 * row['accuracy_low']:.1f}, "
+            f"{100 * row['accuracy_high']:.1f}]")
+
+
+def difference_cell(row: dict) -> str:
+    """'-0.8 [-1.9, +0.2]': a row's paired difference from the first row, in points, its
+    95% interval, '=' where it cannot be told apart from the first ('' for the first)."""
+    difference = row.get("difference")
+    if not difference:
+        return ""
+    cell = (f"{100 * difference['difference']:+.1f} [{100 * difference['low']:+.1f}, "
+            f"{100 * difference['high']:+.1f}]")
+    return cell + (" =" if difference["low"] <= 0 <= difference["high"] else "  ")
+
+
 def print_comparison(rows: Sequence[dict]) -> None:
     """test.py --compare's table: each row against the first."""
     base = rows[0]
     width = max(10, *(len(row["name"]) for row in rows))  # the model column fits every name
-    header = (f"{'model':<{width}} {'val acc':>8} {'params':>14} {'FLOPs':>14} {'file size':>14} "
+    split = base.get("split", "val")
+    header = (f"{'model':<{width}} {split + ' acc [95%]':>21} {'vs first [95%]':>22} "
+              f"{'params':>14} {'FLOPs':>14} {'file size':>14} "
               f"{'latency b=1 (IQR)':>24} {'throughput b=32':>18}")
     print(f"\nMeasured on {base['device']} with {base['threads']} threads (PyTorch in "
           "channels-last, .onnx files in onnxruntime), timed interleaved, median and "
           f"interquartile range; ratios against {base['name']}\nCPU: {base['cpu']}\n"
           f"{header}\n{'-' * len(header)}")
     for row in rows:
-        print(f"{row['name']:<{width}} {row['accuracy']:>8.1%} "
+        print(f"{row['name']:<{width}} {accuracy_cell(row):>21} {difference_cell(row):>22} "
               f"{row['params'] / 1e6:>6.1f}M {row['params'] / base['params']:>5.2f}x "
               f"{row['flops'] / 1e9:>6.2f}G {row['flops'] / base['flops']:>5.2f}x "
               f"{row['file_bytes'] / 2**20:>6.1f}MB "
@@ -130,7 +151,10 @@ def print_comparison(rows: Sequence[dict]) -> None:
               f"{base['latency_ms'] / row['latency_ms']:>5.2f}x↑ "
               f"{row['throughput_ips']:>7.1f}img/s "
               f"{row['throughput_ips'] / base['throughput_ips']:>5.2f}x↑")
-    print("(x: model / first model; x↑: speed-up over the first model)")
+    print(f"(accuracy on {base.get('val_images')} pictures of {split}, Wilson's 95% interval; vs "
+          "first: accuracy points minus the first model's on the same pictures, paired "
+          "bootstrap 95% interval, '=': cannot be told apart; x: model / first model; "
+          "x↑: speed-up over the first model)")
     print_loose_timings(rows)
     print()
 

@@ -24,8 +24,9 @@ import torch
 from compress.checkpoints import (check_made_for, file_sha256, load_checkpoint,
                                   model_from_checkpoint, write_json)
 from compress.cli import resolve_device, settings_from
-from compress.data.images import ImageFolder
+from compress.data.images import ImageFolder, report_split
 from compress.measure.comparison import compare, load_model
+from compress.measure.intervals import describe_difference, paired_difference
 from compress.measure.reporting import save_comparison
 from compress.measure.timing import TimingPlan
 from compress.pruning.channels import check_rankable
@@ -35,12 +36,14 @@ from compress.training.distillation import DISTILLATION_DEFAULTS, Distillation
 from compress.training.recipe import RECIPE_DEFAULTS, Recipe
 from compress.training.teacher_store import key_name, pictures_fingerprint, store_key
 
-# what evaluate() gives (the keys) and where a measured row holds it (the values)
-EVALUATED = {"accuracy": "accuracy", "loss": "loss", "per_class_accuracy": "per_class_accuracy",
-             "confusion": "confusion", "count": "val_images"}
+# what evaluate() gives that a dense_evaluation() file keeps
+EVALUATED = ("accuracy", "loss", "per_class_accuracy", "confusion", "count", "hits")
 # the pytorch figures each row keeps beside the target's (sweep.json's "pytorch")
-PYTORCH_FIGURES = ("accuracy", "latency_ms", "latency_iqr_ms", "throughput_ips", "file_bytes",
-                   "path")
+PYTORCH_FIGURES = ("accuracy", "accuracy_low", "accuracy_high", "latency_ms", "latency_iqr_ms",
+                   "throughput_ips", "file_bytes", "path", "split", "by_split")
+# a sweep decides on val (where the students were chosen epoch by epoch too) and reports
+# on test where the split holds one: the figures a user reads were never chosen on
+SELECTION_SPLIT = "val"
 
 
 @dataclasses.dataclass
@@ -112,20 +115,26 @@ class SweepSetup:
                         normalization=teacher.checkpoint["normalization"], device=self.device)
         return os.path.join(self.store_dir, f"teacher_logits.{key_name(key)}.pt")
 
-    def dense_evaluation(self, path: str, description: dict) -> str | None:
-        """The file (in `store_dir`) of the dense model's accuracy on DATA/val as the file
-        `path` (its checkpoint, or an .onnx file of it) gave it: named by what decides it,
-        so that a sweep or a trial measuring the same file again need not evaluate it."""
+    def splits(self) -> list[str]:
+        """The splits the candidates are measured on: the report split, then val (decided
+        on), once each."""
+        return list(dict.fromkeys([report_split(self.data), SELECTION_SPLIT]))
+
+    def dense_evaluation(self, path: str, description: dict, split: str) -> str | None:
+        """The file (in `store_dir`) of the dense model's evaluation on DATA/`split` as the
+        file `path` (its checkpoint, or an .onnx file of it) gave it: named by what decides
+        it, so that a sweep or a trial measuring the same file again need not evaluate it."""
         if self.store_dir is None:
             return None
         status = os.stat(path)
-        pictures = ImageFolder(os.path.join(self.data, "val"), None,
+        pictures = ImageFolder(os.path.join(self.data, split), None,
                                self.teacher.checkpoint["class_names"])
         key = {"teacher_sha256": self.teacher.sha256, "file": os.path.basename(path),
                "bytes": status.st_size, "mtime_ns": status.st_mtime_ns,
                "precision": description.get("precision", "fp32"),
                "quantization": description.get("quantization"),
-               "pictures": pictures_fingerprint(pictures.samples)}
+               "pictures": pictures_fingerprint(pictures.samples),
+               **({} if split == "val" else {"split": split})}
         return os.path.join(self.store_dir, f"dense_evaluation.{key_name(key)}.json")
 
     def ship_student(self, path: str, **known) -> dict | None:
@@ -173,17 +182,24 @@ def pareto(rows: Sequence[dict], key: str) -> set[str]:
     return front
 
 
+def drop(row: dict) -> float:
+    """The points a measured row is below the dense model in PyTorch on the pictures the
+    sweep decides on: the paired difference (the same pictures, "budget"), or, for a row
+    measured before there were paired differences, the difference of the two accuracies."""
+    return -100 * row["budget"]["difference"]
+
+
 def pick(rows: Sequence[dict], dense: dict, max_drop: float) -> dict | None:
-    """The fastest row (batch-1 latency; fewer parameters on a tie) within `max_drop` points
-    of the dense model's PyTorch accuracy. Rows of one architecture (the same parameters
-    and FLOPs: l1-0.9 and taylor-0.9 keep the same widths) are one network, whose
-    latencies differ by timing noise alone: of them, the most accurate counts."""
-    reference = reference_accuracy(dense)
+    """The fastest row (batch-1 latency; fewer parameters on a tie) at most `max_drop` points
+    below the dense model in PyTorch, by the paired difference on val (drop()). Rows of
+    one architecture (the same parameters and FLOPs: l1-0.9 and taylor-0.9 keep the same
+    widths) are one network, whose latencies differ by timing noise alone: of them, the
+    most accurate counts."""
     best_of_shape = {}
     for row in rows:
-        if within_budget(row["accuracy"], reference, max_drop):
+        if round(drop(row), 9) <= max_drop:
             shape = (row["params"], row.get("flops"))
-            if shape not in best_of_shape or row["accuracy"] > best_of_shape[shape]["accuracy"]:
+            if shape not in best_of_shape or drop(row) < drop(best_of_shape[shape]):
                 best_of_shape[shape] = row
     return min(best_of_shape.values(), key=lambda r: (r["latency_ms"], r["params"]),
                default=None)
@@ -205,6 +221,10 @@ def measure_candidates(setup: SweepSetup, done: Sequence[dict], report: str,
             setup, done, os.path.splitext(report)[0] + ".pytorch.json", "pytorch", None)
         for row, figures in zip([dense, *rows], [pytorch_dense, *pytorch_rows]):
             row["pytorch"] = {key: figures[key] for key in PYTORCH_FIGURES}
+    reference = in_pytorch(dense)["by_split"]
+    for row in [dense, *rows]:  # against the dense model as the user has it: in PyTorch
+        row["difference"] = paired(reference, row, row["split"], setup.timing.seed)
+        row["budget"] = paired(reference, row, SELECTION_SPLIT, setup.timing.seed)
     for row in [dense, *rows]:
         if "pytorch" in row:
             row.setdefault("accuracy_by_runtime", {})["pytorch"] = row["pytorch"]["accuracy"]
@@ -214,6 +234,11 @@ def measure_candidates(setup: SweepSetup, done: Sequence[dict], report: str,
         for row in rows:
             row[f"pareto_{key.split('_')[0]}"] = row["name"] in front
     return rows, dense
+
+
+def paired(reference: dict, row: dict, split: str, seed: int) -> dict:
+    """The row's accuracy minus the reference's (by_split figures) on `split`, paired."""
+    return paired_difference(reference[split]["hits"], row["by_split"][split]["hits"], seed)
 
 
 def measure_in(setup: SweepSetup, done: Sequence[dict], report: str, target: str,
@@ -233,15 +258,18 @@ def measure_in(setup: SweepSetup, done: Sequence[dict], report: str, target: str
         else:
             checkpoint, model = load_model(path, device)
         models.append((name, path, checkpoint, model))
-    # the dense model's accuracy, known from an earlier measurement of the same file
-    evaluation = setup.dense_evaluation(files[0][1], models[0][2])
-    known = read_evaluation(evaluation)
+    # the dense model's evaluation, known from an earlier measurement of the same file
+    splits = setup.splits()
+    evaluations = {split: setup.dense_evaluation(files[0][1], models[0][2], split)
+                   for split in splits}
+    known = {split: read_evaluation(path) for split, path in evaluations.items()}
     measured = compare(models, data=setup.data, device=device, timing=setup.timing,
                        batch_size=setup.recipe.batch_size, workers=setup.recipe.workers,
-                       verbose=setup.verbose,
-                       known={files[0][1]: known} if known else None)
-    if evaluation and not known:
-        write_json({key: measured[0][field] for key, field in EVALUATED.items()}, evaluation)
+                       verbose=setup.verbose, splits=splits,
+                       known={files[0][1]: {s: m for s, m in known.items() if m}})
+    for split, path in evaluations.items():
+        if path and not known[split]:
+            write_json({key: measured[0]["by_split"][split][key] for key in EVALUATED}, path)
     save_comparison(measured, report)
     rows = [{**row, **numbers, "name": row["name"], "path": row["path"], "file": file,
              "target": target} for row, numbers, (_, file) in zip(done, measured[1:], files[1:])]
@@ -254,7 +282,7 @@ def read_evaluation(path: str | None) -> dict | None:
     try:
         with open(path) as file:
             metrics = json.load(file)
-        return metrics if set(metrics) == set(EVALUATED) else None
+        return metrics if set(metrics) == set(EVALUATED) and metrics["hits"] else None
     except (OSError, TypeError, ValueError):
         return None
 
@@ -269,14 +297,34 @@ def present(rows: list[dict], dense: dict, max_drop: float | None, output_dir: s
     if max_drop is not None:
         reference = reference_accuracy(dense)
         against = in_pytorch(dense)
-        print(f"--max-drop {max_drop:g}: " + (
-            f"{chosen['name']} ({chosen['file']}): {chosen['accuracy']:.1%} vs dense "
-            f"{reference:.1%} (PyTorch), {dense['params'] / chosen['params']:.1f}x fewer "
+        print(f"--max-drop {max_drop:g} (decided on {SELECTION_SPLIT}): " + (
+            f"{chosen['name']} ({chosen['file']}): {chosen['accuracy']:.1%} on "
+            f"{chosen['split']} vs dense {reference:.1%} (PyTorch), "
+            f"{describe_difference(chosen['difference'])}, "
+            f"{dense['params'] / chosen['params']:.1f}x fewer "
             f"parameters, {against['latency_ms'] / chosen['latency_ms']:.1f}x faster at batch "
             f"1 and {against['file_bytes'] / chosen['file_bytes']:.1f}x smaller than the dense "
             "model in PyTorch" if chosen else
             f"no setting is within {max_drop:g} points of the dense {reference:.1%}"))
+        print_noise(rows, chosen, max_drop)
     return chosen
+
+
+def print_noise(rows: Sequence[dict], chosen: dict | None, max_drop: float) -> None:
+    """Say where the budget's decision is within the noise: faster settings left out whose
+    interval on val still reaches the budget, and a pick whose interval crosses it."""
+    line = -max_drop / 100
+    faster = [row for row in rows if row["budget"]["high"] >= line > row["budget"]["difference"]
+              and (chosen is None or row["latency_ms"] < chosen["latency_ms"])]
+    if faster:
+        print("Within the noise: " + ", ".join(
+            f"{row['name']} ({describe_difference(row['budget'])} on {SELECTION_SPLIT})"
+            for row in faster) + f" left out, though their intervals reach -{max_drop:g}: "
+            "more validation pictures would tell")
+    if chosen and chosen["budget"]["low"] < line:
+        print(f"{chosen['name']}'s interval on {SELECTION_SPLIT} "
+              f"({describe_difference(chosen['budget'])}) reaches below -{max_drop:g}: it may "
+              "lose more than the budget")
 
 
 def save_rows(rows: Sequence[dict], dense: dict, path: str) -> None:

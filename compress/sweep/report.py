@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from compress.measure.reporting import print_loose_timings, pyplot, save_figure
+from compress.measure.reporting import (accuracy_cell, difference_cell, print_loose_timings,
+                                        pyplot, save_figure)
 from compress.sweep.targets import TARGETS
 
 
@@ -18,19 +19,24 @@ def in_pytorch(dense: dict) -> dict:
     return dense.get("pytorch", dense)
 
 
-def reference_accuracy(dense: dict) -> float:
-    """The accuracy a sweep's budget counts from: the dense model's in PyTorch."""
-    return in_pytorch(dense)["accuracy"]
+def reference_accuracy(dense: dict, split: str | None = None) -> float:
+    """The accuracy a sweep's budget counts from: the dense model's in PyTorch (on `split`;
+    None: the split it reports on)."""
+    figures = in_pytorch(dense)
+    return figures["accuracy"] if split is None else figures["by_split"][split]["accuracy"]
 
 
 def print_sweep(rows: Sequence[dict], dense: dict) -> None:
     """The sweep's table: the dense row, then each setting's (p: Pareto front, *: picked),
-    in the runtime that decided; beside it, with a target other than PyTorch, how many
-    times faster and smaller than the dense model in PyTorch each is."""
+    in the runtime that decided, each accuracy with its 95% interval and against the
+    dense model in PyTorch on the same pictures; beside it, with a target other than
+    PyTorch, how many times faster and smaller than the dense model in PyTorch each is."""
     against = dense.get("pytorch")
-    header = (f"{'setting':<30}{'val acc':>9}{'params':>10}{'x fewer':>9}{'FLOPs':>9}"
-              f"{'latency b=1':>14}{'IQR':>7}{'x faster':>10}{'img/s b=32':>12}"
-              + (f"{'x faster than':>15}{'x smaller':>11}" if against else ""))
+    split = dense.get("split", "val")
+    header = (f"{'setting':<24}{split + ' acc [95%]':>22}{'vs dense [95%]':>23}{'params':>9}"
+              f"{'x fewer':>8}{'FLOPs':>9}{'latency b=1':>13}{'IQR':>6}{'x faster':>9}"
+              f"{'img/s b=32':>11}"
+              + (f"{'x faster than':>14}{'x smaller':>10}" if against else ""))
     print(f"\nMeasured on {dense['device']} with {dense['threads']} threads; CPU: "
           f"{dense['cpu']}\nDecided by {TARGETS[dense.get('target', 'pytorch')].name}"
           + (f"; the last two columns against the dense model in PyTorch "
@@ -39,14 +45,18 @@ def print_sweep(rows: Sequence[dict], dense: dict) -> None:
           + f"\n{header}\n{'-' * len(header)}")
     for row in [dense, *rows]:
         mark = "*" if row.get("picked") else "p" if row.get("pareto_latency") else ""
-        print(f"{row['name'][:27] + ' ' + mark:<30}{row['accuracy']:>9.1%}"
-              f"{row['params'] / 1e6:>9.2f}M{dense['params'] / row['params']:>8.1f}x"
-              f"{row['flops'] / 1e9:>8.3f}G{row['latency_ms']:>12.2f}ms"
-              f"{row['latency_iqr_ms']:>7.2f}{dense['latency_ms'] / row['latency_ms']:>9.1f}x"
-              f"{row['throughput_ips']:>12.0f}"
-              + (f"{against['latency_ms'] / row['latency_ms']:>14.1f}x"
-                 f"{against['file_bytes'] / row['file_bytes']:>10.1f}x" if against else ""))
-    print("(p: on the accuracy/latency Pareto front; *: picked by --max-drop)")
+        print(f"{row['name'][:21] + ' ' + mark:<24}{accuracy_cell(row):>22}"
+              f"{difference_cell(row):>23}"
+              f"{row['params'] / 1e6:>8.2f}M{dense['params'] / row['params']:>7.1f}x"
+              f"{row['flops'] / 1e9:>8.3f}G{row['latency_ms']:>11.2f}ms"
+              f"{row['latency_iqr_ms']:>6.2f}{dense['latency_ms'] / row['latency_ms']:>8.1f}x"
+              f"{row['throughput_ips']:>11.0f}"
+              + (f"{against['latency_ms'] / row['latency_ms']:>13.1f}x"
+                 f"{against['file_bytes'] / row['file_bytes']:>9.1f}x" if against else ""))
+    print(f"(accuracy on {dense.get('val_images')} pictures of {split}, Wilson's 95% interval; "
+          "vs dense: points against the dense model in PyTorch on the same pictures, paired "
+          "bootstrap 95% interval, '=': cannot be told apart from it; p: on the "
+          "accuracy/latency Pareto front; *: picked by --max-drop, on val)")
     print_loose_timings([dense, *rows])
 
 
@@ -60,21 +70,31 @@ def plot_sweep(rows: Sequence[dict], dense: dict, path: str, max_drop: float | N
         front = sorted((r for r in rows if r[f"pareto_{key.split('_')[0]}"]), key=lambda r: r[key])
         axis.plot([r[key] / scale for r in front], [100 * r["accuracy"] for r in front], "-",
                   color="C1", label="Pareto front")
+        axis.errorbar([r[key] / scale for r in rows], [100 * r["accuracy"] for r in rows],
+                      yerr=errors(rows), fmt="none", ecolor="0.6", elinewidth=1, zorder=2)
         axis.scatter([r[key] / scale for r in rows], [100 * r["accuracy"] for r in rows],
                      color=["C1" if r in front else "C0" for r in rows], zorder=3)
         axis.scatter([dense[key] / scale], [100 * dense["accuracy"]], marker="*", s=200,
                      color="C3", zorder=3, label="dense")
         if max_drop is not None:  # counted from the dense model's accuracy in PyTorch
             axis.axhline(100 * reference_accuracy(dense) - max_drop, color="C3", linestyle=":",
-                         label=f"--max-drop {max_drop:g} (from the dense model in PyTorch)")
+                         label=f"--max-drop {max_drop:g} (from the dense model in PyTorch; "
+                               "decided on val by the paired difference)")
         for row in rows:
             axis.annotate(row["name"] + (" (picked)" if row.get("picked") else ""),
                           (row[key] / scale, 100 * row["accuracy"]), fontsize=8,
                           textcoords="offset points", xytext=(4, 4))
         axis.set_xscale("log")
-        axis.set(xlabel=label + " (log)", ylabel="val accuracy (%)")
+        axis.set(xlabel=label + " (log)",
+                 ylabel=f"{dense.get('split', 'val')} accuracy (%), 95% interval")
         axis.legend()
     figure.suptitle(f"Decided by {TARGETS[dense.get('target', 'pytorch')].name}: measured on "
                     f"{dense['device']} ({dense.get('cpu_class', '')}), {dense['threads']} "
                     f"threads, {dense['image_size']} px")
     save_figure(figure, path)
+
+
+def errors(rows: Sequence[dict]) -> list[list[float]]:
+    """The rows' 95% intervals as matplotlib's error bars (below, above), in points."""
+    return [[100 * (row["accuracy"] - row.get("accuracy_low", row["accuracy"])) for row in rows],
+            [100 * (row.get("accuracy_high", row["accuracy"]) - row["accuracy"]) for row in rows]]

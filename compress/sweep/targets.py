@@ -20,7 +20,7 @@ from compress.checkpoints import file_sha256, load_checkpoint, output_path
 from compress.export.convert import ExportPlan, export_checkpoint, int8_path_of, int8_settings
 from compress.export.onnx_files import read_description
 from compress.machine.cpu import cpu_class
-from compress.measure.comparison import load_model, val_loader
+from compress.measure.comparison import load_model, split_loader
 from compress.measure.evaluation import evaluate
 
 
@@ -76,7 +76,9 @@ def ship(checkpoint_path: str, *, data: str, checkpoint: dict | None = None,
         return None
     checkpoint = checkpoint or load_checkpoint(checkpoint_path)
     paths = onnx_paths(checkpoint_path, fp32_path)
-    plan = ExportPlan(batch_size=batch_size, workers=workers or 0, seed=seed, force_int8=True)
+    # (measured on val, as the sweep decides: the test split is for the final report)
+    plan = ExportPlan(batch_size=batch_size, workers=workers or 0, seed=seed, force_int8=True,
+                      split="val")
     report = export_checkpoint(checkpoint, checkpoint_path, paths["onnx"], data=data, plan=plan,
                                source_sha256=sha256, say=say)
     if not report["int8_lost_points"] <= 1:
@@ -91,5 +93,5 @@ def target_accuracy(checkpoint_path: str, target: str, *, data: str, batch_size:
     """The accuracy on DATA/val of `target`'s file of a checkpoint, in its runtime."""
     path = target_file(checkpoint_path, target)
     checkpoint, model = load_model(path, CPU)
-    loader = val_loader(data, checkpoint, path, CPU, batch_size, workers)
+    loader = split_loader(data, checkpoint, path, CPU, batch_size, workers)
     return evaluate(model, loader, CPU, len(checkpoint["class_names"]))["accuracy"]

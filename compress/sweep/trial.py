@@ -15,7 +15,8 @@ import signal
 import torch
 
 from compress.cli import Interrupted, UserError
-from compress.sweep.candidates import SweepSetup, measure_candidates, within_budget
+from compress.sweep.candidates import (SELECTION_SPLIT, SweepSetup, measure_candidates,
+                                      within_budget)
 from compress.sweep.experiment import objective
 from compress.sweep.plain import Setting, method_setting, prune_and_distil
 from compress.sweep.report import reference_accuracy
@@ -62,13 +63,15 @@ def run_trial(setup: SweepSetup, output_dir: str, max_drop: float, concurrency: 
         signal.signal(signal.SIGINT, signal.SIG_DFL)
         os.kill(os.getpid(), signal.SIGINT)
     speedup = dense["latency_ms"] / row["latency_ms"]
-    reference = reference_accuracy(dense)
+    # decided on val: the tuner must never see the test split
+    accuracy = row["by_split"][SELECTION_SPLIT]["accuracy"]
+    reference = reference_accuracy(dense, SELECTION_SPLIT)
     nni.report_final_result({
-        "default": objective(row["accuracy"], reference, speedup, max_drop),
+        "default": objective(accuracy, reference, speedup, max_drop),
         "trial": trial, "parameters": parameters, "name": setting.name, "method": method,
         "global": global_ranking, "sparsity": setting.sparsity, "path": student,
-        "target": setup.target, "accuracy": row["accuracy"], "dense_accuracy": reference,
-        "within_budget": within_budget(row["accuracy"], reference, max_drop),
+        "target": setup.target, "accuracy": accuracy, "dense_accuracy": reference,
+        "within_budget": within_budget(accuracy, reference, max_drop),
         "speedup": speedup, "latency_ms": row["latency_ms"],
         "dense_latency_ms": dense["latency_ms"], "params": row["params"],
         "flops": row["flops"], "file_bytes": row["file_bytes"],
