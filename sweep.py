@@ -45,6 +45,7 @@ through --nni-config); its results land in the same sweep.json and sweep.png.
 
     python sweep.py                                   # l1 at 0.5, 0.7, 0.9; 3 KD epochs
     python sweep.py --methods l1 slim:global --sparsities 0.5 0.7 --mobilenet-v2
+    python sweep.py --sparsities 0.7 --prune-steps 1 3 --kd-epochs 6   # one-shot vs 3 steps
     python sweep.py --max-drop 1.0 --search l1
     python sweep.py --engine nni --max-drop 1.0 --methods l1 taylor --sparsities 0.5 0.9
 """
@@ -64,7 +65,8 @@ from compress.sweep import trial
 from compress.sweep.candidates import SweepSetup, Teacher
 from compress.sweep.experiment import SPARSITY_STEP, ExperimentPlan, run_experiment, search_space
 from compress.sweep.nni_engine import ASSESSOR, TUNER
-from compress.sweep.plain import Setting, method_setting, run_sweep
+from compress.sweep.plain import run_sweep
+from compress.sweep.setting import Setting, method_setting
 from compress.sweep.targets import TARGETS
 
 
@@ -78,6 +80,12 @@ def get_args_parser():
     parser.add_argument("--sparsities", nargs="+", type=fraction, default=[0.5, 0.7, 0.9],
                         metavar="S", help="pruner.py --sparsity values, each tried with every "
                                           "method")
+    parser.add_argument("--prune-steps", nargs="+", type=int_within(1, "1 or more"), default=[1],
+                        metavar="N",
+                        help="reach each sparsity in N prune-then-distil steps (each setting "
+                             "tried with every N): the same final widths as one cut, the "
+                             "--kd-epochs shared out between the steps; the channels ranked "
+                             "afresh each step (not with METHOD:global)")
     parser.add_argument("--mobilenet-v2", action="store_true",
                         help="also distil a MobileNetV2 student (knowledge_distillation.py "
                              "--student-arch mobilenet_v2)")
@@ -140,7 +148,8 @@ def get_args_parser():
 
 
 # flags of the experiment as a whole, which no trial takes (a trial is one setting)
-EXPERIMENT_FLAGS = {"--help", "--methods", "--sparsities", "--mobilenet-v2", "--search",
+EXPERIMENT_FLAGS = {"--help", "--methods", "--sparsities", "--prune-steps", "--mobilenet-v2",
+                    "--search",
                     "--search-steps", "--engine", "--trials", "--port", "--host", "--nni-config"}
 # flags naming files: a trial gets them by absolute path (NNI runs trials in this folder)
 PATH_FLAGS = {"--data", "--weights", "--output-dir"}
@@ -185,7 +194,8 @@ def sweep(args):
     if args.engine == "nni":
         if args.max_drop is None:
             raise UserError("--engine nni: needs --max-drop (the budget of the objective)")
-        for given, flag in ((args.search, "--search"), (args.mobilenet_v2, "--mobilenet-v2")):
+        for given, flag in ((args.search, "--search"), (args.mobilenet_v2, "--mobilenet-v2"),
+                            (args.prune_steps != [1], "--prune-steps")):
             if given:
                 raise UserError(f"{flag}: not with --engine nni (the plain sweep runs it)")
         plan = ExperimentPlan(methods, args.sparsities, args.max_drop, args.trials,
@@ -201,7 +211,16 @@ def sweep(args):
     setup = setup_of(args, [method for method, _ in methods])
     if args.search and setup.teacher.checkpoint["metrics"].get("val_accuracy") is None:
         raise UserError(f"{args.weights}: records no validation accuracy to --search against")
-    settings = [Setting(m, g, s) for m, g in methods for s in args.sparsities]
+    if any(steps > 1 for steps in args.prune_steps):
+        if any(global_ranking for _, global_ranking in methods):
+            raise UserError("--prune-steps: each step keeps per-layer widths, which a global "
+                            "ranking sets only as it ranks; drop :global")
+        if args.kd_epochs < max(args.prune_steps):
+            raise UserError(f"--prune-steps {max(args.prune_steps)}: needs at least as many "
+                            f"--kd-epochs (got {args.kd_epochs}): each step distils for one "
+                            "epoch or more")
+    settings = [Setting(m, g, s, steps) for m, g in methods for s in args.sparsities
+                for steps in args.prune_steps]
     if args.mobilenet_v2:
         settings.append(Setting(None))
     run_sweep(setup, settings, args.output_dir, max_drop=args.max_drop, bisect=args.search,

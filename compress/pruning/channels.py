@@ -1,9 +1,11 @@
 """Pruning with NNI: which channels go (the METHODS table), and a model that really shrinks.
 
 - `prune()`: NNI's pruners rank each layer's output channels (or, `global_ranking`,
-  all convolutions' together), the least important SPARSITY of them are masked,
-  then NNI's ModelSpeedup rebuilds the layers without them; the small model is
-  checked against the masked one. In place, on a model.py VGG.
+  all convolutions' together), the least important SPARSITY of them are masked (or,
+  given `widths`, all but that many channels of each layer), then NNI's ModelSpeedup
+  rebuilds the layers without them; the small model is checked against the masked
+  one. In place, on a model.py VGG (dense or pruned before).
+- `uniform_widths()`: the widths a uniform sparsity leaves, as NNI counts them.
 - `prune_checkpoint()`: a dense checkpoint in, a pruned checkpoint and its report
   (widths, parameters and FLOPs before and after) out -- what pruner.py saves.
 - `taylor_batches()`: the batches --method taylor ranks by; `check_rankable()`: the
@@ -75,9 +77,14 @@ METHODS = {
 }
 
 
-def config_lists(method: str, sparsity: float, global_ranking: bool) -> dict:
-    """{NNI pruner name: its config list}: the convolutions and the hidden Linear layers."""
+def config_lists(method: str, sparsity: float, global_ranking: bool,
+                 widths: dict[str, tuple[int, int]] | None = None) -> dict:
+    """{NNI pruner name: its config list}: the convolutions and the hidden Linear layers.
+    `widths` ({layer name: (its width now, the width to keep)}) gives each layer a ratio
+    of its own instead of `sparsity`."""
     method = METHODS[method]
+    if widths is not None:
+        return per_layer_configs(method, widths)
     groups = [({"op_types": [method.conv_targets]}, method.conv_pruner, "convolutions"),
               ({"op_names": HIDDEN_LINEAR}, method.linear_pruner, "hidden")]
     configs = {}
@@ -89,12 +96,46 @@ def config_lists(method: str, sparsity: float, global_ranking: bool) -> dict:
     return configs
 
 
+def per_layer_configs(method: Method, widths: dict[str, tuple[int, int]]) -> dict:
+    """Config lists that keep exactly `widths[name][1]` of each layer's channels."""
+    configs = {}
+    for name, (now, keep) in widths.items():
+        if keep == now:
+            continue
+        is_conv = name.startswith("features.")
+        if is_conv and method.conv_targets == "BatchNorm2d":  # slim: the scale after it
+            parent, index = name.rsplit(".", 1)
+            name = f"{parent}.{int(index) + 1}"
+        # NNI prunes int(width x ratio) channels: half a channel above the count is exact
+        setting = {"op_names": [name], "sparse_ratio": (now - keep + 0.5) / now}
+        pruner_name = method.conv_pruner if is_conv else method.linear_pruner
+        configs.setdefault(pruner_name, []).append(setting)
+    return configs
+
+
+def prunable_layers(model: torch.nn.Module) -> dict[str, int]:
+    """{name: output width} of every layer prune() may thin: the convolutions (features.N)
+    and the two hidden Linear layers, in order."""
+    convs = {f"features.{index}": module.out_channels
+             for index, module in enumerate(model.features)
+             if isinstance(module, torch.nn.Conv2d)}
+    return {**convs, **{name: model.get_submodule(name).out_features for name in HIDDEN_LINEAR}}
+
+
+def uniform_widths(widths: dict[str, int], sparsity: float) -> dict[str, int]:
+    """{layer: the width it keeps} where each layer of `widths` (prunable_layers()) loses
+    `sparsity` of its channels, as NNI counts them (int(width x sparsity) pruned)."""
+    return {name: width - int(width * sparsity) for name, width in widths.items()}
+
+
 def prune(model: torch.nn.Module, sparsity: float, image_size: int, method: str = "l1",
           global_ranking: bool = False, seed: int = 0, batches: list = (),
-          verbose: bool = False) -> float:
+          verbose: bool = False, widths: dict[str, int] | None = None) -> float:
     """Prune `model` in place (NNI's pruners of `method` + ModelSpeedup) and check it
     against the masked model.
 
+    `widths` ({layer name: channels kept}, prunable_layers() names; a layer not named
+    keeps all) replaces `sparsity`: each layer keeps its most important that many.
     `batches`: (images, labels) whose gradients --method taylor ranks by. Returns
     the largest absolute difference between the masked and the sped-up outputs on a
     random batch, relative to the outputs' scale; over TOLERANCE it raises
@@ -105,7 +146,11 @@ def prune(model: torch.nn.Module, sparsity: float, image_size: int, method: str 
         batch = torch.randn(4, 3, image_size, image_size,
                             generator=torch.Generator().manual_seed(seed))
         masks = {}
-        for pruner_name, config in config_lists(method, sparsity, global_ranking).items():
+        now = prunable_layers(model)
+        per_layer = None if widths is None else \
+            {name: (now[name], keep) for name, keep in widths.items()}
+        for pruner_name, config in config_lists(method, sparsity, global_ranking,
+                                                per_layer).items():
             pruner = make_pruner(pruner_name, model, config, batches)
             masks.update(pruner.compress()[1])
             pruner.unwrap_model()
@@ -226,7 +271,7 @@ def silence_pruned_batch_norm(model: torch.nn.Module, masks: Masks) -> None:
     compared output for output.
     """
     for index, module in enumerate(model.features):
-        if isinstance(module, torch.nn.BatchNorm2d):
+        if isinstance(module, torch.nn.BatchNorm2d) and f"features.{index - 1}" in masks:
             kept = masks[f"features.{index - 1}"]["weight"].flatten(1).any(dim=1)
             with torch.no_grad():
                 module.weight[~kept] = 0
@@ -263,16 +308,22 @@ def check_rankable(checkpoint: dict, path: str, method: str, flag: str = "--meth
                         f"choose another {flag}")
 
 
-def recipe_name(method: str, sparsity: float, global_ranking: bool = False) -> str:
-    """How a pruning recipe is named in reports: 'l1, sparsity 0.5', 'slim, global sparsity 0.7'."""
+def recipe_name(method: str, sparsity: float | None, global_ranking: bool = False) -> str:
+    """How a pruning recipe is named in reports: 'l1, sparsity 0.5', 'slim, global sparsity 0.7',
+    'l1, widths given' (sparsity None: per-layer widths)."""
+    if sparsity is None:
+        return f"{method}, widths given"
     return f"{method}, {'global ' if global_ranking else ''}sparsity {sparsity:g}"
 
 
 def prune_checkpoint(checkpoint: dict, path: str, *, method: str = "l1", sparsity: float = 0.5,
                      global_ranking: bool = False, image_size: int | None = None, seed: int = 0,
                      batches: list = (), verbose: bool = False,
+                     widths: dict[str, int] | None = None,
                      say: Callable = print) -> tuple[dict, dict]:
-    """(pruned checkpoint, report) of a dense `checkpoint` (read from `path`).
+    """(pruned checkpoint, report) of a dense `checkpoint` (read from `path`), or of one
+    pruned before (iterative pruning: `widths`, a layer's channels kept, as prune() takes
+    them, in place of `sparsity`, which is then only recorded).
 
     The model is traced and its FLOPs counted at `image_size` (the checkpoint's if
     None); `batches` as for prune() (taylor_batches() for --method taylor). The report:
@@ -286,10 +337,10 @@ def prune_checkpoint(checkpoint: dict, path: str, *, method: str = "l1", sparsit
     arch = checkpoint["architecture"]["arch"]
     flops_before, params_before = count_flops(model, image_size, verbose)
     say(f"Pruning {path} ({arch}, {params_before / 1e6:.1f}M params): "
-        f"{recipe_name(method, sparsity, global_ranking)}, traced at {image_size} px ...",
-        flush=True)
+        f"{recipe_name(method, None if widths else sparsity, global_ranking)}, traced at "
+        f"{image_size} px ...", flush=True)
     difference = prune(model, sparsity, image_size, method, global_ranking, seed, batches,
-                       verbose)
+                       verbose, widths)
     flops_after, params_after = count_flops(model, image_size, verbose)
     metrics = {"method": method, "global": global_ranking, "sparsity": sparsity,
                "params_before": params_before, "params_after": params_after,

@@ -32,7 +32,8 @@ from compress.machine import processes
 from compress.sweep import nni_engine
 from compress.sweep.candidates import (SweepSetup, comparable_training, measure_candidates,
                                        present, save_rows, within_budget)
-from compress.sweep.plain import method_setting, read_report, setting_name
+from compress.sweep.plain import read_report
+from compress.sweep.setting import method_setting, setting_name
 from compress.sweep.targets import onnx_paths
 
 SPARSITY_STEP = 0.025  # the sparsities the tuner may propose

@@ -1,8 +1,5 @@
 """The plain sweep: prune and distil each setting from one teacher, measure them all together.
 
-- `prune_and_distil()`: one setting -- pruning.prune_checkpoint() (or a new
-  MobileNetV2), then distillation.distil_checkpoint() from the teacher's checkpoint
-  read once; a distillation stopped by Ctrl-C continues from its state file.
 - `Sweep`: the settings' rows (sweep.json), kept on disk after every setting so that
   the same command resumes; a setting already distilled with the same training
   settings is not run again. Each student is shipped (exported and calibrated as
@@ -15,115 +12,26 @@
     setup = SweepSetup(Teacher.load("vgg16Net.pth"), "dataset", Recipe(epochs=3, lr=1e-4),
                        target="int8")
     sweep = Sweep(setup, "sweep")
-    sweep.run("l1-0.7", "l1", False, 0.7)
+    sweep.run(Setting("l1", sparsity=0.7))
+
+(One setting's pruning and distillation: setting.py.)
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
-import torch
-
-from compress.checkpoints import (check_replaceable, load_checkpoint, model_from_checkpoint,
-                                  output_path, saved_bytes, write_json)
+from compress.checkpoints import load_checkpoint, model_from_checkpoint, saved_bytes, write_json
 from compress.cli import Interrupted, UserError
-from compress.export.convert import check_onnx_replaceable
 from compress.machine.resources import check_room
-from compress.pruning.channels import METHODS, prune_checkpoint, save_pruned, taylor_batches
 from compress.sweep.candidates import (SweepSetup, comparable_training, measure_candidates,
                                       present, within_budget)
-from compress.sweep.targets import onnx_paths, target_accuracy
-from compress.training.distillation import distil_checkpoint, mobilenet_student
+from compress.sweep.setting import Setting, check_outputs, prune_and_distil
+from compress.sweep.stepwise import prune_in_steps
+from compress.sweep.targets import target_accuracy
 from model import MOBILENET_V2, count_parameters
-
-
-@dataclasses.dataclass(frozen=True)
-class Setting:
-    """One point of the sweep: a pruning method and sparsity, or (method None) MobileNetV2."""
-    method: str | None
-    global_ranking: bool = False
-    sparsity: float | None = None
-
-    @property
-    def name(self) -> str:
-        """The setting's name (setting_name(); mobilenet_v2 for the light student)."""
-        return MOBILENET_V2 if self.method is None else \
-            setting_name(self.method, self.global_ranking, self.sparsity)
-
-
-def method_setting(text: str) -> tuple[str, bool]:
-    """(method, global ranking) of METHOD or METHOD:global, as --methods and --search take
-    them; ValueError otherwise (argparse names the flag, and this function's __name__)."""
-    method, _, scope = text.partition(":")
-    if method not in METHODS or scope not in ("", "global"):
-        raise ValueError(text)
-    return method, scope == "global"
-
-
-method_setting.__name__ = "method (one of " + ", ".join(METHODS) + ", optionally :global)"
-
-
-def setting_name(method: str, global_ranking: bool, sparsity: float) -> str:
-    """l1-0.5, slim-global-0.7, ...: a setting's name, and its files' (NAME.pth)."""
-    return f"{method}{'-global' if global_ranking else ''}-{sparsity:g}"
-
-
-def prune_and_distil(setup: SweepSetup, student: str, setting: Setting,
-                     on_epoch: Callable[[dict], None] | None = None) -> list[dict]:
-    """One setting: the student is written to `student` (NAME.pth; the pruned model beside
-    it as NAME.pruned.pth, its widths as NAME.pruned.channels.png). A distillation stopped
-    by Ctrl-C continues from its state file. `on_epoch(record)` is told each distillation
-    epoch. Returns the distillation's history (every epoch, those before a resume too)."""
-    teacher, recipe = setup.teacher, setup.recipe
-    state = output_path(student, "state.pth")
-    resume = state if os.path.isfile(state) else None
-    pruned = output_path(student, "pruned.pth")
-    check_outputs(student, setting, resume)
-    if setting.method is None:
-        torch.manual_seed(recipe.seed)  # the new MobileNetV2's weights, then dropout, draw on it
-        checkpoint, student_path = mobilenet_student(teacher.checkpoint), f"a new {MOBILENET_V2}"
-    else:
-        student_path = pruned
-        checkpoint = (load_checkpoint(pruned, kinds=("pruned", "finetuned")) if resume  # (kept)
-                      else prune_setting(setup, pruned, setting))
-        torch.manual_seed(recipe.seed)  # dropout's draws, as knowledge_distillation.py seeds them
-    return distil_checkpoint(teacher.checkpoint, teacher.path, checkpoint, student_path,
-                             data=setup.data, output=student, recipe=recipe,
-                             distillation=setup.distillation,
-                             device=setup.device, teacher_sha256=teacher.sha256,
-                             resume=resume, on_epoch=on_epoch,
-                             teacher_cache=setup.teacher_cache(checkpoint["image_size"]))
-
-
-def check_outputs(student: str, setting: Setting, resume: str | None = None) -> None:
-    """Refuse a file of someone else's where a setting's student (or pruned model, or the
-    .onnx files it ships as) goes."""
-    pruned = output_path(student, "pruned.pth")
-    for path in ([student] if resume or setting.method is None else [student, pruned]):
-        check_replaceable(path, "--output-dir")
-    for path in onnx_paths(student).values():
-        check_onnx_replaceable(path, "--output-dir")
-
-
-def prune_setting(setup: SweepSetup, path: str, setting: Setting) -> dict:
-    """The teacher pruned as `setting` says, saved to `path` (as pruner.py saves it)."""
-    teacher, recipe = setup.teacher, setup.recipe
-    batches = (taylor_batches(teacher.checkpoint, teacher.path, setup.data,
-                              batch_size=recipe.batch_size, seed=recipe.seed)
-               if setting.method == "taylor" else [])
-    pruned, report = prune_checkpoint(teacher.checkpoint, teacher.path, method=setting.method,
-                                      sparsity=setting.sparsity,
-                                      global_ranking=setting.global_ranking,
-                                      image_size=setup.image_size, seed=recipe.seed,
-                                      batches=batches, verbose=setup.verbose)
-    print(f"  params {report['params_before']:,} -> {report['params_after']:,}, FLOPs "
-          f"{report['flops_before'] / report['flops_after']:.2f}x fewer; the sped-up model "
-          f"matches the masked one ({report['difference']:.1e})", flush=True)
-    save_pruned(pruned, report, path, setting.method, setting.sparsity, setting.global_ranking)
-    return pruned
 
 
 def read_report(path: str, engine: str) -> list[dict]:
@@ -170,10 +78,10 @@ class Sweep:
         return (row is not None and os.path.isfile(self.student(name))
                 and comparable_training(row["training"]) == self.training)
 
-    def run(self, name: str, method: str | None = None, global_ranking: bool = False,
-            sparsity: float | None = None, position: str = "") -> dict:
+    def run(self, setting: Setting, position: str = "") -> dict:
         """Prune and distil one setting (unless done before); returns its row, its accuracy
         that of the target runtime (in_target())."""
+        name = setting.name
         if self.done(name):
             self.in_target(name)
             print(f"{name}: done before ({self.rows[name]['accuracy']:.1%}), not run again")
@@ -182,14 +90,16 @@ class Sweep:
         student = self.student(name)
         print(f"\n=== {name} ({position}) ===", flush=True)
         try:
-            prune_and_distil(self.setup, student, Setting(method, global_ranking, sparsity))
+            (prune_in_steps if setting.steps > 1 else prune_and_distil)(self.setup, student,
+                                                                        setting)
         except Interrupted:
             raise Interrupted(f"Stopped while distilling {name}; its state is saved: run the "
                               "same sweep.py command again to continue (finished settings are "
                               "not run again)") from None
         checkpoint = load_checkpoint(student, kinds=("finetuned",))
-        self.rows[name] = {"name": name, "method": method or MOBILENET_V2,
-                           "global": global_ranking, "sparsity": sparsity, "path": student,
+        self.rows[name] = {"name": name, "method": setting.method or MOBILENET_V2,
+                           "global": setting.global_ranking, "sparsity": setting.sparsity,
+                           "steps": setting.steps, "path": student,
                            "accuracy": checkpoint["metrics"]["val_accuracy"],
                            "params": count_parameters(model_from_checkpoint(checkpoint, student)),
                            "training": self.training,
@@ -241,8 +151,8 @@ def bisect_sparsity(sweep: Sweep, method: str, global_ranking: bool, dense_accur
     low, high = 0.0, 1.0
     for step in range(steps):
         sparsity = round((low + high) / 2, 4)
-        row = sweep.run(setting_name(method, global_ranking, sparsity), method, global_ranking,
-                        sparsity, f"search step {step + 1} of {steps}")
+        row = sweep.run(Setting(method, global_ranking, sparsity),
+                        f"search step {step + 1} of {steps}")
         within = within_budget(row["accuracy"], dense_accuracy, max_drop)
         print(f"search: sparsity {sparsity:g} is {'within' if within else 'outside'} the "
               f"{max_drop:g}-point budget ({row['accuracy']:.1%} vs dense {dense_accuracy:.1%})")
@@ -254,9 +164,13 @@ def students_bytes(setup: SweepSetup, settings: Sequence[Setting]) -> float:
     """About how much the files of `settings` take: each pruned model, its student and its
     fp32 ONNX file about (1 - sparsity) of the dense model (channel pruning shrinks the
     first linear layer, most of VGG's weights, in proportion), its int8 file a quarter
-    of that (a 2-class MobileNetV2: 9 MB, 9 MB and 2.3 MB)."""
+    of that (a 2-class MobileNetV2: 9 MB, 9 MB and 2.3 MB); each step before the last of
+    an iterative setting a pruned model and a student of the widths it keeps."""
     dense = saved_bytes(setup.teacher.checkpoint["state_dict"])
-    return sum(21 * 2 ** 20 if setting.method is None else 3.25 * (1 - setting.sparsity) * dense
+    return sum(21 * 2 ** 20 if setting.method is None else
+               (3.25 * (1 - setting.sparsity) + sum(
+                   2 * (1 - setting.sparsity) ** (step / setting.steps)
+                   for step in range(1, setting.steps))) * dense
                for setting in settings)
 
 
@@ -278,8 +192,7 @@ def run_sweep(setup: SweepSetup, settings: Sequence[Setting], output_dir: str, *
           f"{setup.teacher.path}, {setup.recipe.epochs} distillation epochs each, into "
           f"{output_dir}/", flush=True)
     for number, setting in enumerate(settings, 1):
-        sweep.run(setting.name, setting.method, setting.global_ranking, setting.sparsity,
-                  f"setting {number} of {len(settings)}")
+        sweep.run(setting, f"setting {number} of {len(settings)}")
     if bisect:
         dense_accuracy = setup.teacher.checkpoint["metrics"]["val_accuracy"]
         found = bisect_sparsity(sweep, *bisect, dense_accuracy, max_drop, bisect_steps)

@@ -1,7 +1,7 @@
 """One trial of sweep.py --engine nni, as NNI runs it (`sweep.py --nni-trial`).
 
 The setting NNI's tuner proposes is pruned and distilled in OUTPUT_DIR/trials/TRIAL_ID/
-(plain.prune_and_distil), each epoch's validation accuracy but the last reported to
+(setting.prune_and_distil), each epoch's validation accuracy but the last reported to
 the assessor, then the student is shipped (unless the target is PyTorch) and timed
 beside the dense model in the target runtime, and the trial's final result reported:
 the objective (experiment.objective) and every figure the launcher needs, the
@@ -18,7 +18,7 @@ from compress.cli import Interrupted, UserError
 from compress.sweep.candidates import (SELECTION_SPLIT, SweepSetup, measure_candidates,
                                       within_budget)
 from compress.sweep.experiment import objective
-from compress.sweep.plain import Setting, method_setting, prune_and_distil
+from compress.sweep.setting import Setting, method_setting, prune_and_distil
 from compress.sweep.report import reference_accuracy
 
 

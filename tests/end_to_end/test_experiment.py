@@ -29,7 +29,7 @@ import psutil
 import pytest
 
 from compress.cli import CheckFailed, UserError
-from compress.sweep import experiment, nni_engine, plain
+from compress.sweep import experiment, nni_engine, plain, setting
 from helpers import REPO, assert_clean_error, free_port, load_script, run_script, small_checkpoint
 
 pytestmark = pytest.mark.slow  # (every test starts sweep.py, most of them NNI's manager)
@@ -133,7 +133,7 @@ def test_tiny_experiment_writes_a_row_per_finished_trial_as_the_trial_reported(e
         assert job_parameters(out)[row["trial"]] == final["parameters"]
         assert 0.5 <= row["sparsity"] <= 0.8
         assert row["name"] == f"{final['name']} [{row['trial']}]"
-        assert final["name"] == plain.setting_name("l1", False, row["sparsity"])
+        assert final["name"] == setting.setting_name("l1", False, row["sparsity"])
         # the student in the trial's own folder is the one of that sparsity
         assert Path(row["path"]).parent == out.resolve() / "trials" / row["trial"]
         import torch

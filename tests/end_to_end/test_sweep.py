@@ -333,9 +333,9 @@ class Prober:
     def __init__(self):
         self.tried = []
 
-    def run(self, name, method, global_ranking, sparsity, position=""):
-        self.tried.append(name)
-        return {"name": name, "accuracy": 0.9 if sparsity <= 0.6 else 0.5}
+    def run(self, setting, position=""):
+        self.tried.append(setting.name)
+        return {"name": setting.name, "accuracy": 0.9 if setting.sparsity <= 0.6 else 0.5}
 
 
 def test_search_bisects_to_the_largest_sparsity_within_the_budget():
