@@ -30,7 +30,9 @@ def accuracy_interval(correct: int, count: int) -> tuple[float, float]:
     scale = 1 + Z95 ** 2 / count
     centre = (share + Z95 ** 2 / (2 * count)) / scale
     half = Z95 * math.sqrt(share * (1 - share) / count + Z95 ** 2 / (4 * count ** 2)) / scale
-    return max(0.0, centre - half), min(1.0, centre + half)
+    # (at 0 or all correct the interval touches that edge exactly, not a rounding from it)
+    return (0.0 if correct == 0 else max(0.0, centre - half),
+            1.0 if correct == count else min(1.0, centre + half))
 
 
 def mcnemar_p(only_a: int, only_b: int) -> float:

@@ -302,3 +302,47 @@ def test_rerun_refuses_to_delete_files_added_to_its_own_split(tmp_path, demo_ani
         proc = split_here("--source", demo_animals, *replace, cwd=tmp_path)
         assert_clean_error(proc, "dataset", "test/cat/holdout.jpg", "did not write")
         assert tree_digest(tmp_path / "dataset") == before
+
+
+# --- a held-out test split -------------------------------------------------------------
+
+def test_test_ratio_holds_out_a_test_split_disjoint_from_train_and_val(tmp_path, demo_animals):
+    proc = split_here("--source", demo_animals, "--ratio", "0.6", "--test-ratio", "0.2",
+                      cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    dest = tmp_path / "dataset"
+    for name in ("cat", "dog"):
+        parts = {part: {p.name for p in (dest / part / name).iterdir()}
+                 for part in ("train", "val", "test")}
+        assert {part: len(files) for part, files in parts.items()} == \
+            {"train": 6, "val": 2, "test": 2}
+        assert not (parts["train"] & parts["val"] or parts["train"] & parts["test"]
+                    or parts["val"] & parts["test"])
+        assert parts["train"] | parts["val"] | parts["test"] == \
+            {p.name for p in (demo_animals / name).iterdir()}
+    marker = json.loads((dest / splitting.MARKER).read_text())
+    assert marker["test_ratio"] == 0.2 and marker["classes"]["cat"] == \
+        {"train": 6, "val": 2, "test": 2}
+    assert "dataset/test (4)" in proc.stdout
+
+
+def test_without_a_test_ratio_the_split_is_the_one_it_always_was():
+    usable = {"cat": [f"c{i}.jpg" for i in range(20)]}
+    train, val, test = splitting.split(usable, 0.7, seed=3)["cat"]
+    assert test == [] and len(val) == 6
+    # the val part of a 0.7 split without test is what a 0.7 / 0.1 split divides in two
+    _, val_then, test_then = splitting.split(usable, 0.7, seed=3, test_ratio=0.1)["cat"]
+    assert set(val_then) | set(test_then) == set(val)
+
+
+def test_a_ratio_and_test_ratio_leaving_no_validation_is_one_line(tmp_path, demo_animals):
+    proc = split_here("--source", demo_animals, "--ratio", "0.7", "--test-ratio", "0.3",
+                      cwd=tmp_path)
+    assert_clean_error(proc, "--ratio 0.7", "--test-ratio 0.3")
+    assert not (tmp_path / "dataset").exists()
+
+
+def test_a_class_too_small_for_a_test_part_is_one_line(tmp_path):
+    source = generate_demo(tmp_path / "photos", per_class=3)
+    proc = split_here("--source", source, "--ratio", "0.5", "--test-ratio", "0.1", cwd=tmp_path)
+    assert_clean_error(proc, "none for test")
