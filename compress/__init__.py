@@ -17,6 +17,7 @@ every module).
     data.splitting         a photo folder split into train/, val/ (and test/), source untouched
     measure.timing         how fast: timed runs, several models interleaved
     measure.evaluation     how good and how big: accuracy, confusion, FLOPs
+    measure.intervals      how sure: an accuracy's interval, two models on the same pictures
     export.onnx_files      exported files: their self-description, running them in onnxruntime
     measure.profiling      where a model's time goes, layer by layer, against the machine's peak
     measure.reporting      the tables printed and the figures saved
@@ -32,6 +33,8 @@ every module).
     sweep.targets          what a sweep decides by: a candidate as the file that would ship
     sweep.report           a sweep's table and figure, against the dense model
     sweep.candidates       a sweep's candidates: their setup, measured together, the pick
+    sweep.setting          one setting of a sweep, pruned and distilled from the teacher
+    sweep.stepwise         iterative pruning: a sparsity reached in prune-then-distil steps
     sweep.plain            the plain sweep: settings pruned, distilled, shipped, measured
     sweep.nni_engine       NNI 3.0's experiment engine, and four mends of it
     sweep.experiment       the sweep as an NNI experiment: launched and followed

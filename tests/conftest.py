@@ -12,7 +12,7 @@ import pytest
 from helpers import TRAIN_FLAGS, Pipeline, generate_demo  # tests/, on pytest's pythonpath
 
 # fixtures that train, prune or distil for real: every test that uses one is slow
-SLOW_FIXTURES = {"pipeline", "runs", "pruned"}
+SLOW_FIXTURES = {"pipeline", "runs", "pruned", "pruned_by"}
 
 
 def pytest_collection_modifyitems(items):

@@ -182,10 +182,12 @@ def pareto(rows: Sequence[dict], key: str) -> set[str]:
     return front
 
 
-def drop(row: dict) -> float:
+def drop(row: dict, dense: dict) -> float:
     """The points a measured row is below the dense model in PyTorch on the pictures the
     sweep decides on: the paired difference (the same pictures, "budget"), or, for a row
     measured before there were paired differences, the difference of the two accuracies."""
+    if "budget" not in row:
+        return 100 * (reference_accuracy(dense) - row["accuracy"])
     return -100 * row["budget"]["difference"]
 
 
@@ -197,9 +199,10 @@ def pick(rows: Sequence[dict], dense: dict, max_drop: float) -> dict | None:
     most accurate counts."""
     best_of_shape = {}
     for row in rows:
-        if round(drop(row), 9) <= max_drop:
+        if round(drop(row, dense), 9) <= max_drop:
             shape = (row["params"], row.get("flops"))
-            if shape not in best_of_shape or drop(row) < drop(best_of_shape[shape]):
+            if shape not in best_of_shape or \
+                    drop(row, dense) < drop(best_of_shape[shape], dense):
                 best_of_shape[shape] = row
     return min(best_of_shape.values(), key=lambda r: (r["latency_ms"], r["params"]),
                default=None)
@@ -314,6 +317,7 @@ def print_noise(rows: Sequence[dict], chosen: dict | None, max_drop: float) -> N
     """Say where the budget's decision is within the noise: faster settings left out whose
     interval on val still reaches the budget, and a pick whose interval crosses it."""
     line = -max_drop / 100
+    rows = [row for row in rows if "budget" in row]
     faster = [row for row in rows if row["budget"]["high"] >= line > row["budget"]["difference"]
               and (chosen is None or row["latency_ms"] < chosen["latency_ms"])]
     if faster:
@@ -321,7 +325,7 @@ def print_noise(rows: Sequence[dict], chosen: dict | None, max_drop: float) -> N
             f"{row['name']} ({describe_difference(row['budget'])} on {SELECTION_SPLIT})"
             for row in faster) + f" left out, though their intervals reach -{max_drop:g}: "
             "more validation pictures would tell")
-    if chosen and chosen["budget"]["low"] < line:
+    if chosen and "budget" in chosen and chosen["budget"]["low"] < line:
         print(f"{chosen['name']}'s interval on {SELECTION_SPLIT} "
               f"({describe_difference(chosen['budget'])}) reaches below -{max_drop:g}: it may "
               "lose more than the budget")

@@ -239,6 +239,7 @@ def test_mean_colour_classifier_is_near_chance(dataset_48):
     assert nearest_neighbour_accuracy(f, y) <= 0.62
 
 
+@pytest.mark.slow  # (a real training)
 def test_shape_signal_is_learnable(dataset_48):
     torch = pytest.importorskip("torch")
     nn = torch.nn

@@ -69,6 +69,7 @@ def distil(folder, output, distillation):
     return history, load_checkpoint(str(folder / output))
 
 
+@pytest.mark.slow  # (its fixture prunes with NNI)
 def test_adapters_widen_each_student_block_to_the_teachers(folder):
     teacher = model_from_checkpoint(load_checkpoint(str(folder / "teacher.pth")), "t")
     student = model_from_checkpoint(load_checkpoint(str(folder / "student.pth")), "s")
@@ -83,6 +84,7 @@ def test_adapters_widen_each_student_block_to_the_teachers(folder):
     assert wrapped.eval()(images).shape == (2, 2)  # evaluation: the logits alone
 
 
+@pytest.mark.slow  # (real distillations)
 def test_feature_distillation_trains_a_plain_student_that_loads_alone(folder):
     plain_history, plain = distil(folder, "plain.pth", Distillation())
     history, student = distil(folder, "features.pth", Distillation(feature_weight=1.0))
@@ -97,6 +99,7 @@ def test_feature_distillation_trains_a_plain_student_that_loads_alone(folder):
                for k in plain["state_dict"])
 
 
+@pytest.mark.slow  # (real distillations)
 def test_mse_distillation_runs_and_is_recorded(folder):
     _, student = distil(folder, "mse.pth", Distillation(kd_loss="mse", alpha=0.5))
     assert student["metrics"]["distillation"] == {"temperature": 8.0, "alpha": 0.5,

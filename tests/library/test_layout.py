@@ -5,6 +5,7 @@ go one way, with no cycle.
 Read from the source (every import statement, in functions too), not by importing.
 """
 import ast
+import re
 import sys
 
 import pytest
@@ -77,6 +78,13 @@ def package_map():
 
 def test_the_package_map_lists_every_module_once():
     assert sorted(package_map()) == PACKAGE
+
+
+def test_the_readmes_module_table_lists_every_module_in_the_maps_order():
+    readme = (REPO / "README.md").read_text()
+    listed = [match.replace("/", ".") for match in
+              re.findall(r"^\| `compress/([\w/]+)\.py` \|", readme, re.MULTILINE)]
+    assert listed == package_map()
 
 
 @pytest.mark.parametrize("module", PACKAGE)

@@ -139,6 +139,7 @@ def test_l1_and_slim_rank_differently():
     assert largest(SCORES["l1"](conv, norm), 6) != largest(SCORES["slim"](conv, norm), 6)
 
 
+@pytest.mark.slow  # (NNI's Taylor pruner twice)
 def test_taylor_ranks_by_the_gradients_of_the_batches_it_is_given():
     """Other pictures, other gradients: another choice of channels somewhere."""
     kept = []

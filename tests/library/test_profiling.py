@@ -18,6 +18,8 @@ from compress.measure import profiling
 from compress.measure.evaluation import count_flops
 from helpers import IMAGE_SIZE, NARROW
 
+pytestmark = pytest.mark.slow  # (real models timed and profiled, the machine's peak measured)
+
 CPU = torch.device("cpu")
 TIMED_SIZE = 96
 WIDER = dict(NARROW, features=[4 * w if w != "M" else w for w in NARROW["features"]])

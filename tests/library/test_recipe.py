@@ -117,6 +117,7 @@ def fit(folder, run, compute_loss=smoothed, resume=None):
                     scheduler=scheduler)
 
 
+@pytest.mark.slow  # (real trainings)
 def test_a_scheduled_run_stopped_by_ctrl_c_resumes_to_the_same_weights_and_rates(dataset,
                                                                                   tmp_path):
     straight = new_run(dataset)

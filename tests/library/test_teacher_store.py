@@ -20,6 +20,8 @@ from compress.training.recipe import Recipe
 from compress.training.teacher_store import MAGIC
 from helpers import assert_clean_error, load_script, run_in_process, small_checkpoint, toy_pictures
 
+pytestmark = pytest.mark.slow  # (real distillations)
+
 RECIPE = Recipe(epochs=2, lr=1e-3, batch_size=8, workers=0)
 kd = load_script("knowledge_distillation")
 

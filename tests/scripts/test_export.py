@@ -22,6 +22,8 @@ from compress.training import loop
 from helpers import (IMAGE_SIZE, NARROW, assert_clean_error, load_script, run_in_process,
                      toy_pictures)
 
+pytestmark = pytest.mark.slow  # (real trainings and ONNX exports)
+
 export = load_script("export")
 test_py = load_script("test")
 CPU = torch.device("cpu")

@@ -13,6 +13,8 @@ from compress.checkpoints import atomic_save, load_checkpoint
 from compress.pruning.channels import prune_checkpoint
 from helpers import assert_clean_error, load_script, run_in_process, small_checkpoint
 
+pytestmark = pytest.mark.slow  # (real models exported, timed and profiled)
+
 test_py = load_script("test")
 
 
