@@ -16,16 +16,32 @@ about 4x at sparsity 0.5). The script checks that the small model computes the
 same outputs as the masked one before saving it. Accuracy drops;
 knowledge_distillation.py wins it back.
 
+With --latency MS (or --speedup X against the dense model) the widths are chosen per
+layer instead, for the time they cost on this CPU in the runtime that will run the
+model (--runtime: int8 ONNX in onnxruntime as export.py ships it, or PyTorch; at
+--batch): a latency model of this CPU (compress/pruning/latency.py; measured once,
+about a minute, then kept in a cache) predicts each layer's time from its widths, and
+the channels that matter least per millisecond they cost go first
+(compress/pruning/allocation.py). The report prints the widths beside those of the
+uniform sparsity of the same predicted latency, and both models' predicted and
+measured latency.
+
     python pruner.py
     python pruner.py --sparsity 0.7 --output pruned70.pth
     python pruner.py --method slim --global --sparsity 0.7   # after train.py --bn-sparsity
+    python pruner.py --latency 2.5 --output fast.pth         # 2.5 ms a picture in int8 here
+    python pruner.py --speedup 10 --runtime pytorch --batch 32
 """
-from compress.checkpoints import check_replaceable, load_checkpoint
-from compress.cli import (add_shared_flags, add_verbose_arg, fraction, make_parser, positive_int,
-                          run_cli)
+from compress.checkpoints import check_replaceable, load_checkpoint, model_from_checkpoint
+from compress.cli import (UserError, add_shared_flags, add_verbose_arg, fraction, make_parser,
+                          positive_float, positive_int, run_cli)
 from compress.machine.resources import check_writable
+from compress.pruning.allocation import (allocate, channel_importance, describe_widths,
+                                         target_of, uniform_for)
 from compress.pruning.channels import (METHODS, MOST_REMOVED, layer_widths, prune_checkpoint,
                                        save_pruned, taylor_batches)
+from compress.pruning.latency import (RUNTIMES, load_or_build, measure, widths_of,
+                                      with_widths)
 
 
 def get_args_parser():
@@ -34,9 +50,20 @@ def get_args_parser():
     parser.add_argument("--method", default="l1", choices=METHODS, metavar="METHOD",
                         help="how channels are ranked: "
                              + "; ".join(f"{name}: {m.about}" for name, m in METHODS.items()))
-    parser.add_argument("--sparsity", type=fraction, default=0.5,
+    parser.add_argument("--sparsity", type=fraction,
                         help="fraction of channels removed from each pruned layer (with "
-                             "--global: the fraction of all their weights together)")
+                             "--global: the fraction of all their weights together); default "
+                             "0.5, unless --latency or --speedup")
+    parser.add_argument("--latency", type=positive_float, metavar="MS",
+                        help="choose each layer's width so that a forward pass takes MS "
+                             "milliseconds on this CPU (predicted) in --runtime at --batch")
+    parser.add_argument("--speedup", type=positive_float, metavar="X",
+                        help="... or X times less than the dense model's (predicted)")
+    parser.add_argument("--runtime", choices=RUNTIMES, default="int8",
+                        help="--latency/--speedup: int8 (the .int8.onnx file export.py ships, "
+                             "in onnxruntime) or pytorch (the checkpoint, fp32)")
+    parser.add_argument("--batch", type=positive_int, default=1,
+                        help="--latency/--speedup: pictures per forward pass")
     parser.add_argument("--global", dest="global_ranking", action="store_true",
                         help="rank channels across all convolutions (and across the two hidden "
                              "layers) instead of taking SPARSITY from each; no layer loses more "
@@ -58,15 +85,25 @@ def get_args_parser():
 
 
 def main(args):
+    timed = args.latency is not None or args.speedup is not None
+    for flag, other, given in (
+            ("--latency", "--speedup", args.latency and args.speedup),
+            ("--sparsity", "--latency or --speedup", timed and args.sparsity is not None),
+            ("--global", "--latency or --speedup", timed and args.global_ranking)):
+        if given:
+            raise UserError(f"{flag}: not with {other} (one target at a time: the widths "
+                            "follow from it)")
     check_replaceable(args.output)
     check_writable(args.output, "--output")
     checkpoint = load_checkpoint(args.weights, kinds=("dense",), image_size=args.image_size)
+    widths = allocated_widths(args, checkpoint) if timed else None
     batches = (taylor_batches(checkpoint, args.weights, args.data, args.taylor_batches,
                               args.batch_size, args.seed) if args.method == "taylor" else [])
+    sparsity = 0.5 if args.sparsity is None else args.sparsity
     pruned, report = prune_checkpoint(checkpoint, args.weights, method=args.method,
-                                      sparsity=args.sparsity, global_ranking=args.global_ranking,
+                                      sparsity=sparsity, global_ranking=args.global_ranking,
                                       image_size=args.image_size, seed=args.seed,
-                                      batches=batches, verbose=args.verbose)
+                                      batches=batches, verbose=args.verbose, widths=widths)
 
     names, widths_before = layer_widths(report["before"])
     _, widths_after = layer_widths(report["after"])
@@ -81,9 +118,36 @@ def main(args):
     print("Sped-up model matches the masked model (max relative difference "
           f"{report['difference']:.1e}).")
 
-    chart = save_pruned(pruned, report, args.output, args.method, args.sparsity,
+    chart = save_pruned(pruned, report, args.output, args.method, sparsity,
                         args.global_ranking)
     print(f"Saved {args.output} and {chart}")
+
+
+def allocated_widths(args, checkpoint):
+    """The widths --latency or --speedup asks for on this CPU, with their report: beside
+    the uniform sparsity of the same predicted latency, both predicted and measured."""
+    architecture = checkpoint["architecture"]
+    image_size = args.image_size or checkpoint["image_size"]
+    latency = load_or_build(architecture, image_size, args.runtime, args.batch)
+    target = target_of(latency, architecture, args.latency, args.speedup)
+    importance = channel_importance(model_from_checkpoint(checkpoint, args.weights),
+                                    args.method)
+    widths, predicted = allocate(latency, architecture, importance, target, latency.step)
+    sparsity, uniform, uniform_ms = uniform_for(latency, architecture, target)
+    print(describe_widths(architecture, ("dense", widths_of(architecture)),
+                          ("allocated", widths), (f"uniform {sparsity:.2f}", uniform)))
+    dense_ms = latency.predict(architecture)
+    print(f"{args.runtime}, batch {args.batch}, {image_size} px, {latency.key['cpu']}: dense "
+          f"{dense_ms:.2f} ms predicted; target {target:.2f} ms; widths in steps of "
+          f"{latency.step} (the kernels' time, one 3x3 layer: "
+          + ", ".join(f"{width:.0f}: {ms:.3f}" for width, ms in latency.steps[::4]) + " ms)")
+    for name, chosen, ms in (("allocated", widths, predicted),
+                             (f"uniform {sparsity:.2f}", uniform, uniform_ms)):
+        measured = measure(with_widths(architecture, chosen), image_size, args.runtime,
+                           args.batch)
+        print(f"  {name}: {ms:.2f} ms predicted, {measured:.2f} ms measured "
+              f"({(ms - measured) / measured:+.0%} off)", flush=True)
+    return widths
 
 
 if __name__ == "__main__":

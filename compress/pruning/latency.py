@@ -1,0 +1,335 @@
+"""How long a VGG of given layer widths takes on this CPU, in the runtime that ships it.
+
+A uniform sparsity takes as much from the layers that cost time as from those that do
+not. To prune to a latency we need each layer's time as a function of its widths, in
+the runtime that will run the model (onnxruntime int8 as export.py ships it, or
+PyTorch fp32), at the batch size it will see. Measured, not counted: on these CPUs time
+is far from multiply-adds (thin layers run at a few per cent of the peak, and a share
+of the pass is outside every layer).
+
+- `LatencyModel`: per compute layer, time = a * multiply-adds + b * outputs + c (a, b, c
+  shared by the layers of one feature-map size, and by the Linear layers), plus the
+  time outside the layers, d + e * all activations; `predict(widths)` in ms.
+- `build()`: VGGs of random widths (and the dense and a uniform one) exported as the
+  runtime ships them, each profiled layer by layer (measure.profiling) at the batch
+  size, and the model fitted to every layer's time (non-negative least squares). Kept
+  in a cache keyed by the CPU, the runtime's version, the threads, the image size, the
+  batch and the dense architecture (`load_or_build()`): built once, about a minute.
+- `step_table()`: one mid-network convolution timed at every output width of a range:
+  where the kernels' time jumps, the width step they favour (int8 kernels work in
+  blocks of channels).
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import random
+import tempfile
+from collections.abc import Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+import model as vgg
+from compress.checkpoints import make_checkpoint, write_json
+from compress.data.images import ORIGINAL_NORMALIZATION
+from compress.export.convert import export_onnx, int8_settings, quantize_int8
+from compress.export.onnx_files import describe, load_onnx
+from compress.machine.cpu import cpu_class, describe_cpu
+from compress.measure.profiling import profile_model
+from compress.measure.timing import median_seconds
+
+RUNTIMES = ("int8", "pytorch")  # what a latency target is measured in
+FITTED_MODELS = 6  # the dense one, a uniform one, and random widths
+SMALLEST_SHARE = 0.06  # a random layer keeps at least this share of its channels
+CPU = torch.device("cpu")
+
+
+def cache_folder() -> str:
+    """Where latency models are kept: $XDG_CACHE_HOME/vgg-prune-distill/latency."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "vgg-prune-distill", "latency")
+
+
+def layers_of(architecture: dict, image_size: int) -> list[dict]:
+    """Each compute layer of a VGG (conv1.., fc1..fc3): its name, group (the feature map's
+    size, or "linear"), multiply-adds and outputs per picture."""
+    layers, size, channels, index = [], image_size, 3, 0
+    for width in architecture["features"]:
+        if width == "M":
+            size //= 2
+            continue
+        index += 1
+        layers.append({"name": f"conv{index}", "group": f"conv{size}",
+                       "macs": 9 * channels * width * size * size, "outputs": width * size * size})
+        channels = width
+    inputs = channels * vgg.POOLED_SIZE ** 2
+    for number, width in enumerate([*architecture["classifier"], architecture["num_classes"]], 1):
+        layers.append({"name": f"fc{number}", "group": "linear", "macs": inputs * width,
+                       "outputs": width})
+        inputs = width
+    return layers
+
+
+def with_widths(architecture: dict, widths: dict[str, int]) -> dict:
+    """The architecture with the widths of pruning.channels.prunable_layers() names
+    (features.N, classifier.0, classifier.3) replaced."""
+    features = []
+    for index, width in enumerate(architecture["features"]):
+        features.append("M" if width == "M" else
+                        widths.get(f"features.{module_index(architecture, index)}", width))
+    hidden = [widths.get(name, width)
+              for name, width in zip(("classifier.0", "classifier.3"), architecture["classifier"])]
+    return dict(architecture, features=features, classifier=hidden)
+
+
+def module_index(architecture: dict, position: int) -> int:
+    """The index in `features` (nn.Sequential) of the convolution at `position` of the
+    architecture's width list (a conv is followed by batch norm, if any, and ReLU)."""
+    per_conv = 3 if architecture["batch_norm"] else 2
+    index = 0
+    for width in architecture["features"][:position]:
+        index += 1 if width == "M" else per_conv
+    return index
+
+
+def widths_of(architecture: dict) -> dict[str, int]:
+    """The prunable layers' widths of an architecture, by prunable_layers() names."""
+    widths = {}
+    for position, width in enumerate(architecture["features"]):
+        if width != "M":
+            widths[f"features.{module_index(architecture, position)}"] = width
+    return {**widths, "classifier.0": architecture["classifier"][0],
+            "classifier.3": architecture["classifier"][1]}
+
+
+@dataclasses.dataclass
+class LatencyModel:
+    """Predicted milliseconds of a forward pass (see the module), for `key`'s CPU, runtime,
+    image size and batch. `coefficients`: {group: [a, b, c]}; `other`: [d, e];
+    `fitted`: the models it was fitted on, [{"widths", "measured_ms", "predicted_ms"}];
+    `steps`: step_table()'s [(width, ms)], and `step` the width step it shows the
+    kernels favour."""
+    key: dict
+    coefficients: dict[str, list[float]]
+    other: list[float]
+    fitted: list[dict] = dataclasses.field(default_factory=list)
+    steps: list[list[float]] = dataclasses.field(default_factory=list)
+    step: int = 1
+
+    def layer_ms(self, architecture: dict) -> dict[str, float]:
+        """Each compute layer's predicted milliseconds, and "other"'s."""
+        batch, layers = self.key["batch"], layers_of(architecture, self.key["image_size"])
+        times = {}
+        for layer in layers:
+            a, b, c = self.coefficients[layer["group"]]
+            times[layer["name"]] = a * batch * layer["macs"] + b * batch * layer["outputs"] + c
+        d, e = self.other
+        times["other"] = d + e * batch * sum(layer["outputs"] for layer in layers)
+        return times
+
+    def predict(self, architecture: dict) -> float:
+        """The predicted milliseconds of one forward pass of `architecture`."""
+        return sum(self.layer_ms(architecture).values())
+
+    def save(self, path: str) -> None:
+        """As JSON (atomically)."""
+        write_json(dataclasses.asdict(self), path)
+
+
+def key_of(architecture: dict, image_size: int, runtime: str, batch: int) -> dict:
+    """What a latency model depends on: the CPU, the runtime and its version, the threads,
+    the image size, the batch, and the dense architecture."""
+    import onnxruntime
+
+    versions = ({"onnxruntime": onnxruntime.__version__, "int8": int8_settings(cpu_class())}
+                if runtime == "int8" else {"torch": torch.__version__})
+    return {"cpu": describe_cpu(), "runtime": runtime, **versions,
+            "threads": torch.get_num_threads(), "image_size": image_size, "batch": batch,
+            "architecture": {k: architecture[k] for k in ("arch", "batch_norm", "features",
+                                                          "classifier", "num_classes")}}
+
+
+def cache_path(key: dict) -> str:
+    """The cache file of a latency model of `key`."""
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    return os.path.join(cache_folder(), f"{key['runtime']}-b{key['batch']}-{digest}.json")
+
+
+def load_or_build(architecture: dict, image_size: int, runtime: str, batch: int,
+                  say: Callable = print) -> LatencyModel:
+    """The latency model of the dense `architecture`, from the cache or built now (and kept)."""
+    key = key_of(architecture, image_size, runtime, batch)
+    path = cache_path(key)
+    try:
+        with open(path) as file:
+            saved = json.load(file)
+        if saved["key"] == key:
+            return LatencyModel(**saved)
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    say(f"Measuring this CPU for a latency model ({runtime}, batch {batch}, {image_size} px; "
+        f"kept in {cache_folder()}) ...", flush=True)
+    latency = build(architecture, image_size, runtime, batch)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    latency.save(path)
+    return latency
+
+
+def sample_architectures(architecture: dict, count: int, seed: int = 0) -> list[dict]:
+    """The dense architecture, a uniform half of it, then random widths per layer (from
+    SMALLEST_SHARE of each layer to all of it): the models a latency model is fitted on."""
+    generator = random.Random(seed)
+    dense = widths_of(architecture)
+    samples = [architecture, with_widths(architecture, {n: max(1, w // 2)
+                                                         for n, w in dense.items()})]
+    while len(samples) < count:
+        samples.append(with_widths(architecture, {
+            name: max(1, round(width * generator.uniform(SMALLEST_SHARE, 1.0)))
+            for name, width in dense.items()}))
+    return samples
+
+
+def measure(architecture: dict, image_size: int, runtime: str, batch: int) -> float:
+    """The measured milliseconds of a forward pass of `architecture` (random weights) as
+    `runtime` runs it, at `batch`: what a prediction is checked against."""
+    with tempfile.TemporaryDirectory(prefix="latency.") as folder:
+        return measured_layers(architecture, image_size, runtime, batch, folder)[1]
+
+
+def measured_layers(architecture: dict, image_size: int, runtime: str, batch: int,
+                    folder: str) -> tuple[dict[str, float], float]:
+    """({layer or "other": ms}, the pass in ms) of a randomly initialised VGG of
+    `architecture`, as `runtime` runs it (int8: exported and quantised as export.py does,
+    calibrated on random pictures), profiled layer by layer at `batch`."""
+    torch.manual_seed(0)
+    network = vgg.from_architecture(architecture).eval()
+    checkpoint = make_checkpoint(network, "pruned", architecture["arch"],
+                                 [str(i) for i in range(architecture["num_classes"])],
+                                 image_size, ORIGINAL_NORMALIZATION, {})
+    path = os.path.join(folder, "model.pth")
+    if runtime == "int8":
+        fp32, path = os.path.join(folder, "model.onnx"), os.path.join(folder, "model.int8.onnx")
+        export_onnx(network, fp32, describe(checkpoint, "model.pth", "-"))
+        calibration = [torch.randn(8, 3, image_size, image_size) for _ in range(2)]
+        quantize_int8(fp32, path, calibration, cpu_class())
+        checkpoint, network = load_onnx(path)
+    profile = profile_model("sample", path, checkpoint, network, batch)
+    return ({layer.name: layer.seconds * 1000 for layer in profile.layers},
+            profile.measured * 1000)
+
+
+def build(architecture: dict, image_size: int, runtime: str, batch: int,
+          count: int = FITTED_MODELS, steps: range = range(48, 81)) -> LatencyModel:
+    """A latency model fitted to `count` VGGs of sampled widths (sample_architectures()),
+    with the step table of `steps` widths and the step it favours."""
+    from scipy.optimize import nnls
+
+    key = key_of(architecture, image_size, runtime, batch)
+    samples, measured = sample_architectures(architecture, count), []
+    with tempfile.TemporaryDirectory(prefix="latency.") as folder:
+        for sample in samples:
+            measured.append(measured_layers(sample, image_size, runtime, batch, folder))
+    rows = [(layer, times[layer["name"]]) for sample, (times, _) in zip(samples, measured)
+            for layer in layers_of(sample, image_size)]
+    coefficients = {}
+    for group in dict.fromkeys(layer["group"] for layer, _ in rows):
+        points = [(layer, ms) for layer, ms in rows if layer["group"] == group]
+        design = np.array([[batch * layer["macs"], batch * layer["outputs"], 1.0]
+                           for layer, _ in points])
+        scale = design.max(axis=0)  # (columns of like size: the fit is well conditioned)
+        solution, _ = nnls(design / scale, np.array([ms for _, ms in points]))
+        coefficients[group] = (solution / scale).tolist()
+    activations = np.array([[1.0, batch * sum(layer["outputs"]
+                                              for layer in layers_of(sample, image_size))]
+                            for sample in samples])
+    scale = activations.max(axis=0)
+    other, _ = nnls(activations / scale, np.array([times["other"] for times, _ in measured]))
+    table = step_table(image_size, runtime, batch, steps)
+    latency = LatencyModel(key, coefficients, (other / scale).tolist(), steps=table,
+                           step=favoured_step(table))
+    latency.fitted = [{"widths": widths_of(sample), "measured_ms": whole,
+                       "predicted_ms": latency.predict(sample)}
+                      for sample, (_, whole) in zip(samples, measured)]
+    return latency
+
+
+def step_table(image_size: int, runtime: str, batch: int, widths: range,
+               inputs: int = 128) -> list[tuple[int, float]]:
+    """[(output width, ms)]: a 3x3 convolution of `inputs` channels and its ReLU on a
+    feature map an eighth of `image_size`, timed at each of `widths` (consecutive; int8:
+    quantised as export.py quantises, run in onnxruntime)."""
+    size = max(4, image_size // 8)
+    images = torch.randn(batch, inputs, size, size)
+    table = []
+    with tempfile.TemporaryDirectory(prefix="steps.") as folder:
+        for width in widths:
+            weight, bias = torch.randn(width, inputs, 3, 3) * 0.05, torch.randn(width) * 0.1
+            if runtime == "int8":
+                run = onnx_layer(weight, bias, images, folder)
+            else:
+                layer = nn.Sequential(nn.Conv2d(inputs, width, 3, padding=1), nn.ReLU()).eval()
+                layer = layer.to(memory_format=torch.channels_last)
+                batch_in = images.to(memory_format=torch.channels_last)
+
+                def run(layer=layer, batch_in=batch_in):
+                    with torch.inference_mode():
+                        layer(batch_in)
+            table.append((width, 1000 * median_seconds(run, lambda: None, 3, 15)))
+    return table
+
+
+def onnx_layer(weight: torch.Tensor, bias: torch.Tensor, images: torch.Tensor,
+               folder: str) -> Callable[[], object]:
+    """A function that runs a 3x3 convolution (`weight`, `bias`) and ReLU on `images` as
+    int8 ONNX in onnxruntime, quantised as export.py quantises (the graph written with
+    onnx's helpers: exporting each width from PyTorch would take seconds)."""
+    import onnx
+    import onnxruntime
+    from onnx import TensorProto, helper, numpy_helper
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
+
+    from compress.export.convert import Batches
+    from compress.export.onnx_files import INPUT
+
+    width, inputs = weight.shape[:2]
+    shape = [None, inputs, *images.shape[2:]]
+    graph = helper.make_graph(
+        [helper.make_node("Conv", [INPUT, "weight", "bias"], ["conv"], pads=[1, 1, 1, 1]),
+         helper.make_node("Relu", ["conv"], ["output"])], "layer",
+        [helper.make_tensor_value_info(INPUT, TensorProto.FLOAT, shape)],
+        [helper.make_tensor_value_info("output", TensorProto.FLOAT, None)],
+        [numpy_helper.from_array(weight.numpy(), "weight"),
+         numpy_helper.from_array(bias.numpy(), "bias")])
+    fp32, int8 = os.path.join(folder, "layer.onnx"), os.path.join(folder, "layer.int8.onnx")
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), fp32)
+    settings = int8_settings(cpu_class())
+    quantize_static(fp32, int8, Batches([images]), quant_format=QuantFormat.QDQ,
+                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                    per_channel=settings["per_channel"], reduce_range=settings["reduce_range"])
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = torch.get_num_threads()
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    options.log_severity_level = 3
+    runner = onnxruntime.InferenceSession(int8, options, providers=["CPUExecutionProvider"])
+    feed = {INPUT: images.numpy()}
+    return lambda: runner.run(None, feed)
+
+
+def favoured_step(table: list[tuple[int, float]], share: float = 0.7) -> int:
+    """The largest width step s (of 1, 2, 4, 8, 16, 32) such that at least `share` of the
+    time the table's widths add is added where the width passes a multiple of s (from
+    k*s to k*s + 1): the kernels work in blocks of s channels, a width between two
+    multiples costs what the next multiple costs. 1 if the time grows evenly."""
+    rises = {width: max(0.0, later - earlier)
+             for (width, earlier), (_, later) in zip(table, table[1:])}
+    total = sum(rises.values())
+    if total <= 0:
+        return 1
+    for step in (32, 16, 8, 4, 2):
+        if sum(rise for width, rise in rises.items() if width % step == 0) >= share * total:
+            return step
+    return 1
