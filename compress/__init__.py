@@ -27,6 +27,8 @@ every module).
     training.loop          the training loop, Ctrl-C and --resume
     training.pretrained    starting from ImageNet's weights or a file of yours
     pruning.channels       NNI's pruners and ModelSpeedup: a model that really shrinks
+    pruning.latency        a VGG's time on this CPU from its widths, measured and fitted
+    pruning.allocation     widths for a latency: what matters most per millisecond it costs
     training.teacher_store the teacher's logits of each training picture, computed once
     training.features      feature distillation: block outputs matched through 1x1 adapters
     training.distillation  a student learns from the dense teacher

@@ -1,0 +1,128 @@
+"""Specification of pruning to a latency: the latency model's form (pruning.latency), the
+greedy allocation of widths (pruning.allocation) and the width step read off a table.
+
+The allocation is checked on latency models written by hand (so what it must do is
+known), and one real latency model is fitted on a tiny VGG and checked against the
+latency measured on this machine.
+"""
+import pytest
+import torch
+
+import model as vgg
+from compress.cli import UserError
+from compress.pruning import allocation, latency
+from compress.pruning.channels import prunable_layers
+
+SIZE = 32
+ARCH = {"arch": "vgg16", "batch_norm": True, "num_classes": 2,
+        "features": [w if w == "M" else w // 8 for w in vgg.CONV_WIDTHS["vgg16"]],
+        "classifier": [32, 32]}
+GROUPS = ("conv32", "conv16", "conv8", "conv4", "conv2", "linear")
+
+
+def hand_made(costly="conv8", per_mac=1e-6, step=1):
+    """A latency model in which the layers of `costly` cost 50 times as much a
+    multiply-add as the others, and nothing else costs time."""
+    coefficients = {group: [per_mac * (50 if group == costly else 1), 0.0, 0.0]
+                    for group in GROUPS}
+    return latency.LatencyModel(latency.key_of(ARCH, SIZE, "pytorch", 1), coefficients,
+                                [0.0, 0.0], step=step)
+
+
+def even_importance():
+    """Every channel of every layer equally important."""
+    return {name: [1.0] * width for name, width in latency.widths_of(ARCH).items()}
+
+
+def test_widths_names_match_the_pruners_layers():
+    model = vgg.from_architecture(ARCH)
+    assert latency.widths_of(ARCH) == prunable_layers(model)
+    halved = {name: width // 2 for name, width in prunable_layers(model).items()}
+    assert prunable_layers(vgg.from_architecture(latency.with_widths(ARCH, halved))) == halved
+
+
+def test_the_layers_multiply_adds_are_those_the_network_computes():
+    from compress.measure.profiling import multiply_adds
+
+    network = vgg.from_architecture(ARCH).eval()
+    counted = multiply_adds(network, torch.zeros(1, 3, SIZE, SIZE))
+    assert sum(counted.values()) == sum(layer["macs"] for layer in latency.layers_of(ARCH, SIZE))
+
+
+def test_the_allocation_reaches_the_target_and_no_further_than_it_must():
+    model = hand_made()
+    target = model.predict(ARCH) / 3
+    widths, predicted = allocation.allocate(model, ARCH, even_importance(), target)
+    assert predicted <= target
+    assert predicted == pytest.approx(model.predict(latency.with_widths(ARCH, widths)))
+    # greedy, a channel at a time: giving any thinned layer one channel back crosses the target
+    dense = latency.widths_of(ARCH)
+    assert any(model.predict(latency.with_widths(ARCH, dict(widths, **{name: widths[name] + 1})))
+               > target for name in widths if widths[name] < dense[name])
+
+
+def test_the_layers_that_cost_time_lose_the_most_channels():
+    model = hand_made(costly="conv8")
+    widths, _ = allocation.allocate(model, ARCH, even_importance(), model.predict(ARCH) / 2)
+    dense = latency.widths_of(ARCH)
+    thinned = {name for name in dense if widths[name] < dense[name]}
+    # the three convolutions at 8x8 (and what feeds them) hold the time: channels go there
+    assert thinned and thinned <= {"features.10", "features.14", "features.17", "features.20"}
+
+
+def test_important_channels_are_kept_longer():
+    model = hand_made(costly=None)
+    importance = even_importance()
+    importance["features.24"] = [100.0] * len(importance["features.24"])  # a layer that matters
+    widths, _ = allocation.allocate(model, ARCH, importance, model.predict(ARCH) / 2)
+    assert widths["features.24"] == latency.widths_of(ARCH)["features.24"]
+
+
+def test_widths_move_in_the_step_the_kernels_favour():
+    model = hand_made(step=4)
+    widths, _ = allocation.allocate(model, ARCH, even_importance(), model.predict(ARCH) / 3,
+                                    step=4)
+    assert all(width % 4 == 0 for width in widths.values())
+
+
+def test_a_target_no_allowed_widths_reach_is_one_line():
+    model = hand_made()
+    with pytest.raises(UserError, match="below what any allowed widths reach"):
+        allocation.allocate(model, ARCH, even_importance(), model.predict(ARCH) / 1000)
+
+
+def test_a_target_above_the_dense_models_time_is_one_line():
+    model = hand_made()
+    with pytest.raises(UserError, match="the dense model already takes"):
+        allocation.target_of(model, ARCH, model.predict(ARCH) * 2, None)
+    assert allocation.target_of(model, ARCH, None, 4.0) == pytest.approx(model.predict(ARCH) / 4)
+
+
+def test_the_uniform_sparsity_of_a_target_is_found_from_below():
+    model = hand_made(costly=None)
+    target = model.predict(ARCH) / 4
+    sparsity, widths, predicted = allocation.uniform_for(model, ARCH, target)
+    assert predicted <= target and 0.4 < sparsity < 0.6  # multiply-adds fall as (1 - s)^2
+
+
+def test_the_favoured_step_is_where_the_time_jumps():
+    # a kernel working in blocks of 8 channels: 57..64 cost the same, 65 costs more
+    table = [(width, 1.0 + 0.1 * ((width + 7) // 8)) for width in range(48, 81)]
+    assert latency.favoured_step(table) == 8
+    assert latency.favoured_step([(width, 0.01 * width) for width in range(48, 81)]) == 1
+
+
+@pytest.mark.slow  # (six small models exported, quantised and profiled)
+def test_a_latency_model_of_a_tiny_vgg_predicts_its_measured_latency(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    model = latency.load_or_build(ARCH, SIZE, "int8", 1, say=lambda *a, **k: None)
+    assert (tmp_path / "vgg-prune-distill" / "latency").is_dir()
+    # the models it was fitted on, and a new one of other widths
+    for fitted in model.fitted:
+        assert fitted["predicted_ms"] == pytest.approx(fitted["measured_ms"], rel=0.3)
+    other = latency.with_widths(ARCH, {name: max(1, width * 3 // 4)
+                                       for name, width in latency.widths_of(ARCH).items()})
+    assert model.predict(other) == pytest.approx(latency.measure(other, SIZE, "int8", 1), rel=0.3)
+    # built once: the cache answers the second time
+    again = latency.load_or_build(ARCH, SIZE, "int8", 1, say=pytest.fail)
+    assert again.coefficients == model.coefficients
