@@ -46,6 +46,8 @@ through --nni-config); its results land in the same sweep.json and sweep.png.
     python sweep.py                                   # l1 at 0.5, 0.7, 0.9; 3 KD epochs
     python sweep.py --methods l1 slim:global --sparsities 0.5 0.7 --mobilenet-v2
     python sweep.py --sparsities 0.7 --prune-steps 1 3 --kd-epochs 6   # one-shot vs 3 steps
+    python sweep.py --sparsities 0.7 0.9 --match-latency   # widths allocated per layer for
+                                                           # the time each uniform one takes
     python sweep.py --max-drop 1.0 --search l1
     python sweep.py --engine nni --max-drop 1.0 --methods l1 taylor --sparsities 0.5 0.9
 """
@@ -60,7 +62,8 @@ from compress.cli import (DISTILLATION_FLAGS, UserError, add_data_args, add_shar
                           points, positive_float, positive_int, run_cli)
 from compress.machine.resources import check_writable, output_lock
 from compress.measure.timing import PRECISION
-from compress.pruning.channels import METHODS
+from compress.pruning.channels import METHODS, uniform_widths
+from compress.pruning.latency import widths_of, with_widths
 from compress.sweep import trial
 from compress.sweep.candidates import SweepSetup, Teacher
 from compress.sweep.experiment import SPARSITY_STEP, ExperimentPlan, run_experiment, search_space
@@ -86,6 +89,17 @@ def get_args_parser():
                              "tried with every N): the same final widths as one cut, the "
                              "--kd-epochs shared out between the steps; the channels ranked "
                              "afresh each step (not with METHOD:global)")
+    parser.add_argument("--latencies", nargs="+", type=positive_float, default=[], metavar="MS",
+                        help="also settings pruned to a latency (pruner.py --latency): each "
+                             "layer's width chosen for the time a forward pass takes on this "
+                             "CPU in --target's runtime at batch 1 (int8 or pytorch), the "
+                             "channels that matter least per millisecond removed first")
+    parser.add_argument("--speedups", nargs="+", type=positive_float, default=[], metavar="X",
+                        help="... or X times faster than the dense model (predicted)")
+    parser.add_argument("--match-latency", action="store_true",
+                        help="also, for each of --sparsities, a setting pruned to the latency "
+                             "the latency model predicts for that uniform sparsity: the two "
+                             "distilled alike and measured side by side")
     parser.add_argument("--mobilenet-v2", action="store_true",
                         help="also distil a MobileNetV2 student (knowledge_distillation.py "
                              "--student-arch mobilenet_v2)")
@@ -149,7 +163,7 @@ def get_args_parser():
 
 # flags of the experiment as a whole, which no trial takes (a trial is one setting)
 EXPERIMENT_FLAGS = {"--help", "--methods", "--sparsities", "--prune-steps", "--mobilenet-v2",
-                    "--search",
+                    "--latencies", "--speedups", "--match-latency", "--search",
                     "--search-steps", "--engine", "--trials", "--port", "--host", "--nni-config"}
 # flags naming files: a trial gets them by absolute path (NNI runs trials in this folder)
 PATH_FLAGS = {"--data", "--weights", "--output-dir"}
@@ -188,6 +202,25 @@ def main(args):
         sweep(args)
 
 
+def latency_targets(args, setup):
+    """The latency settings' targets in ms: --latencies, --speedups against the dense model's
+    predicted time, and with --match-latency each uniform sparsity's predicted time."""
+    if not (args.latencies or args.speedups or args.match_latency):
+        return []
+    if any(global_ranking for _, global_ranking in args.methods or []):
+        raise UserError("--latencies, --speedups, --match-latency: each layer's width is "
+                        "allocated by the latency model, which a global ranking would override; "
+                        "drop :global")
+    model = setup.latency_model()
+    architecture = setup.teacher.checkpoint["architecture"]
+    dense = widths_of(architecture)
+    targets = [*args.latencies, *(model.predict(architecture) / x for x in args.speedups)]
+    if args.match_latency:
+        targets += [model.predict(with_widths(architecture, uniform_widths(dense, sparsity)))
+                    for sparsity in args.sparsities]
+    return [round(target, 3) for target in targets]
+
+
 def sweep(args):
     """The sweep or the experiment the flags ask for, in args.output_dir (locked by main())."""
     methods = args.methods or [("l1", False)]
@@ -195,7 +228,9 @@ def sweep(args):
         if args.max_drop is None:
             raise UserError("--engine nni: needs --max-drop (the budget of the objective)")
         for given, flag in ((args.search, "--search"), (args.mobilenet_v2, "--mobilenet-v2"),
-                            (args.prune_steps != [1], "--prune-steps")):
+                            (args.prune_steps != [1], "--prune-steps"),
+                            (args.latencies or args.speedups or args.match_latency,
+                             "--latencies, --speedups and --match-latency")):
             if given:
                 raise UserError(f"{flag}: not with --engine nni (the plain sweep runs it)")
         plan = ExperimentPlan(methods, args.sparsities, args.max_drop, args.trials,
@@ -221,6 +256,8 @@ def sweep(args):
                             "epoch or more")
     settings = [Setting(m, g, s, steps) for m, g in methods for s in args.sparsities
                 for steps in args.prune_steps]
+    settings += [Setting(method, latency_ms=ms) for method, _ in methods
+                 for ms in latency_targets(args, setup)]
     if args.mobilenet_v2:
         settings.append(Setting(None))
     run_sweep(setup, settings, args.output_dir, max_drop=args.max_drop, bisect=args.search,

@@ -159,18 +159,26 @@ def cache_path(key: dict) -> str:
     return os.path.join(cache_folder(), f"{key['runtime']}-b{key['batch']}-{digest}.json")
 
 
+def cached(architecture: dict, image_size: int, runtime: str,
+           batch: int) -> LatencyModel | None:
+    """The latency model of the dense `architecture` if the cache holds it, else None."""
+    key = key_of(architecture, image_size, runtime, batch)
+    try:
+        with open(cache_path(key)) as file:
+            saved = json.load(file)
+        return LatencyModel(**saved) if saved["key"] == key else None
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def load_or_build(architecture: dict, image_size: int, runtime: str, batch: int,
                   say: Callable = print) -> LatencyModel:
     """The latency model of the dense `architecture`, from the cache or built now (and kept)."""
+    known = cached(architecture, image_size, runtime, batch)
+    if known is not None:
+        return known
     key = key_of(architecture, image_size, runtime, batch)
     path = cache_path(key)
-    try:
-        with open(path) as file:
-            saved = json.load(file)
-        if saved["key"] == key:
-            return LatencyModel(**saved)
-    except (OSError, ValueError, KeyError, TypeError):
-        pass
     say(f"Measuring this CPU for a latency model ({runtime}, batch {batch}, {image_size} px; "
         f"kept in {cache_folder()}) ...", flush=True)
     latency = build(architecture, image_size, runtime, batch)

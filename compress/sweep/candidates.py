@@ -23,18 +23,21 @@ import torch
 
 from compress.checkpoints import (check_made_for, file_sha256, load_checkpoint,
                                   model_from_checkpoint, write_json)
-from compress.cli import resolve_device, settings_from
+from compress.cli import UserError, resolve_device, settings_from
 from compress.data.images import ImageFolder, report_split
 from compress.measure.comparison import compare, load_model
 from compress.measure.intervals import describe_difference, paired_difference
 from compress.measure.reporting import save_comparison
 from compress.measure.timing import TimingPlan
 from compress.pruning.channels import check_rankable
+from compress.pruning.latency import RUNTIMES as LATENCY_RUNTIMES
+from compress.pruning.latency import LatencyModel, cached, load_or_build
 from compress.sweep.report import in_pytorch, plot_sweep, print_sweep, reference_accuracy
 from compress.sweep.targets import TARGETS, ship, target_file
 from compress.training.distillation import DISTILLATION_DEFAULTS, Distillation
 from compress.training.recipe import RECIPE_DEFAULTS, Recipe
 from compress.training.teacher_store import key_name, pictures_fingerprint, store_key
+from model import MOBILENET_V2
 
 # what evaluate() gives that a dense_evaluation() file keeps
 EVALUATED = ("accuracy", "loss", "per_class_accuracy", "confusion", "count", "hits")
@@ -114,6 +117,17 @@ class SweepSetup:
         key = store_key(teacher.sha256, pictures, self.recipe, image_size=image_size,
                         normalization=teacher.checkpoint["normalization"], device=self.device)
         return os.path.join(self.store_dir, f"teacher_logits.{key_name(key)}.pt")
+
+    def latency_model(self) -> LatencyModel:
+        """The teacher's latency model on this CPU in the target runtime, batch 1 (cached:
+        pruning.latency.load_or_build()); refused for --target onnx, which it does not
+        model."""
+        if self.target not in LATENCY_RUNTIMES:
+            raise UserError(f"--target {self.target}: latency targets are modelled for "
+                            f"{' and '.join(LATENCY_RUNTIMES)} only")
+        teacher = self.teacher
+        return load_or_build(teacher.checkpoint["architecture"],
+                             self.image_size or teacher.checkpoint["image_size"], self.target, 1)
 
     def splits(self) -> list[str]:
         """The splits the candidates are measured on: the report split, then val (decided
@@ -232,11 +246,29 @@ def measure_candidates(setup: SweepSetup, done: Sequence[dict], report: str,
         if "pytorch" in row:
             row.setdefault("accuracy_by_runtime", {})["pytorch"] = row["pytorch"]["accuracy"]
         row.setdefault("accuracy_by_runtime", {})[target] = row["accuracy"]
+    add_predictions(setup, [dense, *rows])
     for key in ("latency_ms", "params"):
         front = pareto(rows, key)
         for row in rows:
             row[f"pareto_{key.split('_')[0]}"] = row["name"] in front
     return rows, dense
+
+
+def add_predictions(setup: SweepSetup, rows: Sequence[dict]) -> None:
+    """Each VGG row's batch-1 latency as this CPU's latency model predicts it
+    ("predicted_ms"), where the cache holds one for the target runtime (a sweep with
+    latency targets built it): how far the model is from what was measured."""
+    teacher = setup.teacher
+    if setup.target not in LATENCY_RUNTIMES:
+        return
+    model = cached(teacher.checkpoint["architecture"],
+                   setup.image_size or teacher.checkpoint["image_size"], setup.target, 1)
+    if model is None:
+        return
+    for row in rows:
+        architecture = load_checkpoint(row["path"])["architecture"]
+        if architecture["arch"] != MOBILENET_V2:
+            row["predicted_ms"] = model.predict(architecture)
 
 
 def paired(reference: dict, row: dict, split: str, seed: int) -> dict:

@@ -99,7 +99,8 @@ class Sweep:
         checkpoint = load_checkpoint(student, kinds=("finetuned",))
         self.rows[name] = {"name": name, "method": setting.method or MOBILENET_V2,
                            "global": setting.global_ranking, "sparsity": setting.sparsity,
-                           "steps": setting.steps, "path": student,
+                           "steps": setting.steps, "latency_target_ms": setting.latency_ms,
+                           "path": student,
                            "accuracy": checkpoint["metrics"]["val_accuracy"],
                            "params": count_parameters(model_from_checkpoint(checkpoint, student)),
                            "training": self.training,
@@ -168,6 +169,7 @@ def students_bytes(setup: SweepSetup, settings: Sequence[Setting]) -> float:
     an iterative setting a pruned model and a student of the widths it keeps."""
     dense = saved_bytes(setup.teacher.checkpoint["state_dict"])
     return sum(21 * 2 ** 20 if setting.method is None else
+               3.25 * 0.5 * dense if setting.sparsity is None else  # (a latency: not known yet)
                (3.25 * (1 - setting.sparsity) + sum(
                    2 * (1 - setting.sparsity) ** (step / setting.steps)
                    for step in range(1, setting.steps))) * dense

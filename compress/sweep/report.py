@@ -58,6 +58,14 @@ def print_sweep(rows: Sequence[dict], dense: dict) -> None:
           "bootstrap 95% interval, '=': cannot be told apart from it; p: on the "
           "accuracy/latency Pareto front; *: picked by --max-drop, on val)")
     print_loose_timings([dense, *rows])
+    predicted = [row for row in [dense, *rows] if "predicted_ms" in row]
+    if predicted:
+        errors = [(row["predicted_ms"] - row["latency_ms"]) / row["latency_ms"]
+                  for row in predicted]
+        print("The latency model's batch-1 predictions against the measured latency: "
+              + ", ".join(f"{row['name']} {row['predicted_ms']:.2f}/{row['latency_ms']:.2f} ms "
+                          f"({error:+.0%})" for row, error in zip(predicted, errors))
+              + f"; largest error {max(map(abs, errors)):.0%}")
 
 
 def plot_sweep(rows: Sequence[dict], dense: dict, path: str, max_drop: float | None) -> None:

@@ -16,8 +16,10 @@ from collections.abc import Callable
 
 import torch
 
-from compress.checkpoints import check_replaceable, load_checkpoint, output_path
+from compress.checkpoints import (check_replaceable, load_checkpoint, model_from_checkpoint,
+                                  output_path)
 from compress.export.convert import check_onnx_replaceable
+from compress.pruning.allocation import allocate, channel_importance
 from compress.pruning.channels import METHODS, prune_checkpoint, save_pruned, taylor_batches
 from compress.sweep.candidates import SweepSetup
 from compress.sweep.targets import onnx_paths
@@ -28,17 +30,23 @@ from model import MOBILENET_V2
 @dataclasses.dataclass(frozen=True)
 class Setting:
     """One point of the sweep: a pruning method and sparsity, reached in `steps` prune-then-
-    distil steps (stepwise.py), or (method None) MobileNetV2."""
+    distil steps (stepwise.py); or a method and a latency in ms (`latency_ms`: the widths
+    allocated per layer for that predicted time, pruning.allocation); or (method None)
+    MobileNetV2."""
     method: str | None
     global_ranking: bool = False
     sparsity: float | None = None
     steps: int = 1
+    latency_ms: float | None = None
 
     @property
     def name(self) -> str:
-        """The setting's name (setting_name(); mobilenet_v2 for the light student)."""
-        return MOBILENET_V2 if self.method is None else \
-            setting_name(self.method, self.global_ranking, self.sparsity, self.steps)
+        """The setting's name (setting_name(); l1-2.5ms for a latency; mobilenet_v2)."""
+        if self.method is None:
+            return MOBILENET_V2
+        if self.latency_ms is not None:
+            return f"{self.method}-{self.latency_ms:.3g}ms"
+        return setting_name(self.method, self.global_ranking, self.sparsity, self.steps)
 
 
 def method_setting(text: str) -> tuple[str, bool]:
@@ -104,6 +112,8 @@ def prune_setting(setup: SweepSetup, path: str, setting: Setting,
     says (to `widths`, if given), saved to `path` (as pruner.py saves it)."""
     teacher, recipe = setup.teacher, setup.recipe
     checkpoint, source = start or (teacher.checkpoint, teacher.path)
+    if setting.latency_ms is not None:
+        widths = allocated(setup, setting)
     batches = (taylor_batches(checkpoint, source, setup.data,
                               batch_size=recipe.batch_size, seed=recipe.seed)
                if setting.method == "taylor" else [])
@@ -117,3 +127,18 @@ def prune_setting(setup: SweepSetup, path: str, setting: Setting,
           f"matches the masked one ({report['difference']:.1e})", flush=True)
     save_pruned(pruned, report, path, setting.method, setting.sparsity, setting.global_ranking)
     return pruned
+
+
+def allocated(setup: SweepSetup, setting: Setting) -> dict[str, int]:
+    """The widths of the teacher allocated for `setting.latency_ms` on this CPU, in the
+    sweep's target runtime at batch 1 (pruning.allocation)."""
+    teacher = setup.teacher
+    architecture = teacher.checkpoint["architecture"]
+    latency = setup.latency_model()
+    importance = channel_importance(model_from_checkpoint(teacher.checkpoint, teacher.path),
+                                    setting.method)
+    widths, predicted = allocate(latency, architecture, importance, setting.latency_ms,
+                                 latency.step)
+    print(f"  widths allocated for {setting.latency_ms:.3g} ms ({latency.key['runtime']}, "
+          f"batch 1): {predicted:.2f} ms predicted", flush=True)
+    return widths
