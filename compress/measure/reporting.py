@@ -273,11 +273,13 @@ def compute_figures(profile: Profile) -> dict:
 
 
 def plot_profiles(profiles: Sequence[Profile], path: str, show: bool = False) -> None:
-    """Stacked bars, one per model and batch size: each compute layer's time (the same
-    colour for the same layer), then "other", then what lies outside every layer."""
+    """Above, stacked bars, one per model and batch size: each compute layer's time (the
+    same colour for the same layer), then "other", then what lies outside every layer.
+    Below, layer by layer, each model's time side by side: where the milliseconds went
+    from the first model to the others."""
     plt = pyplot(show)
     batches = sorted({profile.batch for profile in profiles})
-    figure, axes = plt.subplots(1, len(batches), figsize=(6 * len(batches), 5), squeeze=False)
+    figure, axes = plt.subplots(2, len(batches), figsize=(7 * len(batches), 10), squeeze=False)
     names = []
     for profile in profiles:
         names += [layer.name for layer in profile.layers if layer.name not in names]
@@ -296,5 +298,23 @@ def plot_profiles(profiles: Sequence[Profile], path: str, show: bool = False) ->
         axis.set_xticks(range(len(shown)), [p.name for p in shown], rotation=20)
         axis.set(ylabel="ms per pass", title=f"batch {batch}: each layer's time (hatched: "
                                              "outside every layer)")
+        plot_layer_by_layer(axes[1][batches.index(batch)], shown, batch)
     figure.suptitle(f"Where the time goes, {profiles[0].image_size} px")
+    figure.tight_layout()
     save_figure(figure, path, show)
+
+
+def plot_layer_by_layer(axis, profiles: Sequence[Profile], batch: int) -> None:
+    """Grouped bars: for each layer (of the first profile, then others'), each model's time."""
+    names = []
+    for profile in profiles:
+        names += [layer.name for layer in profile.layers if layer.name not in names]
+    width = 0.8 / len(profiles)
+    for index, profile in enumerate(profiles):
+        times = {layer.name: layer.seconds * 1000 for layer in profile.layers}
+        axis.bar([position + index * width for position in range(len(names))],
+                 [times.get(name, 0.0) for name in names], width, label=profile.name)
+    axis.set_xticks([position + 0.4 - width / 2 for position in range(len(names))], names,
+                    rotation=90, fontsize=7)
+    axis.set(ylabel="ms per pass", title=f"batch {batch}: layer by layer, each model")
+    axis.legend(fontsize=7)
