@@ -500,3 +500,58 @@ def test_one_loose_run_keeps_all_of_them_going_to_max_repeats(device):
     assert [t.runs for t in timings] == [20, 20]
     assert timings[0].uncertainty == 0 and timings[1].uncertainty > 0.02
     assert len(device.calls) == 40
+
+
+# --- iterative pruning and latency targets, in one real sweep ---------------------------
+
+@pytest.fixture(scope="module")
+def stepped(pipeline, tmp_path_factory):
+    """l1 at 0.5 in one cut and in 2 steps, and l1 pruned to the latency the latency model
+    predicts for uniform 0.5 (PyTorch, batch 1; the model built into a cache of its own)."""
+    folder = tmp_path_factory.mktemp("stepped")
+    shutil.copytree(pipeline.path("dataset"), folder / "dataset")
+    shutil.copy2(pipeline.path("vgg16Net.pth"), folder / "vgg16Net.pth")
+    proc = run_script(*UNBUDGETED, "--max-drop", 100, "--sparsities", 0.5, "--prune-steps", 1, 2,
+                      "--match-latency", "--kd-epochs", 2, "--target", "pytorch", cwd=folder,
+                      env={"XDG_CACHE_HOME": folder / "cache"})
+    assert proc.returncode == 0, f"{proc.stdout}\n{proc.stderr}"
+    return types.SimpleNamespace(folder=folder, proc=proc, rows=read_rows(folder))
+
+
+def test_a_setting_in_steps_ends_on_the_one_cuts_widths_after_as_many_epochs(stepped):
+    rows = {row["name"]: row for row in stepped.rows}
+    one_cut, in_steps = rows["l1-0.5"], rows["l1-0.5-2steps"]
+    assert in_steps["steps"] == 2 and in_steps["params"] == one_cut["params"]
+    first = torch.load(stepped.folder / "sweep" / "l1-0.5-2steps.step1.pth", weights_only=True)
+    final = torch.load(stepped.folder / "sweep" / "l1-0.5-2steps.pth", weights_only=True)
+    assert final["architecture"] == torch.load(stepped.folder / "sweep" / "l1-0.5.pth",
+                                               weights_only=True)["architecture"]
+    # the first step kept more channels, each step distilled one epoch (2 in all)
+    assert sum(w for w in first["architecture"]["features"] if w != "M") > \
+        sum(w for w in final["architecture"]["features"] if w != "M")
+    assert len(json.loads((stepped.folder / "sweep" /
+                           "l1-0.5-2steps.history.json").read_text())) == 1
+    assert "step 2 of 2" in stepped.proc.stdout
+
+
+def test_a_latency_setting_is_pruned_to_the_uniform_ones_predicted_time(stepped):
+    latency_rows = [row for row in stepped.rows if row.get("latency_target_ms")]
+    assert len(latency_rows) == 1 and latency_rows[0]["name"].endswith("ms")
+    row = latency_rows[0]
+    assert row["predicted_ms"] <= row["latency_target_ms"] * 1.001
+    assert all("predicted_ms" in r for r in stepped.rows)  # every VGG row, dense too
+    assert "The latency model's batch-1 predictions against the measured latency" in \
+        stepped.proc.stdout
+    assert list((stepped.folder / "cache" / "vgg-prune-distill" / "latency").glob("pytorch-b1-*"))
+
+
+@pytest.mark.parametrize("flags, named", [
+    (["--latencies", 2, "--target", "onnx"], "--target onnx"),
+    (["--latencies", 2, "--engine", "nni", "--max-drop", 1], "--latencies"),
+    (["--prune-steps", 3, "--kd-epochs", 2], "--prune-steps 3"),
+    (["--prune-steps", 2, "--methods", "l1:global"], "--prune-steps")])
+def test_latency_and_step_flags_that_cannot_run_are_one_line(tmp_path, flags, named):
+    small_checkpoint(tmp_path / "vgg16Net.pth")
+    (tmp_path / "dataset" / "train" / "cat").mkdir(parents=True)
+    proc = run_in_process(sweep, *flags, cwd=tmp_path)
+    assert_clean_error(proc, named)
