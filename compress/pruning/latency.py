@@ -43,9 +43,11 @@ from compress.measure.profiling import profile_model
 from compress.measure.timing import median_seconds
 
 RUNTIMES = ("int8", "pytorch")  # what a latency target is measured in
-FITTED_MODELS = 6  # the dense one, a uniform one, and random widths
-SMALLEST_SHARE = 0.06  # a random layer keeps at least this share of its channels
+FITTED_MODELS = 8  # the dense one, three uniform ones, and random widths
+UNIFORM_SHARES = (0.5, 0.2, 0.08)  # the uniform models fitted on keep these shares
+SMALLEST_SHARE = 0.05  # a random layer keeps at least this share of its channels
 CPU = torch.device("cpu")
+FORM = "vgg-prune-distill-latency/1"  # the model's form and sampling: a new one, a new cache
 
 
 def cache_folder() -> str:
@@ -147,7 +149,7 @@ def key_of(architecture: dict, image_size: int, runtime: str, batch: int) -> dic
 
     versions = ({"onnxruntime": onnxruntime.__version__, "int8": int8_settings(cpu_class())}
                 if runtime == "int8" else {"torch": torch.__version__})
-    return {"cpu": describe_cpu(), "runtime": runtime, **versions,
+    return {"form": FORM, "cpu": describe_cpu(), "runtime": runtime, **versions,
             "threads": torch.get_num_threads(), "image_size": image_size, "batch": batch,
             "architecture": {k: architecture[k] for k in ("arch", "batch_norm", "features",
                                                           "classifier", "num_classes")}}
@@ -188,17 +190,19 @@ def load_or_build(architecture: dict, image_size: int, runtime: str, batch: int,
 
 
 def sample_architectures(architecture: dict, count: int, seed: int = 0) -> list[dict]:
-    """The dense architecture, a uniform half of it, then random widths per layer (from
-    SMALLEST_SHARE of each layer to all of it): the models a latency model is fitted on."""
+    """The dense architecture, uniform ones keeping UNIFORM_SHARES of every layer, then
+    random widths per layer (a share from SMALLEST_SHARE to 1, log-uniform: as many thin
+    layers as wide ones): the models a latency model is fitted on."""
     generator = random.Random(seed)
     dense = widths_of(architecture)
-    samples = [architecture, with_widths(architecture, {n: max(1, w // 2)
-                                                         for n, w in dense.items()})]
+    samples = [architecture] + [
+        with_widths(architecture, {n: max(1, round(w * share)) for n, w in dense.items()})
+        for share in UNIFORM_SHARES]
     while len(samples) < count:
         samples.append(with_widths(architecture, {
-            name: max(1, round(width * generator.uniform(SMALLEST_SHARE, 1.0)))
+            name: max(1, round(width * SMALLEST_SHARE ** generator.random()))
             for name, width in dense.items()}))
-    return samples
+    return samples[:count]
 
 
 def measure(architecture: dict, image_size: int, runtime: str, batch: int) -> float:
@@ -234,8 +238,6 @@ def build(architecture: dict, image_size: int, runtime: str, batch: int,
           count: int = FITTED_MODELS, steps: range = range(48, 81)) -> LatencyModel:
     """A latency model fitted to `count` VGGs of sampled widths (sample_architectures()),
     with the step table of `steps` widths and the step it favours."""
-    from scipy.optimize import nnls
-
     key = key_of(architecture, image_size, runtime, batch)
     samples, measured = sample_architectures(architecture, count), []
     with tempfile.TemporaryDirectory(prefix="latency.") as folder:
@@ -246,31 +248,38 @@ def build(architecture: dict, image_size: int, runtime: str, batch: int,
     coefficients = {}
     for group in dict.fromkeys(layer["group"] for layer, _ in rows):
         points = [(layer, ms) for layer, ms in rows if layer["group"] == group]
-        design = np.array([[batch * layer["macs"], batch * layer["outputs"], 1.0]
-                           for layer, _ in points])
-        scale = design.max(axis=0)  # (columns of like size: the fit is well conditioned)
-        solution, _ = nnls(design / scale, np.array([ms for _, ms in points]))
-        coefficients[group] = (solution / scale).tolist()
-    activations = np.array([[1.0, batch * sum(layer["outputs"]
-                                              for layer in layers_of(sample, image_size))]
-                            for sample in samples])
-    scale = activations.max(axis=0)
-    other, _ = nnls(activations / scale, np.array([times["other"] for times, _ in measured]))
+        coefficients[group] = relative_fit(
+            [[batch * layer["macs"], batch * layer["outputs"], 1.0] for layer, _ in points],
+            [ms for _, ms in points])
+    other = relative_fit([[1.0, batch * sum(layer["outputs"]
+                                            for layer in layers_of(sample, image_size))]
+                          for sample in samples], [times["other"] for times, _ in measured])
     table = step_table(image_size, runtime, batch, steps)
-    latency = LatencyModel(key, coefficients, (other / scale).tolist(), steps=table,
-                           step=favoured_step(table))
+    latency = LatencyModel(key, coefficients, other, steps=table, step=favoured_step(table))
     latency.fitted = [{"widths": widths_of(sample), "measured_ms": whole,
                        "predicted_ms": latency.predict(sample)}
                       for sample, (_, whole) in zip(samples, measured)]
     return latency
 
 
+def relative_fit(design: list[list[float]], times: list[float]) -> list[float]:
+    """Non-negative coefficients x with design @ x near `times`, each point's error relative
+    to its time (a thin layer's 0.05 ms matters as much as a wide one's 5 ms)."""
+    from scipy.optimize import nnls
+
+    weights = 1 / np.maximum(np.array(times), 1e-6)
+    matrix = np.array(design) * weights[:, None]
+    scale = np.maximum(matrix.max(axis=0), 1e-30)  # (columns of like size: well conditioned)
+    solution, _ = nnls(matrix / scale, np.array(times) * weights)
+    return (solution / scale).tolist()
+
+
 def step_table(image_size: int, runtime: str, batch: int, widths: range,
                inputs: int = 128) -> list[tuple[int, float]]:
     """[(output width, ms)]: a 3x3 convolution of `inputs` channels and its ReLU on a
-    feature map an eighth of `image_size`, timed at each of `widths` (consecutive; int8:
+    feature map a quarter of `image_size`, timed at each of `widths` (consecutive; int8:
     quantised as export.py quantises, run in onnxruntime)."""
-    size = max(4, image_size // 8)
+    size = max(4, image_size // 4)
     images = torch.randn(batch, inputs, size, size)
     table = []
     with tempfile.TemporaryDirectory(prefix="steps.") as folder:
@@ -286,7 +295,7 @@ def step_table(image_size: int, runtime: str, batch: int, widths: range,
                 def run(layer=layer, batch_in=batch_in):
                     with torch.inference_mode():
                         layer(batch_in)
-            table.append((width, 1000 * median_seconds(run, lambda: None, 3, 15)))
+            table.append((width, 1000 * median_seconds(run, lambda: None, 5, 25)))
     return table
 
 
@@ -327,17 +336,20 @@ def onnx_layer(weight: torch.Tensor, bias: torch.Tensor, images: torch.Tensor,
     return lambda: runner.run(None, feed)
 
 
-def favoured_step(table: list[tuple[int, float]], share: float = 0.7) -> int:
-    """The largest width step s (of 1, 2, 4, 8, 16, 32) such that at least `share` of the
-    time the table's widths add is added where the width passes a multiple of s (from
-    k*s to k*s + 1): the kernels work in blocks of s channels, a width between two
-    multiples costs what the next multiple costs. 1 if the time grows evenly."""
-    rises = {width: max(0.0, later - earlier)
-             for (width, earlier), (_, later) in zip(table, table[1:])}
-    total = sum(rises.values())
-    if total <= 0:
-        return 1
-    for step in (32, 16, 8, 4, 2):
-        if sum(rise for width, rise in rises.items() if width % step == 0) >= share * total:
+def favoured_step(table: list[tuple[int, float]], margin: float = 0.1) -> int:
+    """The largest width step s (of 16, 8, 4, 2) whose multiples the kernels favour: after
+    the table's linear trend (more channels, more time) is taken out, widths that are
+    multiples of s take at least `margin` of the mean time less than the widths between
+    them that are multiples of s / 2 (1 for s = 2): median against median, so one noisy
+    timing moves neither. 1 if none stands out."""
+    widths = np.array([width for width, _ in table])
+    times = np.array([ms for _, ms in table])
+    residuals = times - np.polyval(np.polyfit(widths, times, 1), widths)
+    for step in (16, 8, 4, 2):
+        multiples = widths % step == 0
+        between = ~multiples & (widths % max(1, step // 2) == 0)
+        if multiples.sum() >= 2 and between.sum() >= 2 and \
+                np.median(residuals[multiples]) < np.median(residuals[between]) \
+                - margin * times.mean():
             return step
     return 1
