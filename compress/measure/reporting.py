@@ -25,6 +25,7 @@ from compress.checkpoints import output_path, write_json
 from compress.measure.timing import PRECISION
 
 if TYPE_CHECKING:
+    from matplotlib.axes import Axes
     from matplotlib.figure import Figure
     from PIL import Image
 
@@ -304,7 +305,7 @@ def plot_profiles(profiles: Sequence[Profile], path: str, show: bool = False) ->
     save_figure(figure, path, show)
 
 
-def plot_layer_by_layer(axis, profiles: Sequence[Profile], batch: int) -> None:
+def plot_layer_by_layer(axis: Axes, profiles: Sequence[Profile], batch: int) -> None:
     """Grouped bars: for each layer (of the first profile, then others'), each model's time."""
     names = []
     for profile in profiles:

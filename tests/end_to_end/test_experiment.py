@@ -432,10 +432,12 @@ def test_assessor_savings_count_the_epochs_a_stopped_trial_did_not_run():
     assert nni_engine.assessor_savings([stopped, finished], epochs=5) == (1, 30.0)
 
 
-@pytest.mark.parametrize("trials", [2, 3, 5])
+@pytest.mark.parametrize("trials", [2])
 def test_experiments_of_one_trial_at_a_time_run_to_the_end(pipeline, tmp_path, trials):
     """Unmended, NNI 3.0's TPE died after the first trial of 2 or 3 and the experiment
-    waited for ever (tests/library/test_nni_tuner.py has the cause)."""
+    waited for ever (tests/library/test_nni_tuner.py has the cause, and NNI's real tuner
+    asked one setting at a time for 2, 3, 5 and 8 trials: the experiments of 3 and 5
+    trials that ran here too, 6 minutes, only repeated what those show)."""
     os.symlink(pipeline.path("dataset"), tmp_path / "dataset")
     os.symlink(pipeline.path("vgg16Net.pth"), tmp_path / "vgg16Net.pth")
     proc = run_script("sweep.py", *TINY, "--kd-epochs", 1, "--concurrency", 1,

@@ -171,7 +171,7 @@ def test_the_rows_hold_the_numbers_test_py_compare_measured_in_the_same_run(swep
 
 def test_the_picked_row_is_the_fastest_within_the_budget(swept):
     assert_picked_is_fastest_within(swept.rows, 100)
-    assert "--max-drop 100: l1-0.5 (sweep/l1-0.5.int8.onnx)" in swept.proc.stdout
+    assert "--max-drop 100 (decided on val): l1-0.5 (sweep/l1-0.5.int8.onnx)" in swept.proc.stdout
 
 
 def test_the_sweep_draws_its_chart(swept):

@@ -115,17 +115,24 @@ def test_the_favoured_step_is_the_one_whose_multiples_run_faster():
     assert latency.favoured_step(noisy) == 1  # one slow timing is not a step
 
 
-@pytest.mark.slow  # (six small models exported, quantised and profiled)
-def test_a_latency_model_of_a_tiny_vgg_predicts_its_measured_latency(tmp_path, monkeypatch):
+# a quarter of VGG16's widths at 64 px: passes of 1 to 10 ms, long enough to time well
+TIMED = dict(ARCH, features=[w if w == "M" else w // 4 for w in vgg.CONV_WIDTHS["vgg16"]],
+             classifier=[64, 64])
+TOLERANCE = 0.25  # the largest relative error allowed of a prediction (aimed at: 10%)
+
+
+@pytest.mark.slow  # (eight small models exported, quantised and profiled)
+def test_a_latency_model_of_a_small_vgg_predicts_its_measured_latency(tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    model = latency.load_or_build(ARCH, SIZE, "int8", 1, say=lambda *a, **k: None)
+    model = latency.load_or_build(TIMED, 64, "int8", 1, say=lambda *a, **k: None)
     assert (tmp_path / "vgg-prune-distill" / "latency").is_dir()
-    # the models it was fitted on, and a new one of other widths
-    for fitted in model.fitted:
-        assert fitted["predicted_ms"] == pytest.approx(fitted["measured_ms"], rel=0.3)
-    other = latency.with_widths(ARCH, {name: max(1, width * 3 // 4)
-                                       for name, width in latency.widths_of(ARCH).items()})
-    assert model.predict(other) == pytest.approx(latency.measure(other, SIZE, "int8", 1), rel=0.3)
+    # the models it was fitted on, and one of widths it never saw
+    errors = [abs(f["predicted_ms"] - f["measured_ms"]) / f["measured_ms"] for f in model.fitted]
+    assert sorted(errors)[len(errors) // 2] <= TOLERANCE, errors
+    other = latency.with_widths(TIMED, {name: max(1, width * 3 // 4)
+                                        for name, width in latency.widths_of(TIMED).items()})
+    assert model.predict(other) == pytest.approx(latency.measure(other, 64, "int8", 1),
+                                                 rel=TOLERANCE)
     # built once: the cache answers the second time
-    again = latency.load_or_build(ARCH, SIZE, "int8", 1, say=pytest.fail)
+    again = latency.load_or_build(TIMED, 64, "int8", 1, say=pytest.fail)
     assert again.coefficients == model.coefficients
