@@ -16,8 +16,8 @@ every module).
     checkpoints            what is on disk: the checkpoint format, atomic writes, safe loading
     data.splitting         a photo folder split into train/, val/ (and test/), source untouched
     measure.timing         how fast: timed runs, several models interleaved
-    measure.evaluation     how good and how big: accuracy, confusion, FLOPs
     measure.intervals      how sure: an accuracy's interval, two models on the same pictures
+    measure.evaluation     how good and how big: accuracy, confusion, FLOPs; a model's row
     export.onnx_files      exported files: their self-description, running them in onnxruntime
     measure.profiling      where a model's time goes, layer by layer, against the machine's peak
     measure.reporting      the tables printed and the figures saved

@@ -1,8 +1,8 @@
 """What the pipeline keeps on disk, and how it is written and read back safely.
 
-A checkpoint is a plain dict -- `format`, `kind` (dense, pruned or finetuned),
-`architecture` (model.py's widths), `state_dict`, `class_names`, `image_size`,
-`normalization`, `metrics` -- written atomically (`atomic_save`) and read with
+A checkpoint is a plain dict (`Checkpoint`) -- `format`, `kind` (dense, pruned or
+finetuned), `architecture` (model.py's widths), `state_dict`, `class_names`,
+`image_size`, `normalization`, `metrics` -- written atomically (`atomic_save`) and read with
 `torch.load(weights_only=True)` (`safe_load`), so loading never runs code. A bare
 VGG state dict (the original demo's vgg16Net.pth, torchvision's ImageNet files)
 is read as one (`checkpoint_from_state_dict`). `check_made_for()` refuses a
@@ -15,6 +15,7 @@ import hashlib
 import json
 import os
 import pickle
+import typing
 from collections.abc import Callable
 
 import torch
@@ -25,6 +26,31 @@ from compress.data.images import IMAGENET_NORMALIZATION, ORIGINAL_NORMALIZATION
 from compress.machine.resources import disk_full, free_bytes
 
 CHECKPOINT_FORMAT = "vgg-prune-distill/1"
+
+
+class Checkpoint(typing.TypedDict):
+    """A checkpoint as it is on disk and in memory: plain data and tensors, no pickled code.
+
+    Args:
+        format: CHECKPOINT_FORMAT.
+        kind: "dense" (train.py), "pruned" (pruner.py), "finetuned" (distilled), or "new"
+            (a MobileNetV2 student before its distillation).
+        architecture: model.py's description: arch, batch_norm, num_classes, and for a VGG
+            its layer widths (features, classifier); model.from_architecture() rebuilds it.
+        state_dict: the weights, on the CPU.
+        class_names: by output index.
+        image_size: the square size the model was made for.
+        normalization: {"mean": [...], "std": [...]} the pictures are normalised with.
+        metrics: what made it: figures, the recipe and distillation settings (saved whole).
+    """
+    format: str
+    kind: str
+    architecture: dict
+    state_dict: dict[str, torch.Tensor]
+    class_names: list[str]
+    image_size: int
+    normalization: dict[str, list[float]]
+    metrics: dict
 
 
 def atomic_write(path: str, write: Callable, mode: str = "wb",
@@ -118,7 +144,7 @@ def check_replaceable(path: str, flag: str = "--output",
 
 
 def make_checkpoint(model: torch.nn.Module, kind: str, arch: str, class_names: list[str],
-                    image_size: int, normalization: dict, metrics: dict) -> dict:
+                    image_size: int, normalization: dict, metrics: dict) -> Checkpoint:
     """The plain dict a checkpoint is (see the module's docstring)."""
     return {"format": CHECKPOINT_FORMAT, "kind": kind,
             "architecture": vgg.architecture_of(model, arch),
@@ -159,7 +185,7 @@ def conversion_hint(path: str) -> str:
 
 
 def load_checkpoint(path: str, kinds: tuple[str, ...] = ("dense", "pruned", "finetuned"),
-                    image_size: int | None = None) -> dict:
+                    image_size: int | None = None) -> Checkpoint:
     """Load and check a pipeline checkpoint; `kinds` are the kinds this stage accepts.
 
     A bare VGG state dict is read as a checkpoint for `image_size` px (224 if None).
@@ -183,7 +209,7 @@ def is_state_dict(obj: object) -> bool:
 
 
 def checkpoint_from_state_dict(state_dict: dict, path: str, image_size: int | None = None,
-                               say: Callable = print) -> dict:
+                               say: Callable = print) -> Checkpoint:
     """A bare VGG state dict (torchvision's keys) as a checkpoint of this pipeline.
 
     The architecture is read from its tensor shapes (dense if its convolutions have
@@ -250,7 +276,7 @@ def check_class_index(path: str, class_names: list[str]) -> None:
                         "--class-index, or move it first")
 
 
-def model_from_checkpoint(checkpoint: dict, path: str) -> torch.nn.Module:
+def model_from_checkpoint(checkpoint: Checkpoint, path: str) -> torch.nn.Module:
     """The model a checkpoint describes, rebuilt by model.py with its weights loaded."""
     model = vgg.from_architecture(checkpoint["architecture"])
     try:
@@ -260,7 +286,7 @@ def model_from_checkpoint(checkpoint: dict, path: str) -> torch.nn.Module:
     return model
 
 
-def check_made_for(checkpoint: dict, path: str, asked_by: str, image_size: int | None = None,
+def check_made_for(checkpoint: Checkpoint, path: str, asked_by: str, image_size: int | None = None,
                    class_names: list[str] | None = None, normalization: dict | None = None) -> None:
     """Refuse to use a checkpoint at another image size, on other classes or with other
     normalisation than its own.

@@ -26,7 +26,7 @@ from collections.abc import Callable, Iterable
 
 import torch
 
-from compress.checkpoints import (check_made_for, check_replaceable, file_sha256,
+from compress.checkpoints import (Checkpoint, check_made_for, check_replaceable, file_sha256,
                                   model_from_checkpoint, saved_bytes)
 from compress.cli import CheckFailed, settings_from
 from compress.data.images import (ImageFolder, eval_transform, find_classes, make_loader,
@@ -195,7 +195,7 @@ def predictions(models: dict, loader: Iterable) -> tuple[dict, torch.Tensor]:
     return {name: torch.cat(tops) for name, tops in outputs.items()}, torch.cat(labels)
 
 
-def export_checkpoint(checkpoint: dict, weights: str, fp32_path: str, *, data: str,
+def export_checkpoint(checkpoint: Checkpoint, weights: str, fp32_path: str, *, data: str,
                       plan: ExportPlan = ExportPlan(), source_sha256: str | None = None,
                       say: Callable = print) -> dict:
     """Export the model of `checkpoint` (read from the file `weights`) to `fp32_path` and its

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from compress.checkpoints import file_sha256
+from compress.checkpoints import Checkpoint, file_sha256
 from compress.cli import UserError
 from compress.machine.cpu import cpu_class, saturates
 
@@ -36,7 +36,8 @@ JSON_FIELDS = ("class_names", "image_size", "normalization", "architecture")
 OPTIONAL_JSON_FIELDS = ("quantization",)
 
 
-def describe(checkpoint: dict, source: str, source_sha256: str, precision: str = "fp32") -> dict:
+def describe(checkpoint: Checkpoint, source: str, source_sha256: str,
+             precision: str = "fp32") -> dict:
     """The metadata of an ONNX file exported from `checkpoint` (read from file `source`)."""
     return {"format": ONNX_FORMAT, "kind": checkpoint["kind"], "precision": precision,
             "source": os.path.basename(source), "source_sha256": source_sha256,

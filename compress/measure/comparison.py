@@ -20,11 +20,11 @@ from collections.abc import Callable, Sequence
 import torch
 
 import model as vgg
-from compress.checkpoints import check_made_for, load_checkpoint, model_from_checkpoint
+from compress.checkpoints import Checkpoint, check_made_for, load_checkpoint, model_from_checkpoint
 from compress.data.images import find_classes, make_loader, report_split, val_set
 from compress.export.onnx_files import load_onnx
 from compress.machine.cpu import cpu_class, describe_cpu
-from compress.measure.evaluation import count_flops, evaluate
+from compress.measure.evaluation import ModelRow, count_flops, evaluate
 from compress.measure.intervals import accuracy_interval, paired_difference
 from compress.measure.timing import TimingPlan, interleaved_seconds, synchronizer
 
@@ -49,8 +49,8 @@ def load_model(path: str, device: torch.device, image_size: int | None = None,
     return checkpoint, model
 
 
-def split_loader(data: str, checkpoint: dict, path: str, device: torch.device, batch_size: int,
-                 workers: int | None, split: str = "val"):
+def split_loader(data: str, checkpoint: Checkpoint, path: str, device: torch.device,
+                 batch_size: int, workers: int | None, split: str = "val"):
     """DATA/`split` as the checkpoint sees it, refused if its classes are not the
     checkpoint's."""
     folder = os.path.join(data, split)
@@ -68,10 +68,10 @@ def split_figures(metrics: dict) -> dict:
     return dict(metrics, hits=metrics.get("hits"), accuracy_low=low, accuracy_high=high)
 
 
-def model_row(name: str, path: str, checkpoint: dict, model: torch.nn.Module, *, data: str,
+def model_row(name: str, path: str, checkpoint: Checkpoint, model: torch.nn.Module, *, data: str,
               device: torch.device, batch_size: int = 32, workers: int | None = None,
               verbose: bool = False, metrics: dict | None = None,
-              splits: Sequence[str] = ("val",)) -> dict:
+              splits: Sequence[str] = ("val",)) -> ModelRow:
     """One model's row before timing: accuracy (and the confusion matrix) on the first of
     `splits`, each split's figures in "by_split", size, FLOPs. `metrics`: its evaluate()
     of some splits, by split, if known already (those not evaluated again)."""
@@ -105,7 +105,7 @@ def model_row(name: str, path: str, checkpoint: dict, model: torch.nn.Module, *,
             "by_split": {split: split_figures(figures) for split, figures in evaluated.items()}}
 
 
-def against_first(rows: Sequence[dict], seed: int = 0) -> None:
+def against_first(rows: Sequence[ModelRow], seed: int = 0) -> None:
     """Each row after the first compared with it on the same pictures of each split (a
     paired difference, intervals.paired_difference: "vs_first" in its split's figures),
     the report split's also as the row's "difference" (None where the hits are unknown)."""
@@ -119,7 +119,7 @@ def against_first(rows: Sequence[dict], seed: int = 0) -> None:
         row["difference"] = row["by_split"][row["split"]]["vs_first"]
 
 
-def time_models(rows: Sequence[dict], models: Sequence[torch.nn.Module], device: torch.device,
+def time_models(rows: Sequence[ModelRow], models: Sequence[torch.nn.Module], device: torch.device,
                 timing: TimingPlan) -> None:
     """Add each model's batch-1 latency and batch-32 throughput to its row, all models
     timed interleaved on the same random inputs (one set per image size)."""
@@ -156,7 +156,7 @@ def compare(models: Sequence[tuple[str, str, dict, torch.nn.Module]], *, data: s
             device: torch.device, timing: TimingPlan = TimingPlan(), batch_size: int = 32,
             workers: int | None = None, verbose: bool = False,
             known: dict[str, dict] | None = None, splits: Sequence[str] | None = None,
-            say: Callable = print) -> list[dict]:
+            say: Callable = print) -> list[ModelRow]:
     """Measure `models` -- (name, path, checkpoint, model) each, as load_model() gives them --
     on each of `splits` of DATA (default: data.report_split(), test if there is one), each
     against the first model on the same pictures, then time them all interleaved; a row

@@ -5,11 +5,14 @@
   (in a single process: what a paired comparison of two models needs).
 - `count_flops()`: FLOPs and parameters of one image's forward pass (NNI's counter).
 - `relative_difference()`: how far one model's outputs are from another's.
+- `ModelRow`: one model's measured figures, as test.py --compare and the sweep report
+  them (comparison.compare() makes them).
 
 (How fast: timing.py; several models side by side: comparison.py.)
 """
 from __future__ import annotations
 
+import typing
 from collections.abc import Iterable
 
 import torch
@@ -18,6 +21,56 @@ from tqdm import tqdm
 
 from compress.cli import quiet_nni
 from compress.machine.distributed import all_reduce_sum, distributed
+from compress.measure.intervals import PairedDifference
+
+
+class ModelRow(typing.TypedDict, total=False):
+    """One model measured (comparison.model_row() and time_models()): a row of
+    test.py --compare's table and of compare.json.
+
+    Args:
+        name, path, kind, arch: which model, from which file (checkpoint or .onnx).
+        split: the split its accuracy is on (test, or val without one); val_images: how
+            many pictures; accuracy, accuracy_low, accuracy_high: on them, and its 95%
+            interval; by_split: each split's figures (and "hits": which were right);
+            difference: against the first model of the comparison on the same pictures.
+        per_class_accuracy, confusion, class_names, loss: the rest of the evaluation.
+        params, flops, file_bytes: how big.
+        latency_ms, latency_iqr_ms, latency_runs, batch_ms, throughput_ips, ...: how fast,
+            timed interleaved; timing_uncertainty: how well the medians are known.
+        device, threads, cpu, cpu_class, runtime, precision, memory_format, image_size:
+            where and how it ran.
+    """
+    name: str
+    path: str
+    kind: str
+    arch: str
+    split: str
+    val_images: int
+    accuracy: float
+    accuracy_low: float
+    accuracy_high: float
+    by_split: dict[str, dict]
+    difference: PairedDifference | None
+    per_class_accuracy: list[float]
+    confusion: list[list[int]]
+    class_names: list[str]
+    loss: float
+    params: int
+    flops: int
+    file_bytes: int
+    latency_ms: float
+    latency_iqr_ms: float
+    throughput_ips: float
+    timing_uncertainty: float
+    device: str
+    threads: int
+    cpu: str
+    cpu_class: str
+    runtime: str
+    precision: str
+    memory_format: str | None
+    image_size: int
 
 
 def evaluate(model: torch.nn.Module, loader: Iterable, device: torch.device, num_classes: int,

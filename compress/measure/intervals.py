@@ -14,12 +14,32 @@ most pictures, so their difference is known much better than either accuracy).
 from __future__ import annotations
 
 import math
+import typing
 from collections.abc import Sequence
 
 import numpy as np
 
 Z95 = 1.959963984540054  # the normal quantile of a two-sided 95% interval
 RESAMPLES = 10_000
+
+
+class PairedDifference(typing.TypedDict):
+    """Model B against model A on the same pictures (paired_difference()).
+
+    Args:
+        difference: B's accuracy minus A's (a share: 0.012 is 1.2 points).
+        low, high: its 95% interval (paired bootstrap).
+        p_value: McNemar's exact two-sided p-value.
+        only_a, only_b: the pictures only A, only B got right.
+        count: the pictures.
+    """
+    difference: float
+    low: float
+    high: float
+    p_value: float
+    only_a: int
+    only_b: int
+    count: int
 
 
 def accuracy_interval(correct: int, count: int) -> tuple[float, float]:
@@ -45,7 +65,8 @@ def mcnemar_p(only_a: int, only_b: int) -> float:
     return min(1.0, 2 * tail)
 
 
-def paired_difference(hits_a: Sequence[int], hits_b: Sequence[int], seed: int = 0) -> dict:
+def paired_difference(hits_a: Sequence[int], hits_b: Sequence[int],
+                      seed: int = 0) -> PairedDifference:
     """B's accuracy minus A's on the same pictures (`hits_*`: 1 where right, in the same
     order): {"difference", "low", "high" (its 95% interval, paired bootstrap), "p_value"
     (McNemar), "only_a", "only_b" (pictures only one of them got right), "count"}."""
@@ -65,7 +86,7 @@ def paired_difference(hits_a: Sequence[int], hits_b: Sequence[int], seed: int = 
             "count": int(a.size)}
 
 
-def tells_apart(difference: dict) -> bool:
+def tells_apart(difference: PairedDifference) -> bool:
     """Whether the paired interval excludes 0: the two models measurably differ."""
     return not difference["low"] <= 0 <= difference["high"]
 
@@ -75,7 +96,7 @@ def points(value: float) -> str:
     return f"{100 * value:+.1f}"
 
 
-def describe_difference(difference: dict) -> str:
+def describe_difference(difference: PairedDifference) -> str:
     """'-0.8 points [-1.9, +0.2]': a paired difference and its 95% interval."""
     return (f"{points(difference['difference'])} points "
             f"[{points(difference['low'])}, {points(difference['high'])}]")

@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 import model as vgg
+from compress.checkpoints import Checkpoint
 from compress.cli import UserError
 from compress.export.onnx_files import OnnxModel, session
 from compress.measure.timing import measure_latency, median_seconds
@@ -177,7 +178,7 @@ def multiply_adds(network: nn.Module, inputs: torch.Tensor) -> dict[nn.Module, i
     return counts
 
 
-def profile_model(name: str, path: str, checkpoint: dict, network: nn.Module, batch: int, *,
+def profile_model(name: str, path: str, checkpoint: Checkpoint, network: nn.Module, batch: int, *,
                   runs: int = 10, warmup: int = 3, verbose: bool = False) -> Profile:
     """Where a forward pass of `batch` pictures of `network` (a checkpoint's model on the
     CPU, or the OnnxModel of an .onnx file, `checkpoint` its description) spends its time:

@@ -29,6 +29,7 @@ if TYPE_CHECKING:
     from matplotlib.figure import Figure
     from PIL import Image
 
+    from compress.measure.evaluation import ModelRow
     from compress.measure.profiling import Profile
 
 
@@ -111,7 +112,7 @@ def plot_prediction(image: Image.Image, label: str, path: str, show: bool = Fals
     save_figure(figure, path, show, bbox_inches="tight")
 
 
-def accuracy_cell(row: dict) -> str:
+def accuracy_cell(row: ModelRow) -> str:
     """'86.4% [84.0, 88.6]': an accuracy and its 95% interval, in percent."""
     if "accuracy_low" not in row:  # (a row measured before intervals were)
         return f"{row['accuracy']:.1%}"
@@ -119,7 +120,7 @@ def accuracy_cell(row: dict) -> str:
             f"{100 * row['accuracy_high']:.1f}]")
 
 
-def difference_cell(row: dict) -> str:
+def difference_cell(row: ModelRow) -> str:
     """'-0.8 [-1.9, +0.2]': a row's paired difference from the first row, in points, its
     95% interval, '=' where it cannot be told apart from the first ('' for the first)."""
     difference = row.get("difference")
@@ -130,7 +131,7 @@ def difference_cell(row: dict) -> str:
     return cell + (" =" if difference["low"] <= 0 <= difference["high"] else "  ")
 
 
-def print_comparison(rows: Sequence[dict]) -> None:
+def print_comparison(rows: Sequence[ModelRow]) -> None:
     """test.py --compare's table: each row against the first."""
     base = rows[0]
     width = max(10, *(len(row["name"]) for row in rows))  # the model column fits every name
@@ -160,7 +161,7 @@ def print_comparison(rows: Sequence[dict]) -> None:
     print()
 
 
-def print_loose_timings(rows: Sequence[dict]) -> None:
+def print_loose_timings(rows: Sequence[ModelRow]) -> None:
     """Name the rows whose medians are known less well than PRECISION, if any."""
     loose = [row["name"] for row in rows if row["timing_uncertainty"] > PRECISION]
     if loose:
@@ -169,7 +170,7 @@ def print_loose_timings(rows: Sequence[dict]) -> None:
               "with care, or time them again")
 
 
-def plot_comparison(rows: Sequence[dict], path: str, show: bool = False) -> None:
+def plot_comparison(rows: Sequence[ModelRow], path: str, show: bool = False) -> None:
     """test.py --compare's bars: accuracy, parameters, file size, latency, throughput."""
     plt = pyplot(show)
     names = [row["name"] for row in rows]
@@ -190,7 +191,7 @@ def plot_comparison(rows: Sequence[dict], path: str, show: bool = False) -> None
     save_figure(figure, path, show)
 
 
-def save_comparison(rows: Sequence[dict], report: str, show: bool = False) -> str:
+def save_comparison(rows: Sequence[ModelRow], report: str, show: bool = False) -> str:
     """`rows` (comparison.compare()'s) as the JSON `report`, its figure beside it (returned)
     and each model's confusion matrix beside its file (<file>.confusion.png)."""
     for row in rows:

@@ -27,7 +27,7 @@ from collections.abc import Callable
 
 import torch
 
-from compress.checkpoints import (atomic_save, check_made_for, make_checkpoint,
+from compress.checkpoints import (Checkpoint, atomic_save, check_made_for, make_checkpoint,
                                   model_from_checkpoint, output_path)
 from compress.cli import CheckFailed, UserError, quiet_nni
 from compress.data.images import ImageFolder, eval_transform, find_classes, make_loader
@@ -285,8 +285,8 @@ def layer_widths(architecture: dict) -> tuple[list[str], list[int]]:
             convs + list(architecture["classifier"]))
 
 
-def taylor_batches(checkpoint: dict, path: str, data: str, count: int = 4, batch_size: int = 32,
-                   seed: int = 0) -> list:
+def taylor_batches(checkpoint: Checkpoint, path: str, data: str, count: int = 4,
+                   batch_size: int = 32, seed: int = 0) -> list:
     """`count` batches of DATA/train drawn at random (`seed`), as the model sees pictures:
     what --method taylor ranks by. Refused if DATA/train has other classes than the
     checkpoint (read from `path`)."""
@@ -300,7 +300,7 @@ def taylor_batches(checkpoint: dict, path: str, data: str, count: int = 4, batch
     return [batch for batch, _ in zip(loader, range(count))]
 
 
-def check_rankable(checkpoint: dict, path: str, method: str, flag: str = "--method") -> None:
+def check_rankable(checkpoint: Checkpoint, path: str, method: str, flag: str = "--method") -> None:
     """UserError if `method` (given by `flag`) cannot rank the channels of `checkpoint`."""
     if method == "slim" and not checkpoint["architecture"]["batch_norm"]:
         raise UserError(f"{path}: has no batch norm, and {flag} slim ranks channels by their "
@@ -316,11 +316,11 @@ def recipe_name(method: str, sparsity: float | None, global_ranking: bool = Fals
     return f"{method}, {'global ' if global_ranking else ''}sparsity {sparsity:g}"
 
 
-def prune_checkpoint(checkpoint: dict, path: str, *, method: str = "l1", sparsity: float = 0.5,
-                     global_ranking: bool = False, image_size: int | None = None, seed: int = 0,
-                     batches: list = (), verbose: bool = False,
-                     widths: dict[str, int] | None = None,
-                     say: Callable = print) -> tuple[dict, dict]:
+def prune_checkpoint(checkpoint: Checkpoint, path: str, *, method: str = "l1",
+                     sparsity: float = 0.5, global_ranking: bool = False,
+                     image_size: int | None = None, seed: int = 0, batches: list = (),
+                     verbose: bool = False, widths: dict[str, int] | None = None,
+                     say: Callable = print) -> tuple[Checkpoint, dict]:
     """(pruned checkpoint, report) of a dense `checkpoint` (read from `path`), or of one
     pruned before (iterative pruning: `widths`, a layer's channels kept, as prune() takes
     them, in place of `sparsity`, which is then only recorded).

@@ -21,18 +21,19 @@ from collections.abc import Sequence
 
 import torch
 
-from compress.checkpoints import (check_made_for, file_sha256, load_checkpoint,
+from compress.checkpoints import (Checkpoint, check_made_for, file_sha256, load_checkpoint,
                                   model_from_checkpoint, write_json)
 from compress.cli import UserError, resolve_device, settings_from
 from compress.data.images import ImageFolder, report_split
 from compress.measure.comparison import compare, load_model
-from compress.measure.intervals import describe_difference, paired_difference
+from compress.measure.intervals import PairedDifference, describe_difference, paired_difference
 from compress.measure.reporting import save_comparison
 from compress.measure.timing import TimingPlan
 from compress.pruning.channels import check_rankable
 from compress.pruning.latency import RUNTIMES as LATENCY_RUNTIMES
 from compress.pruning.latency import LatencyModel, cached, load_or_build
-from compress.sweep.report import in_pytorch, plot_sweep, print_sweep, reference_accuracy
+from compress.sweep.report import (SweepRow, in_pytorch, plot_sweep, print_sweep,
+                                   reference_accuracy)
 from compress.sweep.targets import TARGETS, ship, target_file
 from compress.training.distillation import DISTILLATION_DEFAULTS, Distillation
 from compress.training.recipe import RECIPE_DEFAULTS, Recipe
@@ -54,7 +55,7 @@ class Teacher:
     """The dense model every student of a sweep is pruned from and distilled by: its
     checkpoint and its file's SHA-256, read once per run."""
     path: str
-    checkpoint: dict
+    checkpoint: Checkpoint
     sha256: str
 
     @classmethod
@@ -186,7 +187,7 @@ def within_budget(accuracy: float, dense_accuracy: float, max_drop: float) -> bo
     return round(100 * (dense_accuracy - accuracy), 9) <= max_drop
 
 
-def pareto(rows: Sequence[dict], key: str) -> set[str]:
+def pareto(rows: Sequence[SweepRow], key: str) -> set[str]:
     """Names of the rows no other row beats in both `key` (lower) and accuracy (higher)."""
     front, best = set(), -1.0
     for row in sorted(rows, key=lambda r: (r[key], -r["accuracy"])):
@@ -196,7 +197,7 @@ def pareto(rows: Sequence[dict], key: str) -> set[str]:
     return front
 
 
-def drop(row: dict, dense: dict) -> float:
+def drop(row: SweepRow, dense: SweepRow) -> float:
     """The points a measured row is below the dense model in PyTorch on the pictures the
     sweep decides on: the paired difference (the same pictures, "budget"), or, for a row
     measured before there were paired differences, the difference of the two accuracies."""
@@ -205,7 +206,7 @@ def drop(row: dict, dense: dict) -> float:
     return -100 * row["budget"]["difference"]
 
 
-def pick(rows: Sequence[dict], dense: dict, max_drop: float) -> dict | None:
+def pick(rows: Sequence[SweepRow], dense: SweepRow, max_drop: float) -> SweepRow | None:
     """The fastest row (batch-1 latency; fewer parameters on a tie) at most `max_drop` points
     below the dense model in PyTorch, by the paired difference on val (drop()). Rows of
     one architecture (the same parameters and FLOPs: l1-0.9 and taylor-0.9 keep the same
@@ -222,8 +223,8 @@ def pick(rows: Sequence[dict], dense: dict, max_drop: float) -> dict | None:
                default=None)
 
 
-def measure_candidates(setup: SweepSetup, done: Sequence[dict], report: str,
-            output_dir: str) -> tuple[list[dict], dict]:
+def measure_candidates(setup: SweepSetup, done: Sequence[SweepRow], report: str,
+            output_dir: str) -> tuple[list[SweepRow], SweepRow]:
     """(rows, dense row): the students of `done` (rows with the "path" of their checkpoint,
     shipped if the target is not PyTorch) and the dense model (shipped into `output_dir`
     here), measured together in `setup.target`'s runtime as test.py --compare measures
@@ -254,7 +255,7 @@ def measure_candidates(setup: SweepSetup, done: Sequence[dict], report: str,
     return rows, dense
 
 
-def add_predictions(setup: SweepSetup, rows: Sequence[dict]) -> None:
+def add_predictions(setup: SweepSetup, rows: Sequence[SweepRow]) -> None:
     """Each VGG row's batch-1 latency as this CPU's latency model predicts it
     ("predicted_ms"), where the cache holds one for the target runtime (a sweep with
     latency targets built it): how far the model is from what was measured."""
@@ -271,13 +272,13 @@ def add_predictions(setup: SweepSetup, rows: Sequence[dict]) -> None:
             row["predicted_ms"] = model.predict(architecture)
 
 
-def paired(reference: dict, row: dict, split: str, seed: int) -> dict:
+def paired(reference: dict, row: SweepRow, split: str, seed: int) -> PairedDifference:
     """The row's accuracy minus the reference's (by_split figures) on `split`, paired."""
     return paired_difference(reference[split]["hits"], row["by_split"][split]["hits"], seed)
 
 
-def measure_in(setup: SweepSetup, done: Sequence[dict], report: str, target: str,
-               dense_onnx: str | None) -> tuple[list[dict], dict]:
+def measure_in(setup: SweepSetup, done: Sequence[SweepRow], report: str, target: str,
+               dense_onnx: str | None) -> tuple[list[SweepRow], SweepRow]:
     """measure_candidates() in one runtime: (rows, dense row), each row the setting as it was made
     with the numbers as measured now; "path" stays its checkpoint, "file" is what ran."""
     print(f"\nMeasuring the dense model and {len(done)} students as test.py --compare, "
@@ -322,7 +323,8 @@ def read_evaluation(path: str | None) -> dict | None:
         return None
 
 
-def present(rows: list[dict], dense: dict, max_drop: float | None, output_dir: str) -> dict | None:
+def present(rows: list[SweepRow], dense: SweepRow, max_drop: float | None,
+            output_dir: str) -> SweepRow | None:
     """Mark, print and draw the measured rows; returns the row `max_drop` picks (or None)."""
     chosen = pick(rows, dense, max_drop) if max_drop is not None else None
     for row in rows:
@@ -345,7 +347,7 @@ def present(rows: list[dict], dense: dict, max_drop: float | None, output_dir: s
     return chosen
 
 
-def print_noise(rows: Sequence[dict], chosen: dict | None, max_drop: float) -> None:
+def print_noise(rows: Sequence[SweepRow], chosen: SweepRow | None, max_drop: float) -> None:
     """Say where the budget's decision is within the noise: faster settings left out whose
     interval on val still reaches the budget, and a pick whose interval crosses it."""
     line = -max_drop / 100
@@ -363,6 +365,6 @@ def print_noise(rows: Sequence[dict], chosen: dict | None, max_drop: float) -> N
               "lose more than the budget")
 
 
-def save_rows(rows: Sequence[dict], dense: dict, path: str) -> None:
+def save_rows(rows: Sequence[SweepRow], dense: SweepRow, path: str) -> None:
     """sweep.json: the dense row, then each setting's."""
     write_json([dense, *rows], path)

@@ -33,6 +33,7 @@ from compress.sweep import nni_engine
 from compress.sweep.candidates import (SweepSetup, comparable_training, measure_candidates,
                                        present, save_rows, within_budget)
 from compress.sweep.plain import read_report
+from compress.sweep.report import SweepRow
 from compress.sweep.setting import method_setting, setting_name
 from compress.sweep.targets import onnx_paths
 
@@ -102,7 +103,7 @@ def describe_trial(trial: nni_engine.Trial, epochs: int) -> str:
     return line + trial.status.lower()
 
 
-def reported_rows(trials: Sequence[nni_engine.Trial], training: dict) -> list[dict]:
+def reported_rows(trials: Sequence[nni_engine.Trial], training: dict) -> list[SweepRow]:
     """sweep.json's rows of the trials that finished: the setting and numbers each trial
     reported, checked against the parameters NNI gave it."""
     rows = []

@@ -28,13 +28,14 @@ from compress.cli import Interrupted, UserError
 from compress.machine.resources import check_room
 from compress.sweep.candidates import (SweepSetup, comparable_training, measure_candidates,
                                       present, within_budget)
+from compress.sweep.report import SweepRow
 from compress.sweep.setting import Setting, check_outputs, prune_and_distil
 from compress.sweep.stepwise import prune_in_steps
 from compress.sweep.targets import target_accuracy
 from model import MOBILENET_V2, count_parameters
 
 
-def read_report(path: str, engine: str) -> list[dict]:
+def read_report(path: str, engine: str) -> list[SweepRow]:
     """The settings' rows of a sweep.json made by `engine` (plain or nni)."""
     try:
         with open(path) as file:
@@ -78,7 +79,7 @@ class Sweep:
         return (row is not None and os.path.isfile(self.student(name))
                 and comparable_training(row["training"]) == self.training)
 
-    def run(self, setting: Setting, position: str = "") -> dict:
+    def run(self, setting: Setting, position: str = "") -> SweepRow:
         """Prune and distil one setting (unless done before); returns its row, its accuracy
         that of the target runtime (in_target())."""
         name = setting.name
@@ -178,7 +179,7 @@ def students_bytes(setup: SweepSetup, settings: Sequence[Setting]) -> float:
 
 def run_sweep(setup: SweepSetup, settings: Sequence[Setting], output_dir: str, *,
               max_drop: float | None = None, bisect: tuple[str, bool] | None = None,
-              bisect_steps: int = 4) -> tuple[list[dict], dict]:
+              bisect_steps: int = 4) -> tuple[list[SweepRow], SweepRow]:
     """sweep.py's plain engine: every setting (unless done before), then with `bisect`
     (method, global ranking) a search of its sparsity within `max_drop`, then all the
     students of `output_dir` distilled alike measured together with the dense model

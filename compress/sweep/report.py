@@ -1,5 +1,8 @@
-"""A sweep's report: its table, its figure, and the dense figures its budget counts from.
+"""A sweep's report: its rows, its table, its figure, and the dense figures its budget counts
+from.
 
+- `SweepRow`: a setting's row of sweep.json (the dense model's too): a measured model's
+  figures and what the sweep adds to them.
 - `in_pytorch()` / `reference_accuracy()`: the dense model as the user has it (PyTorch),
   from which --max-drop counts.
 - `print_sweep()`: the table, in the runtime that decided, against the dense model.
@@ -9,24 +12,56 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from compress.measure.evaluation import ModelRow
+from compress.measure.intervals import PairedDifference
 from compress.measure.reporting import (accuracy_cell, difference_cell, print_loose_timings,
                                         pyplot, save_figure)
 from compress.sweep.targets import TARGETS
 
 
-def in_pytorch(dense: dict) -> dict:
+class SweepRow(ModelRow, total=False):
+    """A row of sweep.json: the model measured in the target runtime (ModelRow), and
+
+    Args:
+        method, global, sparsity, steps, latency_target_ms: the setting (dense: none).
+        training: what it was distilled with, whole (candidates.comparable_training()).
+        minutes: its pruning and distillation took; target, file: the runtime that
+            decided and the file it measured; pytorch: the same figures in PyTorch;
+            accuracy_by_runtime: its accuracy in each runtime measured.
+        budget: the paired difference from the dense model in PyTorch on val (decided on).
+        picked, pareto_latency, pareto_params: the decisions; predicted_ms: the latency
+            model's prediction, where there was one.
+    """
+    method: str
+    sparsity: float | None
+    steps: int
+    latency_target_ms: float | None
+    training: dict
+    minutes: float
+    target: str
+    file: str
+    pytorch: dict
+    accuracy_by_runtime: dict[str, float]
+    budget: PairedDifference
+    picked: bool
+    pareto_latency: bool
+    pareto_params: bool
+    predicted_ms: float
+
+
+def in_pytorch(dense: SweepRow) -> SweepRow:
     """The dense model's figures in PyTorch (its row itself where PyTorch decided)."""
     return dense.get("pytorch", dense)
 
 
-def reference_accuracy(dense: dict, split: str | None = None) -> float:
+def reference_accuracy(dense: SweepRow, split: str | None = None) -> float:
     """The accuracy a sweep's budget counts from: the dense model's in PyTorch (on `split`;
     None: the split it reports on)."""
     figures = in_pytorch(dense)
     return figures["accuracy"] if split is None else figures["by_split"][split]["accuracy"]
 
 
-def print_sweep(rows: Sequence[dict], dense: dict) -> None:
+def print_sweep(rows: Sequence[SweepRow], dense: SweepRow) -> None:
     """The sweep's table: the dense row, then each setting's (p: Pareto front, *: picked),
     in the runtime that decided, each accuracy with its 95% interval and against the
     dense model in PyTorch on the same pictures; beside it, with a target other than
@@ -68,7 +103,8 @@ def print_sweep(rows: Sequence[dict], dense: dict) -> None:
               + f"; largest error {max(map(abs, errors)):.0%}")
 
 
-def plot_sweep(rows: Sequence[dict], dense: dict, path: str, max_drop: float | None) -> None:
+def plot_sweep(rows: Sequence[SweepRow], dense: SweepRow, path: str,
+               max_drop: float | None) -> None:
     """Accuracy against latency and against parameters in the runtime that decided, the
     Pareto front, the dense model and the --max-drop budget."""
     plt = pyplot()
@@ -102,7 +138,7 @@ def plot_sweep(rows: Sequence[dict], dense: dict, path: str, max_drop: float | N
     save_figure(figure, path)
 
 
-def errors(rows: Sequence[dict]) -> list[list[float]]:
+def errors(rows: Sequence[SweepRow]) -> list[list[float]]:
     """The rows' 95% intervals as matplotlib's error bars (below, above), in points."""
     return [[100 * (row["accuracy"] - row.get("accuracy_low", row["accuracy"])) for row in rows],
             [100 * (row.get("accuracy_high", row["accuracy"]) - row["accuracy"]) for row in rows]]

@@ -24,6 +24,7 @@ from compress.pruning.channels import METHODS, prune_checkpoint, save_pruned, ta
 from compress.sweep.candidates import SweepSetup
 from compress.sweep.targets import onnx_paths
 from compress.training.distillation import distil_checkpoint, mobilenet_student
+from compress.training.loop import EpochRecord
 from model import MOBILENET_V2
 
 
@@ -69,7 +70,7 @@ def setting_name(method: str, global_ranking: bool, sparsity: float, steps: int 
 
 
 def prune_and_distil(setup: SweepSetup, student: str, setting: Setting,
-                     on_epoch: Callable[[dict], None] | None = None) -> list[dict]:
+                     on_epoch: Callable[[EpochRecord], None] | None = None) -> list[EpochRecord]:
     """One setting: the student is written to `student` (NAME.pth; the pruned model beside
     it as NAME.pruned.pth, its widths as NAME.pruned.channels.png). A distillation stopped
     by Ctrl-C continues from its state file. `on_epoch(record)` is told each distillation

@@ -27,6 +27,7 @@ from compress.pruning.channels import prunable_layers, uniform_widths
 from compress.sweep.candidates import SweepSetup
 from compress.sweep.setting import Setting, check_outputs, prune_setting
 from compress.training.distillation import distil_checkpoint
+from compress.training.loop import EpochRecord
 
 
 def step_widths(dense: dict[str, int], final: dict[str, int], steps: int) -> list[dict[str, int]]:
@@ -60,7 +61,7 @@ def finished(student: str, epochs: int) -> bool:
 
 
 def prune_in_steps(setup: SweepSetup, student: str, setting: Setting,
-                   on_epoch: Callable[[dict], None] | None = None) -> list[dict]:
+                   on_epoch: Callable[[EpochRecord], None] | None = None) -> list[EpochRecord]:
     """`setting` (its steps > 1) pruned and distilled step by step into `student`; the
     steps before the last write NAME.stepK.pth (and .pruned.pth). Returns the histories of
     every step, one after another (the epochs numbered through)."""

@@ -16,7 +16,7 @@ from collections.abc import Callable
 
 import torch
 
-from compress.checkpoints import file_sha256, load_checkpoint, output_path
+from compress.checkpoints import Checkpoint, file_sha256, load_checkpoint, output_path
 from compress.export.convert import ExportPlan, export_checkpoint, int8_path_of, int8_settings
 from compress.export.onnx_files import read_description
 from compress.machine.cpu import cpu_class
@@ -62,7 +62,7 @@ def is_current(checkpoint_path: str, sha256: str, fp32_path: str | None = None) 
             and descriptions[1].get("quantization") == int8_settings(cpu_class()))
 
 
-def ship(checkpoint_path: str, *, data: str, checkpoint: dict | None = None,
+def ship(checkpoint_path: str, *, data: str, checkpoint: Checkpoint | None = None,
          batch_size: int = 32, workers: int | None = 0, seed: int = 0,
          sha256: str | None = None, fp32_path: str | None = None,
          say: Callable = print) -> dict | None:

@@ -41,15 +41,16 @@ import torch
 import torch.nn.functional as F
 
 import model as vgg
-from compress.checkpoints import (atomic_save, check_made_for, file_sha256, is_state_dict,
-                                  make_checkpoint, model_from_checkpoint, safe_load, saved_bytes)
+from compress.checkpoints import (Checkpoint, atomic_save, check_made_for, file_sha256,
+                                  is_state_dict, make_checkpoint, model_from_checkpoint,
+                                  safe_load, saved_bytes)
 from compress.cli import ALPHA, KD_LOSSES, TEMPERATURE, UserError, settings_from
 from compress.data.images import find_classes
 from compress.machine.distributed import init_distributed
 from compress.machine.resources import check_room
 from compress.measure.evaluation import evaluate
 from compress.training.features import Hints, WithAdapters, feature_loss
-from compress.training.loop import MEMORY_FORMAT, fit
+from compress.training.loop import MEMORY_FORMAT, EpochRecord, fit
 from compress.training.recipe import Recipe
 from compress.training.teacher_store import TeacherStore, check_store_file, store_key
 
@@ -114,8 +115,8 @@ def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor
     return soft + hard * (1 - alpha)
 
 
-def mobilenet_student(teacher_checkpoint: dict, pretrained: str | None = None,
-                      say: Callable = print) -> dict:
+def mobilenet_student(teacher_checkpoint: Checkpoint, pretrained: str | None = None,
+                      say: Callable = print) -> Checkpoint:
     """A MobileNetV2 for the teacher's classes, pictures and normalisation, as a checkpoint
     (new weights, or torchvision's from the state dict file `pretrained`)."""
     class_names = teacher_checkpoint["class_names"]
@@ -155,9 +156,9 @@ class TeacherTime:
 def distil(teacher: torch.nn.Module, student: torch.nn.Module, loaders: tuple, device: torch.device,
            *, recipe: Recipe, distillation: Distillation = Distillation(),
            output: str, settings: dict, save_best: Callable[[dict], None],
-           resume: str | None = None, on_epoch: Callable[[dict], None] | None = None,
+           resume: str | None = None, on_epoch: Callable[[EpochRecord], None] | None = None,
            store: TeacherStore | None = None,
-           teacher_time: TeacherTime | None = None) -> list[dict]:
+           teacher_time: TeacherTime | None = None) -> list[EpochRecord]:
     """Train `student` from `teacher` (both on `device`, in MEMORY_FORMAT) as `recipe` says
     (its optimizer, schedule, epochs, --amp; its label smoothing on the label term) and
     `distillation` (the loss) on `loaders` (train, val); returns the history (a record
@@ -215,7 +216,7 @@ def distil(teacher: torch.nn.Module, student: torch.nn.Module, loaders: tuple, d
     return history
 
 
-def check_pair(teacher_checkpoint: dict, teacher_path: str, student_checkpoint: dict,
+def check_pair(teacher_checkpoint: Checkpoint, teacher_path: str, student_checkpoint: Checkpoint,
                student_path: str, data: str) -> None:
     """Refuse a teacher and a student made for other pictures, classes or normalisation than
     each other, or a DATA/train of other classes."""
@@ -229,13 +230,14 @@ def check_pair(teacher_checkpoint: dict, teacher_path: str, student_checkpoint: 
                    class_names=find_classes(train_folder))
 
 
-def distil_checkpoint(teacher_checkpoint: dict, teacher_path: str, student_checkpoint: dict,
-                      student_path: str, *, data: str, output: str, recipe: Recipe,
+def distil_checkpoint(teacher_checkpoint: Checkpoint, teacher_path: str,
+                      student_checkpoint: Checkpoint, student_path: str, *, data: str,
+                      output: str, recipe: Recipe,
                       distillation: Distillation = Distillation(),
                       device: str | torch.device = "auto", teacher_sha256: str | None = None,
                       pretrained: str | None = None, resume: str | None = None,
-                      on_epoch: Callable[[dict], None] | None = None,
-                      teacher_cache: str | None = None, say: Callable = print) -> list[dict]:
+                      on_epoch: Callable[[EpochRecord], None] | None = None,
+                      teacher_cache: str | None = None, say: Callable = print) -> list[EpochRecord]:
     """Distil `student_checkpoint` (read from `student_path`, or a new MobileNetV2's) from
     `teacher_checkpoint` on the split in `data` with `recipe`; the best student is saved to
     `output` as a finetuned checkpoint, with `recipe` and `distillation` (the loss).

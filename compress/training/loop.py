@@ -22,6 +22,7 @@ import os
 import signal
 import sys
 import time
+import typing
 from collections.abc import Callable, Iterable, Iterator
 
 import torch
@@ -42,6 +43,30 @@ TRAINING_STATE_FORMAT = "vgg-prune-distill-state/2"
 # 16) and no slower at 64 px; on CUDA it is the layout tensor cores want
 MEMORY_FORMAT = torch.channels_last
 NEAR_ZERO = 1e-2  # a batch-norm scale this small all but switches its channel off
+
+
+class EpochRecord(typing.TypedDict, total=False):
+    """One epoch of a run's history (<output>.history.json).
+
+    Args:
+        epoch: from 1; train_loss, train_accuracy: over the epoch's training pictures;
+        val_loss, val_accuracy: after it, on DATA/val; images_per_second: training only
+        (None after a resume that left the epoch nothing to train); seconds: the epoch
+        with its validation; lr: the learning rate it ended at (with a schedule);
+        bn_penalty, bn_scales_near_zero: train.py --bn-sparsity's figures; step: the
+        step of an iterative pruning it belongs to.
+    """
+    epoch: int
+    train_loss: float
+    train_accuracy: float
+    val_loss: float
+    val_accuracy: float
+    images_per_second: float | None
+    seconds: float
+    lr: float
+    bn_penalty: float
+    bn_scales_near_zero: int
+    step: int
 
 
 @dataclasses.dataclass
@@ -254,8 +279,8 @@ def fit(model: torch.nn.Module, optimizer: torch.optim.Optimizer, compute_loss: 
         on_best: Callable[[dict], None], title: str, resume: str | None = None,
         amp: bool = False, memory_format: torch.memory_format = torch.contiguous_format,
         epoch_metrics: Callable[[], dict] | None = None,
-        on_epoch: Callable[[dict], None] | None = None,
-        scheduler: torch.optim.lr_scheduler.LRScheduler | None = None) -> list[dict]:
+        on_epoch: Callable[[EpochRecord], None] | None = None,
+        scheduler: torch.optim.lr_scheduler.LRScheduler | None = None) -> list[EpochRecord]:
     """Train for `epochs`, validating after each, and call `on_best(metrics)` on a new best.
 
     `train_loader` takes its order from a data.EpochSampler; `settings` are what a
@@ -338,7 +363,7 @@ def fit(model: torch.nn.Module, optimizer: torch.optim.Optimizer, compute_loss: 
 
 
 @contextlib.contextmanager
-def said_on_full_disk(output: str, saved: list[dict], epoch: int) -> Iterator[None]:
+def said_on_full_disk(output: str, saved: list[EpochRecord], epoch: int) -> Iterator[None]:
     """A full disk after `epoch` (counted from 1): what is kept (the best of the epochs
     `saved`, whose models reached the disk), and what to do."""
     try:
@@ -353,7 +378,7 @@ def said_on_full_disk(output: str, saved: list[dict], epoch: int) -> Iterator[No
 
 
 def epoch_record(epoch: int, totals: Totals, val: dict, trained: int, train_seconds: float,
-                 started: float) -> dict:
+                 started: float) -> EpochRecord:
     """One epoch's line of the history: losses, accuracies, speed."""
     return {"epoch": epoch + 1, "train_loss": totals.loss / max(totals.images, 1),
             "train_accuracy": totals.correct / max(totals.images, 1),
@@ -364,13 +389,13 @@ def epoch_record(epoch: int, totals: Totals, val: dict, trained: int, train_seco
             "seconds": round(time.perf_counter() - started, 2)}
 
 
-def describe(record: dict) -> str:
+def describe(record: EpochRecord) -> str:
     """An epoch's losses and accuracies, as each epoch's line prints them."""
     return (f"train loss {record['train_loss']:.4f} acc {record['train_accuracy']:.1%} | "
             f"val loss {record['val_loss']:.4f} acc {record['val_accuracy']:.1%}")
 
 
-def save_history(history: list[dict], path: str, title: str) -> None:
+def save_history(history: list[EpochRecord], path: str, title: str) -> None:
     """The history as JSON and as loss and accuracy curves beside it (.png)."""
     write_json(history, path)
     plot_history(history, os.path.splitext(path)[0] + ".png", title)
