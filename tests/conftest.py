@@ -7,9 +7,18 @@
 The tests come in levels, a folder each: library/ (the package's functions),
 scripts/ (each script's command line), end_to_end/ (stages one after another).
 """
-import pytest
+import os
 
-from helpers import TRAIN_FLAGS, Pipeline, generate_demo  # tests/, on pytest's pythonpath
+# Two tests at a time (pytest -n 2): each process, and the scripts it starts, computes on
+# one thread, so that the two share the cores instead of fighting over them (two torch
+# processes of two threads each on two cores slow each other ~2.8x). Set before torch is
+# first imported (helpers imports it).
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import pytest  # noqa: E402
+
+from helpers import TRAIN_FLAGS, Pipeline, generate_demo  # noqa: E402  (tests/, on pythonpath)
 
 # fixtures that train, prune or distil for real: every test that uses one is slow
 SLOW_FIXTURES = {"pipeline", "runs", "pruned", "pruned_by"}

@@ -122,6 +122,7 @@ TOLERANCE = 0.25  # the largest relative error allowed of a prediction (aimed at
 
 
 @pytest.mark.slow  # (eight small models exported, quantised and profiled)
+@pytest.mark.serial  # (a measured time against a prediction: alone, not beside another test)
 def test_a_latency_model_of_a_small_vgg_predicts_its_measured_latency(tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     model = latency.load_or_build(TIMED, 64, "int8", 1, say=lambda *a, **k: None)

@@ -18,7 +18,8 @@ from compress.measure import profiling
 from compress.measure.evaluation import count_flops
 from helpers import IMAGE_SIZE, NARROW
 
-pytestmark = pytest.mark.slow  # (real models timed and profiled, the machine's peak measured)
+# real models timed and profiled, the machine's peak measured: alone, not beside another test
+pytestmark = [pytest.mark.slow, pytest.mark.serial]
 
 CPU = torch.device("cpu")
 TIMED_SIZE = 96

@@ -13,7 +13,8 @@ from compress.checkpoints import atomic_save, load_checkpoint
 from compress.pruning.channels import prune_checkpoint
 from helpers import assert_clean_error, load_script, run_in_process, small_checkpoint
 
-pytestmark = pytest.mark.slow  # (real models exported, timed and profiled)
+# real models exported, timed and profiled: alone, not beside another test
+pytestmark = [pytest.mark.slow, pytest.mark.serial]
 
 test_py = load_script("test")
 
