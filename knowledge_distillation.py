@@ -79,7 +79,8 @@ def pruned_student(args):
         raise UserError("--pretrained: only with --student-arch mobilenet_v2 (a pruned student "
                         "starts from its checkpoint)")
     path = args.student or DEFAULT_STUDENT
-    checkpoint = load_checkpoint(path, kinds=("pruned", "finetuned"))
+    # (a bare state dict, pruned in someone's own code, is read for --image-size)
+    checkpoint = load_checkpoint(path, kinds=("pruned", "finetuned"), image_size=args.image_size)
     check_made_for(checkpoint, path, "--image-size", image_size=args.image_size)
     return checkpoint, path
 
@@ -114,7 +115,7 @@ def distil_as_asked(args, output):
     distil_checkpoint(teacher, args.teacher, student, student_path, data=args.data, output=output,
                       recipe=Recipe.from_args(args), distillation=Distillation.from_args(args),
                       device=device, pretrained=args.pretrained, resume=args.resume,
-                      teacher_cache=args.teacher_cache)
+                      teacher_cache=args.teacher_cache, tensorboard=args.tensorboard)
 
 
 if __name__ == "__main__":

@@ -31,8 +31,13 @@ measured latency.
     python pruner.py --method slim --global --sparsity 0.7   # after train.py --bn-sparsity
     python pruner.py --latency 2.5 --output fast.pth         # 2.5 ms a picture in int8 here
     python pruner.py --speedup 10 --runtime pytorch --batch 32
+    python pruner.py --method l1-unstructured --sparsity 0.8 --output zeros80.pth
+    python pruner.py --sparsity 0.5 --then-unstructured 0.8 --output both.pth
 """
-from compress.checkpoints import check_replaceable, load_checkpoint, model_from_checkpoint
+import os
+
+from compress.checkpoints import (atomic_save, check_replaceable, load_checkpoint,
+                                  model_from_checkpoint)
 from compress.cli import (UserError, add_shared_flags, add_verbose_arg, fraction, make_parser,
                           positive_float, positive_int, run_cli)
 from compress.machine.resources import check_writable
@@ -42,14 +47,19 @@ from compress.pruning.channels import (METHODS, MOST_REMOVED, layer_widths, prun
                                        save_pruned, taylor_batches)
 from compress.pruning.latency import (RUNTIMES, load_or_build, measure, widths_of,
                                       with_widths)
+from compress.pruning.weights import UNSTRUCTURED, compressed_bytes, prune_weights_checkpoint
 
 
 def get_args_parser():
     parser = make_parser(__doc__)
     parser.add_argument("--weights", default="vgg16Net.pth", help="dense checkpoint to prune")
-    parser.add_argument("--method", default="l1", choices=METHODS, metavar="METHOD",
+    parser.add_argument("--method", default="l1", choices=[*METHODS, *UNSTRUCTURED],
+                        metavar="METHOD",
                         help="how channels are ranked: "
-                             + "; ".join(f"{name}: {m.about}" for name, m in METHODS.items()))
+                             + "; ".join(f"{name}: {m.about}" for name, m in METHODS.items())
+                             + ". Or single weights zeroed: "
+                             + "; ".join(f"{name}: {about}"
+                                         for name, (_, about) in UNSTRUCTURED.items()))
     parser.add_argument("--sparsity", type=fraction,
                         help="fraction of channels removed from each pruned layer (with "
                              "--global: the fraction of all their weights together); default "
@@ -70,6 +80,9 @@ def get_args_parser():
                              f"than {MOST_REMOVED * 100:g}%% of its channels. Suits slim and "
                              "taylor, whose scores compare across layers; weight norms grow with a "
                              "layer's inputs, so l1/l2/fpgm --global thin the first layers most")
+    parser.add_argument("--then-unstructured", type=fraction, metavar="S",
+                        help="after channel pruning, zero the S fraction of the weights left "
+                             "(l1-unstructured; with --global, of all layers together)")
     parser.add_argument("--output", default="pruned_vgg16_net.pth", help="pruned checkpoint")
     add_shared_flags(parser, "--image-size", "--seed", "--data", image_size={
         "help": "input size used to trace the model and count FLOPs (default: the one stored in "
@@ -86,20 +99,33 @@ def get_args_parser():
 
 def main(args):
     timed = args.latency is not None or args.speedup is not None
-    for flag, other, given in (
-            ("--latency", "--speedup", args.latency and args.speedup),
-            ("--sparsity", "--latency or --speedup", timed and args.sparsity is not None),
-            ("--global", "--latency or --speedup", timed and args.global_ranking)):
+    one_target = "one target at a time: the widths follow from it"
+    weights = "it prunes single weights already; --then-unstructured follows channel pruning"
+    for flag, other, given, why in (
+            ("--latency", "--speedup", args.latency and args.speedup, one_target),
+            ("--sparsity", "--latency or --speedup", timed and args.sparsity is not None,
+             one_target),
+            ("--global", "--latency or --speedup", timed and args.global_ranking, one_target),
+            ("--then-unstructured", f"--method {args.method}",
+             args.method in UNSTRUCTURED and args.then_unstructured is not None, weights),
+            (f"--method {args.method}", "--latency or --speedup",
+             timed and args.method in UNSTRUCTURED,
+             "a latency is reached by removing channels; zeros do not make it faster")):
         if given:
-            raise UserError(f"{flag}: not with {other} (one target at a time: the widths "
-                            "follow from it)")
+            raise UserError(f"{flag}: not with {other} ({why})")
     check_replaceable(args.output)
     check_writable(args.output, "--output")
     checkpoint = load_checkpoint(args.weights, kinds=("dense",), image_size=args.image_size)
+    sparsity = 0.5 if args.sparsity is None else args.sparsity
+    if args.method in UNSTRUCTURED:
+        pruned = prune_weights_checkpoint(checkpoint, args.weights, method=args.method,
+                                          sparsity=sparsity, global_ranking=args.global_ranking,
+                                          seed=args.seed)
+        save_unstructured(pruned, args.output)
+        return
     widths = allocated_widths(args, checkpoint) if timed else None
     batches = (taylor_batches(checkpoint, args.weights, args.data, args.taylor_batches,
                               args.batch_size, args.seed) if args.method == "taylor" else [])
-    sparsity = 0.5 if args.sparsity is None else args.sparsity
     pruned, report = prune_checkpoint(checkpoint, args.weights, method=args.method,
                                       sparsity=sparsity, global_ranking=args.global_ranking,
                                       image_size=args.image_size, seed=args.seed,
@@ -118,9 +144,34 @@ def main(args):
     print("Sped-up model matches the masked model (max relative difference "
           f"{report['difference']:.1e}).")
 
+    if args.then_unstructured is not None:
+        pruned = prune_weights_checkpoint(pruned, args.weights, method="l1-unstructured",
+                                          sparsity=args.then_unstructured,
+                                          global_ranking=args.global_ranking, seed=args.seed)
     chart = save_pruned(pruned, report, args.output, args.method, sparsity,
                         args.global_ranking)
     print(f"Saved {args.output} and {chart}")
+    if args.then_unstructured is not None:
+        print_zeros(pruned, args.output)
+
+
+def save_unstructured(pruned, output):
+    """Save a checkpoint of single weights pruned, and say what it holds."""
+    atomic_save(pruned, output)
+    print(f"Saved {output}")
+    print_zeros(pruned, output)
+
+
+def print_zeros(pruned, output):
+    """The share of zero weights per layer and overall, and the file raw and compressed."""
+    zeros = pruned["metrics"]["unstructured"]["zeros"]
+    print(f"{'layer':<14}{'zero weights':>13}")
+    for name, share in zeros.items():
+        print(f"{name:<14}{share:>13.1%}")
+    raw, packed = os.path.getsize(output), compressed_bytes(output)
+    print(f"{output}: {raw / 2**20:.1f} MB, {packed / 2**20:.1f} MB compressed (deflate, as zip "
+          f"does: {raw / packed:.1f}x smaller); dense kernels run no faster on zeros: "
+          "test.py --compare measures it")
 
 
 def allocated_widths(args, checkpoint):

@@ -166,7 +166,7 @@ EXPERIMENT_FLAGS = {"--help", "--methods", "--sparsities", "--prune-steps", "--m
                     "--latencies", "--speedups", "--match-latency", "--search",
                     "--search-steps", "--engine", "--trials", "--port", "--host", "--nni-config"}
 # flags naming files: a trial gets them by absolute path (NNI runs trials in this folder)
-PATH_FLAGS = {"--data", "--weights", "--output-dir"}
+PATH_FLAGS = {"--data", "--weights", "--output-dir", "--tensorboard"}
 
 
 def trial_command(parser, args, concurrency):
@@ -179,7 +179,7 @@ def trial_command(parser, args, concurrency):
         if flag is None or flag in EXPERIMENT_FLAGS or flag == "--nni-trial":
             continue
         value = concurrency if flag == "--concurrency" else getattr(args, action.dest)
-        if flag in PATH_FLAGS:
+        if flag in PATH_FLAGS and value is not None:
             value = os.path.abspath(value)
         if value is True:
             argv.append(flag)

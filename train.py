@@ -27,6 +27,7 @@ from compress.machine.resources import check_room, check_writable, output_lock
 from compress.training.loop import MEMORY_FORMAT, NEAR_ZERO, batch_norm_scales, fit, scale_sparsity
 from compress.training.pretrained import load_pretrained_weights, pretrained_weights
 from compress.training.recipe import Recipe
+from compress.training.tensorboard_log import run_folder
 
 
 def get_args_parser():
@@ -131,7 +132,8 @@ def train(args):
                   epochs=args.epochs, output=args.output, settings=settings, on_best=save_best,
                   title="train", resume=args.resume, amp=args.amp, memory_format=MEMORY_FORMAT,
                   epoch_metrics=(lambda: scale_sparsity(scales, args.bn_sparsity))
-                  if args.bn_sparsity else None, scheduler=scheduler)
+                  if args.bn_sparsity else None, scheduler=scheduler,
+                  tensorboard=args.tensorboard and run_folder(args.tensorboard, args.output))
     best = max(history, key=lambda r: r["val_accuracy"])
     print(f"Best validation accuracy {best['val_accuracy']:.1%} at epoch {best['epoch']}; "
           f"saved {args.output}")

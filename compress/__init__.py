@@ -15,6 +15,7 @@ every module).
     data.images            pictures in, batches out: decoding, transforms, the seeded order
     checkpoints            what is on disk: the checkpoint format, atomic writes, safe loading
     data.splitting         a photo folder split into train/, val/ (and test/), source untouched
+    pruning.weights        single weights zeroed (torch.nn.utils.prune), and what zeros buy
     measure.timing         how fast: timed runs, several models interleaved
     measure.intervals      how sure: an accuracy's interval, two models on the same pictures
     measure.evaluation     how good and how big: accuracy, confusion, FLOPs; a model's row
@@ -24,6 +25,7 @@ every module).
     export.convert         a checkpoint to fp32 and int8 ONNX, each checked before it is saved
     measure.comparison     several models measured side by side (test.py --compare)
     training.recipe        the settings of a training run, from the flags, saved whole
+    training.tensorboard_log  a run's figures for TensorBoard, a sweep's settings beside them
     training.loop          the training loop, Ctrl-C and --resume
     training.pretrained    starting from ImageNet's weights or a file of yours
     pruning.channels       NNI's pruners and ModelSpeedup: a model that really shrinks

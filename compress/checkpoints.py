@@ -5,7 +5,8 @@ finetuned), `architecture` (model.py's widths), `state_dict`, `class_names`,
 `image_size`, `normalization`, `metrics` -- written atomically (`atomic_save`) and read with
 `torch.load(weights_only=True)` (`safe_load`), so loading never runs code. A bare
 VGG state dict (the original demo's vgg16Net.pth, torchvision's ImageNet files)
-is read as one (`checkpoint_from_state_dict`). `check_made_for()` refuses a
+is read as one (`checkpoint_from_state_dict`), torch.nn.utils.prune's masks applied if it
+was saved with them (`fold_masks`). `check_made_for()` refuses a
 checkpoint used with other pictures than it was made for. JSON reports are
 written atomically too (`write_json`).
 """
@@ -208,6 +209,34 @@ def is_state_dict(obj: object) -> bool:
         isinstance(key, str) and isinstance(value, torch.Tensor) for key, value in obj.items())
 
 
+def fold_masks(state_dict: dict, path: str) -> dict:
+    """`state_dict` with each `NAME_orig` / `NAME_mask` pair (torch.nn.utils.prune's, before
+    prune.remove) replaced by `NAME` = orig x mask; a mask without its weight, or of
+    another shape, or not of 0s and 1s, is a UserError naming it."""
+    folded = {}
+    for key, value in state_dict.items():
+        if key.endswith("_orig"):
+            continue
+        if not key.endswith("_mask"):
+            folded[key] = value
+            continue
+        name = key[:-len("_mask")]
+        original = state_dict.get(name + "_orig")
+        if original is None:
+            raise UserError(f"{path}: {key} is a torch.nn.utils.prune mask without its "
+                            f"{name}_orig")
+        if original.shape != value.shape:
+            raise UserError(f"{path}: {key} has shape {list(value.shape)}, but {name}_orig "
+                            f"has {list(original.shape)}; the mask must match its weights")
+        if not bool(((value == 0) | (value == 1)).all()):
+            raise UserError(f"{path}: {key} holds values other than 0 and 1: not a pruning mask")
+        folded[name] = original * value
+    for key in state_dict:
+        if key.endswith("_orig") and key[:-len("_orig")] not in folded:
+            raise UserError(f"{path}: {key} has no {key[:-len('_orig')]}_mask beside it")
+    return folded
+
+
 def checkpoint_from_state_dict(state_dict: dict, path: str, image_size: int | None = None,
                                say: Callable = print) -> Checkpoint:
     """A bare VGG state dict (torchvision's keys) as a checkpoint of this pipeline.
@@ -216,8 +245,12 @@ def checkpoint_from_state_dict(state_dict: dict, path: str, image_size: int | No
     the standard widths, else pruned), the classes from class_indices.json beside
     it (else class_0..N), the image size is `image_size` or 224. Normalised as the
     original demo did, or as ImageNet for torchvision's 1000-class weights. How it
-    was read is told in one line, to `say`.
+    was read is told in one line, to `say`. Saved with torch.nn.utils.prune's masks, it is
+    a pruned model: the masks applied (fold_masks), its metrics' "unstructured" says so,
+    and a distillation keeps its zeros (pruning/weights.py).
     """
+    masks = [value for key, value in state_dict.items() if key.endswith("_mask")]
+    state_dict = fold_masks(state_dict, path)
     try:
         architecture = vgg.architecture_from_state_dict(state_dict)
     except ValueError as error:
@@ -235,15 +268,22 @@ def checkpoint_from_state_dict(state_dict: dict, path: str, image_size: int | No
                       f"{index} names {len(class_names)} classes, the model has {count})"))
         class_names = [f"class_{i}" for i in range(count)]
     normalization = guess_normalization(count)
-    dense = architecture["features"] == vgg.CONV_WIDTHS[architecture["arch"]]
+    dense = architecture["features"] == vgg.CONV_WIDTHS[architecture["arch"]] and not masks
+    metrics = {}
+    if masks:
+        zeros = sum(int((mask == 0).sum()) for mask in masks) / sum(m.numel() for m in masks)
+        metrics["unstructured"] = {"method": "torch.nn.utils.prune masks", "sparsity": None,
+                                   "global": None, "zeros": {"all": zeros}}
     image_size = image_size or 224
     say(f"{path}: a bare {architecture['arch']}{'_bn' if architecture['batch_norm'] else ''} "
-          f"state dict, read as a {'dense' if dense else 'pruned'} model for {image_size} px "
+          "state dict" + (f" with torch.nn.utils.prune's masks (applied: {zeros:.1%} of the "
+                          "masked weights zero)" if masks else "")
+          + f", read as a {'dense' if dense else 'pruned'} model for {image_size} px "
           f"with {'ImageNet' if normalization == IMAGENET_NORMALIZATION else 'the original demo'}"
           f"'s normalisation; classes {classes}")
     return {"format": CHECKPOINT_FORMAT, "kind": "dense" if dense else "pruned",
             "architecture": architecture, "state_dict": state_dict, "class_names": class_names,
-            "image_size": image_size, "normalization": normalization, "metrics": {}}
+            "image_size": image_size, "normalization": normalization, "metrics": metrics}
 
 
 def guess_normalization(num_classes: int) -> dict:

@@ -207,7 +207,13 @@ SHARED_FLAGS = {
                          "that exceeds the memory available): later epochs skip JPEG "
                          "decoding; augmentation stays random"),
     "--amp": dict(action="store_true",
-                  help="mixed precision on CUDA (bf16 where supported, else fp16)"),
+                  help="mixed precision: on CUDA bf16 where supported, else fp16; on a CPU "
+                       "that computes bfloat16 natively (AMX, AVX512-BF16) bf16, elsewhere "
+                       "ignored (one line says so)"),
+    "--tensorboard": dict(metavar="DIR",
+                          help="write each epoch's loss, accuracy, learning rate and speed for "
+                               "TensorBoard (tensorboard --logdir DIR), a run per output file "
+                               "(DIR/NAME)"),
     "--optimizer": dict(choices=OPTIMIZERS, default="adam",
                         help="adam (the original demo's), adamw (decoupled weight decay) or sgd "
                              "(momentum 0.9, Nesterov)"),
@@ -260,7 +266,8 @@ def add_data_args(parser: argparse.ArgumentParser, image_size: int | None = None
     add_shared_flags(parser, "--data", "--image-size", "--batch-size", "--device", "--workers",
                      "--seed", image_size=size, batch_size={"default": batch_size})
     if training:
-        add_shared_flags(parser, "--crop-scale", "--cache", "--amp", *RECIPE_FLAGS)
+        add_shared_flags(parser, "--crop-scale", "--cache", "--amp", "--tensorboard",
+                         *RECIPE_FLAGS)
 
 
 def settings_from(cls: type, args: argparse.Namespace, **given: object) -> object:

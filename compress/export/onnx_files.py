@@ -137,6 +137,20 @@ class OnnxModel(torch.nn.Module):
         return torch.from_numpy(logits).to(images.device)
 
 
+def zero_weight_share(path: str) -> float:
+    """The share of zeros among the weights (initializers of 2 or more dimensions) of the
+    .onnx file at `path`: single weights pruned (pruning/weights.py) stay zero in int8."""
+    import onnx
+    from onnx import numpy_helper
+
+    zeros = total = 0
+    for initializer in onnx.load(path).graph.initializer:
+        if len(initializer.dims) >= 2:
+            values = numpy_helper.to_array(initializer)
+            zeros, total = zeros + int((values == 0).sum()), total + values.size
+    return zeros / max(total, 1)
+
+
 def read_description(path: str) -> dict:
     """The description in an ONNX file's metadata, read without building a session;
     raises (onnx's errors, or a UserError) for a file that is not export.py's."""

@@ -15,6 +15,7 @@ set, and that decides how an int8 file must be quantised:
 
 `cpu_class()` names the class of a CPU from the flags of /proc/cpuinfo (this
 machine's by default); `saturates()` says whether u8 x s8 int8 can saturate on it.
+`native_bf16()` names the unit that computes bfloat16 on it, if any (--amp on the CPU).
 """
 from __future__ import annotations
 
@@ -73,6 +74,18 @@ def cpu_class(flags: set[str] | None = None, machine: str | None = None) -> str:
 def saturates(cpu: str) -> bool:
     """Whether u8 x s8 int8 products can saturate on CPU class `cpu` (reduce_range needed)."""
     return cpu in SATURATING
+
+
+# the units that multiply bfloat16 natively, from the fastest; without one, PyTorch's bf16
+# autocast on the CPU converts and computes in fp32, slower than fp32 alone
+BF16_UNITS = {"amx_bf16": "AMX (amx_bf16)", "avx512_bf16": "AVX512-BF16"}
+
+
+def native_bf16(flags: set[str] | None = None) -> str | None:
+    """The unit of BF16_UNITS a CPU with these /proc/cpuinfo `flags` (this machine's if None)
+    computes bfloat16 with, or None."""
+    flags = read_cpuinfo()[1] if flags is None else flags
+    return next((unit for flag, unit in BF16_UNITS.items() if flag in flags), None)
 
 
 def describe_cpu(path: str = CPUINFO) -> str:

@@ -158,7 +158,21 @@ def print_comparison(rows: Sequence[ModelRow]) -> None:
           "bootstrap 95% interval, '=': cannot be told apart; x: model / first model; "
           "x↑: speed-up over the first model)")
     print_loose_timings(rows)
+    print_zeros(rows)
     print()
+
+
+def print_zeros(rows: Sequence[ModelRow]) -> None:
+    """For the rows of single weights pruned (their size compressed is known): their share
+    of zero weights and their file raw and compressed, where zeros pay."""
+    first = rows[0]
+    for row in rows:
+        if row.get("zipped_bytes"):
+            smaller = first["file_bytes"] / row["zipped_bytes"]
+            print(f"{row['name']}: {row['zero_weights']:.1%} of its weights are zero; its file "
+                  f"{row['file_bytes'] / 2**20:.1f} MB, {row['zipped_bytes'] / 2**20:.1f} MB "
+                  f"compressed (deflate, as zip does: {smaller:.1f}x smaller than "
+                  f"{first['name']}'s file)")
 
 
 def print_loose_timings(rows: Sequence[ModelRow]) -> None:

@@ -38,6 +38,7 @@ from compress.sweep.targets import TARGETS, ship, target_file
 from compress.training.distillation import DISTILLATION_DEFAULTS, Distillation
 from compress.training.recipe import RECIPE_DEFAULTS, Recipe
 from compress.training.teacher_store import key_name, pictures_fingerprint, store_key
+from compress.training.tensorboard_log import log_settings
 from model import MOBILENET_V2
 
 # what evaluate() gives that a dense_evaluation() file keeps
@@ -88,6 +89,7 @@ class SweepSetup:
     verbose: bool = False
     target: str = "int8"
     store_dir: str | None = None  # where the teacher's logits are kept (None: not kept)
+    tensorboard: str | None = None  # --tensorboard DIR
 
     @classmethod
     def from_args(cls, args: argparse.Namespace, teacher: Teacher) -> SweepSetup:
@@ -230,7 +232,8 @@ def measure_candidates(setup: SweepSetup, done: Sequence[SweepRow], report: str,
     here), measured together in `setup.target`'s runtime as test.py --compare measures
     (its report, compare.json/.png, and a confusion matrix beside each file: `report`),
     then the same again in PyTorch, kept in each row's "pytorch" (compare.pytorch.json).
-    The Pareto fronts marked."""
+    The Pareto fronts marked; with --tensorboard, each setting and its figures written for
+    TensorBoard's HParams tab."""
     target = setup.target
     dense_onnx = setup.ship_dense(output_dir)
     rows, dense = measure_in(setup, done, report, target, dense_onnx)
@@ -252,6 +255,8 @@ def measure_candidates(setup: SweepSetup, done: Sequence[SweepRow], report: str,
         front = pareto(rows, key)
         for row in rows:
             row[f"pareto_{key.split('_')[0]}"] = row["name"] in front
+    if setup.tensorboard:
+        log_settings(setup.tensorboard, [dense, *rows])
     return rows, dense
 
 

@@ -93,7 +93,8 @@ def prune_and_distil(setup: SweepSetup, student: str, setting: Setting,
                              distillation=setup.distillation,
                              device=setup.device, teacher_sha256=teacher.sha256,
                              resume=resume, on_epoch=on_epoch,
-                             teacher_cache=setup.teacher_cache(checkpoint["image_size"]))
+                             teacher_cache=setup.teacher_cache(checkpoint["image_size"]),
+                             tensorboard=setup.tensorboard)
 
 
 def check_outputs(student: str, setting: Setting, resume: str | None = None) -> None:

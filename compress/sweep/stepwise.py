@@ -90,7 +90,8 @@ def prune_in_steps(setup: SweepSetup, student: str, setting: Setting,
                               recipe=dataclasses.replace(recipe, epochs=step_epochs_),
                               distillation=setup.distillation, device=setup.device,
                               teacher_sha256=teacher.sha256, resume=resume, on_epoch=on_epoch,
-                              teacher_cache=setup.teacher_cache(checkpoint["image_size"]))
+                              teacher_cache=setup.teacher_cache(checkpoint["image_size"]),
+                              tensorboard=setup.tensorboard)
         with open(output_path(output, "history.json")) as file:
             history += [dict(record, epoch=len(history) + index + 1, step=step)
                         for index, record in enumerate(json.load(file))]

@@ -49,9 +49,11 @@ from compress.data.images import find_classes
 from compress.machine.distributed import init_distributed
 from compress.machine.resources import check_room
 from compress.measure.evaluation import evaluate
+from compress.pruning.weights import keep_zeros
 from compress.training.features import Hints, WithAdapters, feature_loss
 from compress.training.loop import MEMORY_FORMAT, EpochRecord, fit
 from compress.training.recipe import Recipe
+from compress.training.tensorboard_log import run_folder
 from compress.training.teacher_store import TeacherStore, check_store_file, store_key
 
 def check_alpha(alpha: float) -> None:
@@ -141,6 +143,14 @@ class TeacherTime:
 
     def __init__(self):
         self.seconds, self.pictures = 0.0, 0
+        self.last = (time.perf_counter(), 0.0)  # (when, self.seconds then)
+
+    def share_since_last(self) -> dict[str, float]:
+        """{"teacher_share": the teacher's share of the time since the last call} (an
+        epoch's, when training.fit asks after each)."""
+        now, (then, seconds_then) = time.perf_counter(), self.last
+        self.last = (now, self.seconds)
+        return {"teacher_share": round((self.seconds - seconds_then) / max(now - then, 1e-9), 3)}
 
     def __call__(self, teacher: torch.nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
         """`teacher`, timed."""
@@ -157,8 +167,8 @@ def distil(teacher: torch.nn.Module, student: torch.nn.Module, loaders: tuple, d
            *, recipe: Recipe, distillation: Distillation = Distillation(),
            output: str, settings: dict, save_best: Callable[[dict], None],
            resume: str | None = None, on_epoch: Callable[[EpochRecord], None] | None = None,
-           store: TeacherStore | None = None,
-           teacher_time: TeacherTime | None = None) -> list[EpochRecord]:
+           store: TeacherStore | None = None, teacher_time: TeacherTime | None = None,
+           zeros_kept: bool = False, tensorboard: str | None = None) -> list[EpochRecord]:
     """Train `student` from `teacher` (both on `device`, in MEMORY_FORMAT) as `recipe` says
     (its optimizer, schedule, epochs, --amp; its label smoothing on the label term) and
     `distillation` (the loss) on `loaders` (train, val); returns the history (a record
@@ -170,7 +180,9 @@ def distil(teacher: torch.nn.Module, student: torch.nn.Module, loaders: tuple, d
     (training.fit). `on_epoch(record)`, if given, is told each epoch's figures. With a
     `store` (the train loader keyed, data.Keyed), the teacher's logits are read from it
     where it has them, and it is saved as the run ends, Ctrl-C too. `teacher_time` adds
-    up the teacher's forward passes.
+    up the teacher's forward passes; each epoch's record holds its share of the time
+    ("teacher_share"). `zeros_kept`: the student's zero weights stay zero (single weights
+    pruned: pruning/weights.py). `tensorboard`: the folder of its TensorBoard run.
     """
     weight = distillation.feature_weight
     if weight and store is not None:
@@ -179,8 +191,11 @@ def distil(teacher: torch.nn.Module, student: torch.nn.Module, loaders: tuple, d
         if weight else student
     hints = Hints(teacher) if weight else None
     optimizer = recipe.make_optimizer(trained)
+    if zeros_kept:
+        keep_zeros(student, optimizer)
     scheduler = recipe.make_scheduler(optimizer, len(loaders[0]))
-    answer = (teacher_time or TeacherTime())(teacher)
+    teacher_time = teacher_time or TeacherTime()
+    answer = teacher_time(teacher)
 
     def compute_loss(net, images, labels, keys=None):
         with torch.no_grad():
@@ -201,7 +216,8 @@ def distil(teacher: torch.nn.Module, student: torch.nn.Module, loaders: tuple, d
         history = fit(trained, optimizer, compute_loss, train_loader, val_loader, device,
                       epochs=recipe.epochs, output=output, settings=settings,
                       on_best=save_best, title="distill", resume=resume, amp=recipe.amp,
-                      memory_format=MEMORY_FORMAT, on_epoch=on_epoch, scheduler=scheduler)
+                      memory_format=MEMORY_FORMAT, on_epoch=on_epoch, scheduler=scheduler,
+                      epoch_metrics=teacher_time.share_since_last, tensorboard=tensorboard)
     except BaseException:  # Ctrl-C, a failure: keep what the teacher answered, if one can
         if store is not None:
             with contextlib.suppress(Exception):  # the first error is the one to tell
@@ -237,10 +253,12 @@ def distil_checkpoint(teacher_checkpoint: Checkpoint, teacher_path: str,
                       device: str | torch.device = "auto", teacher_sha256: str | None = None,
                       pretrained: str | None = None, resume: str | None = None,
                       on_epoch: Callable[[EpochRecord], None] | None = None,
-                      teacher_cache: str | None = None, say: Callable = print) -> list[EpochRecord]:
+                      teacher_cache: str | None = None, tensorboard: str | None = None,
+                      say: Callable = print) -> list[EpochRecord]:
     """Distil `student_checkpoint` (read from `student_path`, or a new MobileNetV2's) from
     `teacher_checkpoint` on the split in `data` with `recipe`; the best student is saved to
-    `output` as a finetuned checkpoint, with `recipe` and `distillation` (the loss).
+    `output` as a finetuned checkpoint, with `recipe` and `distillation` (the loss). A
+    student of single weights pruned (its metrics' "unstructured") keeps its zeros.
     Returns the history.
 
     `teacher_sha256`: the SHA-256 of the teacher's file if the caller has it already (the
@@ -248,6 +266,7 @@ def distil_checkpoint(teacher_checkpoint: Checkpoint, teacher_path: str,
     `teacher_path`. `device`: a torch.device, or --device's text (under torchrun each
     process takes its own GPU). `teacher_cache`: the file of a TeacherStore, which
     answers for the teacher on the pictures it has seen (teacher_store.py).
+    `tensorboard`: --tensorboard DIR, its run named after `output` (tensorboard_log.py).
 
     The random stream that dropout draws from is the caller's to seed (the stages seed it
     with --seed before making the student): both models are built here from their
@@ -298,6 +317,8 @@ def distil_checkpoint(teacher_checkpoint: Checkpoint, teacher_path: str,
                        student_val_accuracy_before=before["accuracy"],
                        student=student_path, student_metrics=student_checkpoint["metrics"],
                        recipe=recipe.settings(), distillation=distillation.settings())
+        if "unstructured" in student_checkpoint["metrics"]:  # kept by keep_zeros()
+            metrics["unstructured"] = student_checkpoint["metrics"]["unstructured"]
         atomic_save(make_checkpoint(student, "finetuned",
                                     student_checkpoint["architecture"]["arch"], class_names,
                                     image_size, normalization, metrics), output)
@@ -306,7 +327,9 @@ def distil_checkpoint(teacher_checkpoint: Checkpoint, teacher_path: str,
     history = distil(teacher, student, loaders, device, recipe=recipe,
                      distillation=distillation, output=output, settings=settings,
                      save_best=save_best, resume=resume, on_epoch=on_epoch, store=store,
-                     teacher_time=teacher_time)
+                     teacher_time=teacher_time,
+                     zeros_kept="unstructured" in student_checkpoint["metrics"],
+                     tensorboard=tensorboard and run_folder(tensorboard, output))
     best = max(history, key=lambda r: r["val_accuracy"])
     say(f"Student validation accuracy {before['accuracy']:.1%} -> {best['val_accuracy']:.1%} "
         f"(epoch {best['epoch']}); teacher {teacher_val}; saved {output}")

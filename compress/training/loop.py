@@ -30,12 +30,14 @@ from tqdm import tqdm
 
 from compress.checkpoints import atomic_save, output_path, safe_load, write_json
 from compress.cli import Interrupted, UserError, local_rank
+from compress.machine.cpu import native_bf16, read_cpuinfo
 from compress.machine.distributed import (all_reduce_sum, data_parallel, distributed,
                                           share_buffers_of_rank_0)
 from compress.machine.resources import DiskFull
 from compress.measure.evaluation import evaluate
 from compress.measure.reporting import plot_history
 from compress.training.recipe import RECIPE_DEFAULTS
+from compress.training.tensorboard_log import EpochLog
 
 # /2: the model and Adam's moments in the channels-last layout
 TRAINING_STATE_FORMAT = "vgg-prune-distill-state/2"
@@ -134,9 +136,21 @@ class StopRequest:
         signal.signal(signal.SIGINT, self.previous)
 
 
-def amp_context(device: torch.device, enabled: bool):
-    """(autocast context, GradScaler or None): bf16 where supported, else fp16 with a scaler."""
-    if not (enabled and device.type == "cuda"):
+def amp_context(device: torch.device, enabled: bool, say: Callable = print):
+    """(autocast context, GradScaler or None): on CUDA bf16 where supported, else fp16 with a
+    scaler; on a CPU that computes bfloat16 natively (cpu.native_bf16) bf16; on another CPU
+    none, and `say` is told why in one line."""
+    if not enabled:
+        return contextlib.nullcontext(), None
+    if device.type == "cpu":
+        unit = native_bf16()
+        if unit is None:
+            say(f"--amp: ignored: this CPU ({read_cpuinfo()[0] or 'unknown'}) has no unit that "
+                "computes bfloat16 (AMX or AVX512-BF16), and emulated bf16 is slower than "
+                "fp32; training runs in fp32", file=sys.stderr)
+            return contextlib.nullcontext(), None
+        return torch.autocast("cpu", dtype=torch.bfloat16), None
+    if device.type != "cuda":
         return contextlib.nullcontext(), None
     dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
@@ -280,7 +294,8 @@ def fit(model: torch.nn.Module, optimizer: torch.optim.Optimizer, compute_loss: 
         amp: bool = False, memory_format: torch.memory_format = torch.contiguous_format,
         epoch_metrics: Callable[[], dict] | None = None,
         on_epoch: Callable[[EpochRecord], None] | None = None,
-        scheduler: torch.optim.lr_scheduler.LRScheduler | None = None) -> list[EpochRecord]:
+        scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
+        tensorboard: str | None = None) -> list[EpochRecord]:
     """Train for `epochs`, validating after each, and call `on_best(metrics)` on a new best.
 
     `train_loader` takes its order from a data.EpochSampler; `settings` are what a
@@ -290,13 +305,14 @@ def fit(model: torch.nn.Module, optimizer: torch.optim.Optimizer, compute_loss: 
     `epoch_metrics()`, if given, returns more figures (a dict) for each epoch's record;
     `on_epoch(record)`, if given, is told each finished epoch's record (on rank 0).
     A `scheduler` (Recipe.make_scheduler) steps after every batch; each record holds
-    the learning rate the epoch ended at.
+    the learning rate the epoch ended at. `tensorboard`: a folder rank 0 writes each
+    epoch's figures to (tensorboard_log.EpochLog; a resumed run continues its curves).
     Returns the per-epoch history (also <output>.history.json and .png).
     """
     rank, world = distributed()
     state_path = output_path(output, "state.pth")
     network = data_parallel(model, device)
-    autocast, scaler = amp_context(device, amp)
+    autocast, scaler = amp_context(device, amp, say=print if rank == 0 else lambda *a, **k: None)
     torch.backends.cudnn.benchmark = device.type == "cuda"  # fixed input size: pick fastest kernels
     progress = Progress()
     if resume:
@@ -307,7 +323,8 @@ def fit(model: torch.nn.Module, optimizer: torch.optim.Optimizer, compute_loss: 
                   f"{progress.samples_done * world} images done")
     else:
         refuse_pending_state(state_path, device)
-    with StopRequest() as stop:
+    board = EpochLog(tensorboard, progress.epoch) if tensorboard and rank == 0 else None
+    with StopRequest() as stop, contextlib.closing(board) if board else contextlib.nullcontext():
         for epoch in range(progress.epoch, epochs):
             progress.epoch, started, carried = epoch, time.perf_counter(), progress.totals.images
             train_loader.sampler.set_epoch(epoch, progress.samples_done)
@@ -356,6 +373,8 @@ def fit(model: torch.nn.Module, optimizer: torch.optim.Optimizer, compute_loss: 
                     save_history(progress.history, output_path(output, "history.json"), title)
                 if on_epoch:
                     on_epoch(record)
+                if board:
+                    board.log(record)
             progress.samples_done, progress.totals = 0, Totals()
     if rank == 0 and os.path.exists(state_path):
         os.remove(state_path)

@@ -51,7 +51,8 @@ def test_two_machines_train_one_model_and_only_the_first_writes(tmp_path):
     assert val_images == 5  # 3 + 2: the two processes' shards differ in length
 
     port = free_port()
-    flags = [*TRAIN_FLAGS, "--epochs", 2, "--batch-size", 4, "--workers", 0, "--device", "cpu"]
+    flags = [*TRAIN_FLAGS, "--epochs", 2, "--batch-size", 4, "--workers", 0, "--device", "cpu",
+             "--tensorboard", "board"]
     launched = [subprocess.Popen(torchrun(*flags, nodes=(rank, port)), cwd=machine,
                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
                 for rank, machine in enumerate(machines)]
@@ -64,8 +65,10 @@ def test_two_machines_train_one_model_and_only_the_first_writes(tmp_path):
     assert [p.returncode for p in launched] == [0, 0], first_err + second_err
 
     written = sorted(set(files_under(machines[0])) - set(before[0]))
-    assert written == ["class_indices.json", "vgg16Net.history.json", "vgg16Net.history.png",
-                       "vgg16Net.pth"]
+    events = [name for name in written if name.startswith("board/vgg16Net/events.out.tfevents")]
+    assert len(events) == 1  # rank 0's: one run, one writer
+    assert sorted(set(written) - set(events)) == [
+        "class_indices.json", "vgg16Net.history.json", "vgg16Net.history.png", "vgg16Net.pth"]
     assert files_under(machines[1]) == before[1]  # the second machine wrote nothing
     assert first_out.count("train epoch 1/2:") == 1 and "train epoch" not in second_out
 

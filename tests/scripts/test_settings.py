@@ -29,7 +29,8 @@ EVERY_TRIAL_FLAG = ["--data", "d", "--image-size", "48", "--batch-size", "7", "-
                     "--kd-epochs", "5", "--lr", "0.01", "--temperature", "3", "--alpha", "0.5",
                     "--kd-loss", "mse", "--feature-weight", "2", "--max-drop", "2",
                     "--target", "onnx", "--output-dir", "out", "--warmup", "1", "--repeats", "4",
-                    "--max-repeats", "9", "--verbose", "--concurrency", "2"]
+                    "--max-repeats", "9", "--verbose", "--concurrency", "2",
+                    "--tensorboard", "board"]
 
 
 def trial_flags(parser, argv):
@@ -52,7 +53,7 @@ def test_a_trial_parses_exactly_the_settings_of_the_experiments_command():
     parser = sweep.get_args_parser()
     args, trial = trial_flags(parser, EVERY_TRIAL_FLAG)
     for name, value in vars(args).items():
-        if name in ("data", "weights", "output_dir"):
+        if name in ("data", "weights", "output_dir", "tensorboard"):
             assert getattr(trial, name) == os.path.abspath(value)
         elif name == "concurrency":
             assert trial.concurrency == 1  # (its threads: cores / the experiment's concurrency)
