@@ -9,19 +9,22 @@ scripts/ (each script's command line), end_to_end/ (stages one after another).
 """
 import os
 
-# Two tests at a time (pytest -n 2): each process, and the scripts it starts, computes on
-# one thread, so that the two share the cores instead of fighting over them (two torch
-# processes of two threads each on two cores slow each other ~2.8x). Set before torch is
+# Three test processes (the README's pytest -n 3 --dist loadscope: a module's tests in one
+# process, which builds its module fixtures once): each, and the scripts it starts,
+# computes on one thread, so that they share the cores instead of fighting over them (two
+# torch processes of two threads each on two cores slow each other ~2.8x); the third
+# fills the time the others wait (NNI's manager, a tuner's patience). Set before torch is
 # first imported (helpers imports it).
 if os.environ.get("PYTEST_XDIST_WORKER"):
     os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import pytest  # noqa: E402
 
-from helpers import TRAIN_FLAGS, Pipeline, generate_demo  # noqa: E402  (tests/, on pythonpath)
+from helpers import (TRAIN_FLAGS, Pipeline, generate_demo, load_script,  # noqa: E402
+                     run_in_process, small_checkpoint)  # (tests/, on pythonpath)
 
 # fixtures that train, prune or distil for real: every test that uses one is slow
-SLOW_FIXTURES = {"pipeline", "runs", "pruned", "pruned_by"}
+SLOW_FIXTURES = {"pipeline", "runs", "pruned", "pruned_by", "narrow_teacher"}
 
 
 def pytest_collection_modifyitems(items):
@@ -53,3 +56,17 @@ def pipeline(tmp_path_factory):
     run.run("distill", "knowledge_distillation.py", "--epochs", 1, "--batch-size", 8,
             "--workers", 0)
     return run
+
+
+@pytest.fixture(scope="session")
+def narrow_teacher(tmp_path_factory):
+    """A folder with a split of demo pictures (dataset/) and a dense model for them
+    (vgg16Net.pth: helpers.NARROW, untrained, 32 px): what a sweep starts from, its
+    students about 90x cheaper to prune, distil, export and time than those of the
+    pipeline's VGG16 (the sweep's tests are about the sweep, not about the teacher)."""
+    folder = tmp_path_factory.mktemp("teacher")
+    generate_demo(folder / "photos", per_class=12)
+    split = run_in_process(load_script("split_dataset"), "--source", "photos", cwd=folder)
+    assert split.returncode == 0, split.stderr
+    small_checkpoint(folder / "vgg16Net.pth")
+    return folder

@@ -10,9 +10,12 @@ script through its real command line, a free port, and the checks every level ma
 - `tree_digest()` / `files_under()`: what is on disk, for "left unchanged" checks;
   `assert_clean_error()`: exit status, one line, no traceback.
 - `free_port()`: a port nothing listens on; `Pipeline`: one pipeline run's folder.
+- NNI experiments' tests: `NNI_TINY` (the flags of a tiny experiment), `local_config()`,
+  `nni_env()`, `processes_of()` (what is left running), `port_is_free()`.
 """
 import contextlib
 import hashlib
+import json
 import importlib.util
 import io
 import os
@@ -23,6 +26,7 @@ import types
 from pathlib import Path
 
 import numpy as np
+import psutil
 from PIL import Image
 
 import make_demo_data  # tools/, on pytest's pythonpath (pytest.ini)
@@ -175,3 +179,48 @@ class Pipeline:
         self.procs[stage] = proc
         assert proc.returncode == 0, f"{stage} failed:\n{proc.stdout}\n{proc.stderr}"
         return proc
+
+
+# --- NNI experiments (tests/end_to_end/test_experiment*.py) ------------------------------
+
+NNI_TINY = ["--engine", "nni", "--kd-epochs", 2, "--batch-size", 8, "--workers", 0,
+            "--repeats", 2, "--max-repeats", 3, "--max-drop", 100, "--sparsities", 0.5, 0.8]
+
+
+def port_is_free(port):
+    with socket.socket() as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def processes_of(folder):
+    """Processes whose command line names `folder` (trials) or its experiment (NNI's
+    manager and tuner name the experiment's folder or ID)."""
+    folder = str(folder)
+    ids = []
+    state = Path(folder) / "experiment.json"
+    if state.exists():
+        ids.append(json.loads(state.read_text())["id"])
+    found = []
+    for process in psutil.process_iter(["cmdline"]):
+        line = " ".join(process.info["cmdline"] or [])
+        if process.pid != os.getpid() and (folder in line or any(i in line for i in ids)):
+            found.append(line)
+    return found
+
+
+def nni_env(home, **more):
+    return {"HOME": home, **more}
+
+
+def local_config(folder):
+    """An --nni-config for this machine whose assessor waits for 99 epochs: the tiny
+    model's accuracies are noise, and a trial the assessor stopped would not finish."""
+    path = Path(folder) / "local.yml"
+    path.write_text("trainingService:\n  platform: local\nassessor:\n  name: Medianstop\n"
+                    "  classArgs:\n    optimize_mode: maximize\n    start_step: 99\n")
+    return path

@@ -6,19 +6,19 @@ vgg16Net.pth, pruned_vgg16_net.pth, finetuned_vgg16_net.pth, its .onnx and .int8
 figures) land in demo/. The settings are chosen to finish in about 10 minutes on a
 2-core CPU (VGG16 with batch norm at 48 px); see README.md for what they measured.
 
-With --photos DIR (DIR/<class>/*.jpg, only read): the recipe recommended for photographs
-(README.md, "On your own photos"; docs/recipe.md for the measurements behind it), in
---workdir: split with a held-out test part, train the dense teacher, sweep l1 sparsities
-with distillation and pick the fastest int8 model within --max-drop points of the dense
-one, then compare the dense model, the pick and its int8 file on the test split. Before
-it starts it says what it will run and about how long that takes on this machine (from a
-few timed training steps). Ctrl-C stops it with every finished stage kept and the one
-running saved: run the same command again to continue.
+With --photos DIR (DIR/<class>/*.jpg, only read): a recipe for photographs (the settings
+below: a starting point whose choices have not yet each been measured against the
+alternatives), in --workdir: split with a held-out test part, train the dense teacher,
+sweep l1 sparsities with distillation and pick the fastest int8 model within --max-drop
+points of the dense one, then compare the dense model, the pick and its int8 file on the
+test split. Before it starts it says what it will run and about how long that takes on
+this machine (from a few timed training steps). Ctrl-C stops it with every finished stage
+kept and the one running saved: run the same command again to continue.
 
 Each command is printed before it runs.
 
     python tools/demo.py                           # the synthetic demo, ~10 min
-    python tools/demo.py --photos ~/flowers        # your photos, with the recommended recipe
+    python tools/demo.py --photos ~/flowers        # your photos, with the photo recipe
     python tools/demo.py --photos ~/flowers --plan # only say what it would do, and how long
 """
 import json
@@ -59,7 +59,7 @@ STAGES = [
     ("test.py", ["--compare"]),
 ]
 
-# --- your photos: the recommended recipe (docs/recipe.md measured each choice) -----------
+# --- your photos: a recipe for photographs (not yet an ablation-tested one) --------------
 PHOTO_SIZE = 64
 SPLIT = {"ratio": 0.6, "test_ratio": 0.2}
 TEACHER_EPOCHS = 25

@@ -1,13 +1,13 @@
 """Specification of sweep.py --engine nni (experiment.py): the search as an NNI experiment.
 
-- A tiny experiment (the session pipeline's narrow VGG, 2 distillation epochs, 3 trials
-  2 at a time) runs to the end through the command line: sweep.json holds the dense row
-  and one row per finished trial, each equal to what that trial reported to NNI (its
+- A tiny experiment (conftest's narrow_teacher, an untrained narrow VGG; 2 distillation
+  epochs, 3 trials one at a time: unmended, NNI 3.0's TPE died after the first of them)
+  runs to the end through the command line: sweep.json holds the dense row and one row
+  per finished trial, each equal to what that trial reported to NNI (its
   parameters included), its student in OUTPUT_DIR/trials/ID/, the picked one copied.
 - Run again, it resumes the finished experiment (NNI's resume) and trains nothing.
-- Ctrl-C stops the manager and the trials, frees the port and says how to resume; the
-  manager listens on 127.0.0.1 only; the same command then completes the experiment.
-- A crashing trial is reported with its log's last lines and the experiment completes.
+- (Ctrl-C, a crashing trial, a tuner that fails or runs out of settings:
+  test_experiment_failures.py.)
 - Bad values (no budget, one-point search space, port taken, a YAML setting what
   sweep.py sets) are one-line errors, with nothing left running.
 
@@ -15,67 +15,24 @@ NNI's manifest of experiments lives in ~/nni-experiments: each run gets its own 
 """
 import json
 import os
-import re
-import signal
 import socket
 import sqlite3
-import subprocess
-import sys
-import time
 import types
 from pathlib import Path
 
-import psutil
 import pytest
 
 from compress.cli import CheckFailed, UserError
 from compress.sweep import experiment, nni_engine, plain, setting
-from helpers import REPO, assert_clean_error, free_port, load_script, run_script, small_checkpoint
+from helpers import (NNI_TINY, assert_clean_error, free_port, load_script, local_config,
+                     nni_env, port_is_free, processes_of, run_script, small_checkpoint)
 
 pytestmark = pytest.mark.slow  # (every test starts sweep.py, most of them NNI's manager)
 
 sweep = load_script("sweep")
-TINY = ["--engine", "nni", "--kd-epochs", 2, "--batch-size", 8, "--workers", 0,
-        "--repeats", 2, "--max-repeats", 3, "--max-drop", 100, "--sparsities", 0.5, 0.8]
-
-
-def port_is_free(port):
-    with socket.socket() as probe:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            probe.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
-
-
-def processes_of(folder):
-    """Processes whose command line names `folder` (trials) or its experiment (NNI's
-    manager and tuner name the experiment's folder or ID)."""
-    folder = str(folder)
-    ids = []
-    state = Path(folder) / "experiment.json"
-    if state.exists():
-        ids.append(json.loads(state.read_text())["id"])
-    found = []
-    for process in psutil.process_iter(["cmdline"]):
-        line = " ".join(process.info["cmdline"] or [])
-        if process.pid != os.getpid() and (folder in line or any(i in line for i in ids)):
-            found.append(line)
-    return found
-
-
-def nni_env(home, **more):
-    return {"HOME": home, **more}
-
-
-def local_config(folder):
-    """An --nni-config for this machine whose assessor waits for 99 epochs: the tiny
-    model's accuracies are noise, and a trial the assessor stopped would not finish."""
-    path = Path(folder) / "local.yml"
-    path.write_text("trainingService:\n  platform: local\nassessor:\n  name: Medianstop\n"
-                    "  classArgs:\n    optimize_mode: maximize\n    start_step: 99\n")
-    return path
+TINY = NNI_TINY
+# the module's experiment: 3 trials one at a time (run again by the resume tests)
+EXPERIMENT = [*TINY, "--trials", 3, "--concurrency", 1]
 
 
 def final_metrics(folder):
@@ -103,16 +60,17 @@ def job_parameters(folder):
 
 
 @pytest.fixture(scope="module")
-def experimented(pipeline, tmp_path_factory):
-    """A finished tiny experiment in a folder holding the pipeline's dataset and model."""
+def experimented(narrow_teacher, tmp_path_factory):
+    """A finished tiny experiment in a folder holding the narrow teacher's dataset and model."""
     folder = tmp_path_factory.mktemp("nni")
-    os.symlink(pipeline.path("dataset"), folder / "dataset")
-    os.symlink(pipeline.path("vgg16Net.pth"), folder / "vgg16Net.pth")
+    os.symlink(narrow_teacher / "dataset", folder / "dataset")
+    os.symlink(narrow_teacher / "vgg16Net.pth", folder / "vgg16Net.pth")
     port = free_port()
-    proc = run_script("sweep.py", *TINY, "--trials", 3, "--port", port,
+    proc = run_script("sweep.py", *EXPERIMENT, "--port", port,
                       "--nni-config", local_config(folder), cwd=folder,
                       env=nni_env(folder / "home"))
     assert proc.returncode == 0, f"{proc.stdout}\n{proc.stderr}"
+    assert "3 trials: 3 finished" in proc.stdout
     return types.SimpleNamespace(folder=folder, out=folder / "sweep", port=port, proc=proc,
                                  rows=json.loads((folder / "sweep" / "sweep.json").read_text()))
 
@@ -171,7 +129,7 @@ def test_finished_experiment_leaves_no_process_and_frees_its_port(experimented):
 def test_same_command_again_resumes_and_trains_nothing(experimented):
     folder, out = experimented.folder, experimented.out
     students = {row["path"]: os.stat(row["path"]).st_mtime_ns for row in experimented.rows[1:]}
-    proc = run_script("sweep.py", *TINY, "--trials", 3, "--port", experimented.port,
+    proc = run_script("sweep.py", *EXPERIMENT, "--port", experimented.port,
                       "--nni-config", folder / "local.yml", cwd=folder,
                       env=nni_env(folder / "home"))
     assert proc.returncode == 0, proc.stderr
@@ -187,7 +145,7 @@ def test_a_resume_refused_before_its_pick_keeps_the_earlier_pick(experimented):
     copied) keeps the record of the earlier run's copy, so the next run replaces it instead
     of refusing it as someone else's file."""
     folder, out = experimented.folder, experimented.out
-    command = ["sweep.py", *TINY, "--trials", 3, "--port", experimented.port,
+    command = ["sweep.py", *EXPERIMENT, "--port", experimented.port,
                "--nni-config", folder / "local.yml"]
     picked, = [row for row in experimented.rows[1:] if row["picked"]]
     other = next(row for row in experimented.rows[1:] if not row["picked"])
@@ -211,95 +169,6 @@ def test_a_resume_refused_before_its_pick_keeps_the_earlier_pick(experimented):
     assert (folder / recorded).resolve() == copy.resolve()
     if now["name"] != picked["name"]:  # timed again: another may be the fastest now
         assert not (out / f"{picked['reported']['name']}.pth").exists()
-
-
-def test_ctrl_c_stops_everything_frees_the_port_and_the_same_command_resumes(pipeline,
-                                                                             tmp_path):
-    os.symlink(pipeline.path("dataset"), tmp_path / "dataset")
-    os.symlink(pipeline.path("vgg16Net.pth"), tmp_path / "vgg16Net.pth")
-    port = free_port()
-    command = [sys.executable, str(REPO / "sweep.py"), *map(str, TINY), "--trials", "2",
-               "--kd-epochs", "8", "--port", str(port), "--nni-config", str(local_config(tmp_path))]
-    env = dict(os.environ, HOME=str(tmp_path / "home"))
-    # (a shell running commands in the background hands them SIGINT ignored: a terminal's
-    # Ctrl-C is what this test means)
-    process = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True,
-                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-    out = tmp_path / "sweep"
-    deadline = time.time() + 300
-    while not list(out.glob("trials/*/*.history.json")):  # a trial is distilling
-        assert process.poll() is None and time.time() < deadline, process.communicate()
-        time.sleep(0.5)
-    listening = [c.laddr for c in psutil.net_connections("tcp")
-                 if c.status == psutil.CONN_LISTEN and c.laddr.port == port]
-    assert listening and all(address.ip == "127.0.0.1" for address in listening), listening
-    process.send_signal(signal.SIGINT)
-    stdout, stderr = process.communicate(timeout=120)
-    assert process.returncode == 130, stderr
-    assert "Traceback" not in stderr
-    assert "run the same command again to resume" in stderr
-    assert processes_of(out) == []
-    assert port_is_free(port)
-
-    again = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True,
-                           timeout=600)
-    assert again.returncode == 0, again.stderr
-    assert " resumed:" in again.stdout
-    rows = json.loads((out / "sweep.json").read_text())
-    assert len(rows) == 3 and all(len(row["reported"]["epochs"]) == 8 for row in rows[1:])
-    assert processes_of(out) == []
-
-
-CRASH_ONE_TRIAL = r"""
-import os, sys
-if "--nni-trial" in sys.argv:  # the first trial to start crashes
-    try:
-        os.close(os.open(os.environ["CRASH_MARKER"], os.O_CREAT | os.O_EXCL))
-    except FileExistsError:
-        pass
-    else:  # (an exception here would only be reported: Python goes on after sitecustomize)
-        sys.stderr.write("Traceback (most recent call last):\n"
-                         "RuntimeError: simulated crash of one trial\n")
-        sys.stderr.flush()
-        os._exit(1)
-"""
-
-
-def test_a_crashing_trial_is_reported_and_the_experiment_completes(pipeline, tmp_path):
-    os.symlink(pipeline.path("dataset"), tmp_path / "dataset")
-    os.symlink(pipeline.path("vgg16Net.pth"), tmp_path / "vgg16Net.pth")
-    hooks = tmp_path / "hooks"
-    hooks.mkdir()
-    (hooks / "sitecustomize.py").write_text(CRASH_ONE_TRIAL)
-    proc = run_script("sweep.py", *TINY, "--trials", 3, "--port", free_port(),
-                      "--nni-config", local_config(tmp_path), cwd=tmp_path,
-                      env=nni_env(tmp_path / "home", PYTHONPATH=hooks,
-                                  CRASH_MARKER=tmp_path / "crashed"))
-    assert proc.returncode == 0, proc.stderr
-    assert "failed; its log ends:" in proc.stdout
-    assert "RuntimeError: simulated crash of one trial" in proc.stdout
-    assert "3 trials: 2 finished, 0 stopped early by the assessor" in proc.stdout
-    assert "1 failed" in proc.stdout
-    rows = json.loads((tmp_path / "sweep" / "sweep.json").read_text())
-    assert len(rows) == 3
-    assert processes_of(tmp_path / "sweep") == []
-
-
-def test_a_search_space_smaller_than_the_trials_ends_when_the_tuner_runs_out(pipeline,
-                                                                            tmp_path):
-    """TPE never proposes a setting twice: NNI then waits at TUNER_NO_MORE_TRIAL forever."""
-    os.symlink(pipeline.path("dataset"), tmp_path / "dataset")
-    os.symlink(pipeline.path("vgg16Net.pth"), tmp_path / "vgg16Net.pth")
-    tiny = [*TINY[:-2], 0.5, 0.525, "--kd-epochs", 1]  # two settings
-    proc = run_script("sweep.py", *tiny, "--trials", 4, "--port", free_port(),
-                      "--nni-config", local_config(tmp_path), cwd=tmp_path,
-                      env=nni_env(tmp_path / "home"), timeout=300)
-    assert proc.returncode == 0, proc.stderr
-    assert "2 trials: 2 finished" in proc.stdout
-    rows = json.loads((tmp_path / "sweep" / "sweep.json").read_text())
-    assert sorted(row["sparsity"] for row in rows[1:]) == [0.5, 0.525]
-    assert processes_of(tmp_path / "sweep") == []
 
 
 # --- refusals: one line, nothing started ---
@@ -432,78 +301,3 @@ def test_assessor_savings_count_the_epochs_a_stopped_trial_did_not_run():
     assert nni_engine.assessor_savings([stopped, finished], epochs=5) == (1, 30.0)
 
 
-@pytest.mark.parametrize("trials", [2])
-def test_experiments_of_one_trial_at_a_time_run_to_the_end(pipeline, tmp_path, trials):
-    """Unmended, NNI 3.0's TPE died after the first trial of 2 or 3 and the experiment
-    waited for ever (tests/library/test_nni_tuner.py has the cause, and NNI's real tuner
-    asked one setting at a time for 2, 3, 5 and 8 trials: the experiments of 3 and 5
-    trials that ran here too, 6 minutes, only repeated what those show)."""
-    os.symlink(pipeline.path("dataset"), tmp_path / "dataset")
-    os.symlink(pipeline.path("vgg16Net.pth"), tmp_path / "vgg16Net.pth")
-    proc = run_script("sweep.py", *TINY, "--kd-epochs", 1, "--concurrency", 1,
-                      "--trials", trials, "--port", free_port(),
-                      "--nni-config", local_config(tmp_path), cwd=tmp_path,
-                      env=nni_env(tmp_path / "home"), timeout=120 + 60 * trials)
-    assert proc.returncode == 0, proc.stderr
-    assert f"{trials} trials: {trials} finished" in proc.stdout
-    assert len(json.loads((tmp_path / "sweep" / "sweep.json").read_text())) == trials + 1
-    assert processes_of(tmp_path / "sweep") == []
-
-
-FAILING_TUNER = """
-import time
-
-from nni.tuner import Tuner
-
-
-class SecondSettingFails(Tuner):
-    '''Gives one setting, then raises (hang=False) or never answers (hang=True).'''
-
-    def __init__(self, hang=False):
-        self.hang, self.given = hang, 0
-
-    def update_search_space(self, search_space):
-        pass
-
-    def generate_parameters(self, parameter_id, **kwargs):
-        self.given += 1
-        if self.given > 1:
-            if self.hang:
-                time.sleep(3600)
-            raise RuntimeError("simulated tuner failure")
-        return {"method": "l1", "sparsity": 0.5}
-
-    def receive_trial_result(self, parameter_id, parameters, value, **kwargs):
-        pass
-"""
-
-
-@pytest.mark.parametrize("hang", [False, True], ids=["raises", "hangs"])
-def test_a_tuner_that_stops_answering_is_reported_and_the_finished_trial_measured(
-        pipeline, tmp_path, hang):
-    os.symlink(pipeline.path("dataset"), tmp_path / "dataset")
-    os.symlink(pipeline.path("vgg16Net.pth"), tmp_path / "vgg16Net.pth")
-    hooks = tmp_path / "hooks"
-    hooks.mkdir()
-    (hooks / "failing_tuner.py").write_text(FAILING_TUNER)
-    (tmp_path / "failing.yml").write_text(
-        "trainingService:\n  platform: local\n"
-        "tuner:\n  className: failing_tuner.SecondSettingFails\n"
-        f"  codeDirectory: {hooks}\n  classArgs:\n    hang: {str(hang).lower()}\n"
-        "assessor:\n  name: Medianstop\n  classArgs:\n    optimize_mode: maximize\n"
-        "    start_step: 99\n")
-    proc = run_script("sweep.py", *TINY, "--kd-epochs", 1, "--concurrency", 1, "--trials", 3,
-                      "--port", free_port(), "--nni-config", tmp_path / "failing.yml",
-                      cwd=tmp_path, env=nni_env(tmp_path / "home"), timeout=300)
-    assert proc.returncode == 1, (proc.stdout, proc.stderr)
-    last = proc.stderr.strip().splitlines()[-1]  # (after the trials' bar)
-    assert last.startswith("sweep.py: error: the NNI experiment") and "Traceback" not in proc.stderr
-    assert "stopped it after 1 of 3 trials, and measured the 1 finished" in last
-    if hang:  # noticed within a minute of the trial's end
-        idle = int(re.search(r"gave no setting for (\d+)s", last).group(1))
-        assert nni_engine.PATIENCE_SECONDS <= idle < 60
-    else:
-        assert "RuntimeError: simulated tuner failure" in last
-    rows = json.loads((tmp_path / "sweep" / "sweep.json").read_text())
-    assert [row["name"] for row in rows][0] == "dense" and len(rows) == 2
-    assert processes_of(tmp_path / "sweep") == []

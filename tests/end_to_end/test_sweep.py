@@ -11,8 +11,8 @@
 - timing.interleaved_seconds times its runs interleaved, each round in a new order,
   and stops as soon as every run's median is known well enough (else at max_repeats).
 
-The real sweep runs once per module from the session pipeline's dense model (l1 at
-0.5, 1 distillation epoch, 2 to 3 timed runs), then twice more to resume it.
+The real sweep runs once per module from conftest's narrow_teacher (l1 at 0.5, 1
+distillation epoch, 2 to 3 timed runs), then twice more to resume it.
 """
 import itertools
 import json
@@ -24,9 +24,11 @@ import types
 
 import pytest
 import torch
+import torchvision
 
 from compress.export import onnx_files
 from compress.measure import timing
+from compress.measure.evaluation import count_flops
 from compress.sweep import candidates, plain
 from helpers import (assert_clean_error, files_under, load_script, run_in_process, run_script,
                      small_checkpoint)
@@ -39,8 +41,8 @@ MEASURED = ["accuracy", "params", "flops", "file_bytes", "latency_ms", "latency_
             "throughput_ips", "path"]
 
 
-def run_sweep(folder, *sparsities):
-    proc = run_script(*SWEEP, "--sparsities", *sparsities, cwd=folder)
+def run_sweep(folder, *sparsities, more=()):
+    proc = run_script(*SWEEP, "--sparsities", *sparsities, *more, cwd=folder)
     assert proc.returncode == 0, f"{proc.stdout}\n{proc.stderr}"
     return proc
 
@@ -70,13 +72,13 @@ def assert_picked_is_fastest_within(rows, max_drop):
 
 
 @pytest.fixture(scope="module")
-def swept(pipeline, tmp_path_factory):
-    """A sweep of l1 at 0.5 in a folder holding the pipeline's dataset and dense model;
+def swept(narrow_teacher, tmp_path_factory):
+    """A sweep of l1 at 0.5 in a folder holding the narrow teacher's dataset and dense model;
     its rows and the student's file stamp as they were right after it."""
     folder = tmp_path_factory.mktemp("sweep")
-    shutil.copytree(pipeline.path("dataset"), folder / "dataset")
-    shutil.copy2(pipeline.path("vgg16Net.pth"), folder / "vgg16Net.pth")
-    proc = run_sweep(folder, 0.5)
+    shutil.copytree(narrow_teacher / "dataset", folder / "dataset")
+    shutil.copy2(narrow_teacher / "vgg16Net.pth", folder / "vgg16Net.pth")
+    proc = run_sweep(folder, 0.5, more=["--tensorboard", "board"])
     return types.SimpleNamespace(folder=folder, proc=proc, rows=read_rows(folder),
                                  compared=read_rows(folder, "compare.json"),
                                  student=stamp(folder / "sweep" / "l1-0.5.pth"))
@@ -136,6 +138,21 @@ def test_by_default_the_sweep_decides_by_the_int8_files_it_would_ship(swept):
             int8["accuracy"], in_pytorch["accuracy"])
     assert "Decided by int8 ONNX in onnxruntime" in swept.proc.stdout
     assert "CPU: " in swept.proc.stdout and "int8 class" in swept.proc.stdout
+
+
+def test_tensorboard_shows_each_settings_distillation_and_its_measured_figures(swept):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(swept.folder / "board" / "l1-0.5"))
+    events.Reload()
+    tags = events.Tags()["scalars"]
+    assert {"loss/train", "accuracy/val", "teacher's share of the time"} <= set(tags)
+    row = swept.rows[1]
+    accuracy, = events.Scalars("hparam/accuracy")  # (the HParams tab's figures)
+    assert accuracy.value == pytest.approx(row["accuracy"])
+    assert events.Scalars("hparam/speedup")[0].value == \
+        pytest.approx(swept.rows[0]["pytorch"]["latency_ms"] / row["latency_ms"])
+    assert "_hparams_/session_start_info" in events.PluginTagToContent("hparams")
 
 
 def test_a_swept_student_is_the_one_knowledge_distillation_py_makes(swept, tmp_path):
@@ -232,7 +249,10 @@ def test_a_mobilenet_v2_student_joins_the_sweep(extended):
     student = {row["name"]: row for row in extended.rows}["mobilenet_v2"]
     assert (student["method"], student["arch"], student["sparsity"]) == \
         ("mobilenet_v2", "mobilenet_v2", None)
-    assert student["params"] < extended.rows[0]["params"]
+    # the parameters of torchvision's MobileNetV2 for the teacher's two classes
+    mobilenet = torchvision.models.mobilenet_v2(num_classes=2)
+    assert student["params"] == count_flops(mobilenet, 32)[1]
+    assert student["latency_ms"] > 0
 
 
 def test_the_search_reuses_a_setting_already_distilled(extended):
@@ -254,10 +274,10 @@ def test_without_max_drop_no_row_stays_picked(extended):
     assert "picked by" in extended.unbudgeted.stdout and " * " not in extended.unbudgeted.stdout
 
 
-def test_target_pytorch_decides_by_the_checkpoints_and_exports_only_the_pick(pipeline,
+def test_target_pytorch_decides_by_the_checkpoints_and_exports_only_the_pick(narrow_teacher,
                                                                              tmp_path):
-    shutil.copytree(pipeline.path("dataset"), tmp_path / "dataset")
-    shutil.copy2(pipeline.path("vgg16Net.pth"), tmp_path / "vgg16Net.pth")
+    shutil.copytree(narrow_teacher / "dataset", tmp_path / "dataset")
+    shutil.copy2(narrow_teacher / "vgg16Net.pth", tmp_path / "vgg16Net.pth")
     proc = run_script(*SWEEP, "--sparsities", 0.5, 0.7, "--target", "pytorch", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     rows = read_rows(tmp_path)
@@ -349,12 +369,12 @@ def test_search_bisects_to_the_largest_sparsity_within_the_budget():
 
 # --- the teacher, once -------------------------------------------------------------------
 
-def test_a_sweep_of_two_settings_loads_and_hashes_the_teacher_once(pipeline, tmp_path,
+def test_a_sweep_of_two_settings_loads_and_hashes_the_teacher_once(narrow_teacher, tmp_path,
                                                                      monkeypatch):
     """Every setting is pruned from, distilled by and measured beside the teacher in memory:
     its file is read twice in the whole run (torch.load once, its SHA-256 once)."""
-    shutil.copytree(pipeline.path("dataset"), tmp_path / "dataset")
-    shutil.copy2(pipeline.path("vgg16Net.pth"), tmp_path / "vgg16Net.pth")
+    shutil.copytree(narrow_teacher / "dataset", tmp_path / "dataset")
+    shutil.copy2(narrow_teacher / "vgg16Net.pth", tmp_path / "vgg16Net.pth")
     teacher = str(tmp_path / "vgg16Net.pth")
     loads, opens = [], []
     load = torch.load
@@ -507,7 +527,9 @@ def test_one_loose_run_keeps_all_of_them_going_to_max_repeats(device):
 @pytest.fixture(scope="module")
 def stepped(pipeline, tmp_path_factory):
     """l1 at 0.5 in one cut and in 2 steps, and l1 pruned to the latency the latency model
-    predicts for uniform 0.5 (PyTorch, batch 1; the model built into a cache of its own)."""
+    predicts for uniform 0.5 (PyTorch, batch 1; the model built into a cache of its own),
+    from the pipeline's VGG16 (the narrow teacher's layers are narrower than the kernels'
+    width step: no allocation could go below its uniform 0.5)."""
     folder = tmp_path_factory.mktemp("stepped")
     shutil.copytree(pipeline.path("dataset"), folder / "dataset")
     shutil.copy2(pipeline.path("vgg16Net.pth"), folder / "vgg16Net.pth")
