@@ -1,8 +1,8 @@
 """Specification of README.md's own code: the "From Python" example runs as it stands.
 
 It is taken from the README (the first python block after its "## From Python"
-heading) and run in a folder holding the session pipeline's dataset and dense model,
-as a notebook user in this repository would run it.
+heading) and run in a folder holding a dataset and a dense model (conftest's
+narrow_teacher), as a notebook user would run it.
 """
 import os
 import re
@@ -21,9 +21,9 @@ def from_python_example():
     return re.search(r"```python\n(.*?)```", section, re.DOTALL).group(1)
 
 
-def test_the_from_python_example_prunes_distils_and_compares(pipeline, tmp_path):
-    shutil.copytree(pipeline.path("dataset"), tmp_path / "dataset")
-    shutil.copy2(pipeline.path("vgg16Net.pth"), tmp_path / "vgg16Net.pth")
+def test_the_from_python_example_prunes_distils_and_compares(narrow_teacher, tmp_path):
+    shutil.copytree(narrow_teacher / "dataset", tmp_path / "dataset")
+    shutil.copy2(narrow_teacher / "vgg16Net.pth", tmp_path / "vgg16Net.pth")
     code = from_python_example()
     assert 10 <= len([line for line in code.splitlines() if line.strip()]) <= 25
     env = dict(os.environ, PYTHONPATH=str(REPO))
