@@ -26,8 +26,9 @@ from collections.abc import Callable, Sequence
 
 from tqdm import tqdm
 
-from compress.checkpoints import atomic_write, write_json
+from compress.checkpoints import atomic_write, is_checkpoint_file, write_json
 from compress.cli import CheckFailed, Interrupted, UserError, quiet_nni
+from compress.export.onnx_files import written_by_export
 from compress.machine import processes
 from compress.sweep import nni_engine
 from compress.sweep.candidates import (SweepSetup, comparable_training, measure_candidates,
@@ -201,6 +202,10 @@ def collect(setup: SweepSetup, trials: Sequence[nni_engine.Trial], record: dict,
             if os.path.exists(path) and path not in earlier:
                 raise UserError(f"{path}: exists, and the picked trial's student may be copied "
                                 "there; move it first")
+    for path in earlier:  # removed below: unless someone has put a file of theirs there
+        if os.path.exists(path) and not written_here(path):
+            raise UserError(f"{path}: the earlier pick was copied there, but it now holds a "
+                            "file this pipeline did not write; move it first")
     rows, dense = measure_candidates(setup, done, os.path.join(output_dir, "compare.json"),
                                      output_dir)
     chosen = present(rows, dense, max_drop, output_dir)
@@ -214,6 +219,12 @@ def collect(setup: SweepSetup, trials: Sequence[nni_engine.Trial], record: dict,
         copy_pick(setup, chosen["path"], record["picked_copy"])
         print(f"Copied the picked trial's student to {record['picked_copy']}, ready to ship "
               "(.onnx and .int8.onnx beside it)")
+
+
+def written_here(path: str) -> bool:
+    """Whether the file at `path` is a checkpoint (.pth) or an exported file (.onnx) of this
+    pipeline."""
+    return written_by_export(path) if path.endswith(".onnx") else is_checkpoint_file(path)
 
 
 def with_onnx(path: str) -> list[str]:

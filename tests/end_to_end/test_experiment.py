@@ -147,8 +147,11 @@ def test_a_resume_refused_before_its_pick_keeps_the_earlier_pick(experimented):
     folder, out = experimented.folder, experimented.out
     command = ["sweep.py", *EXPERIMENT, "--port", experimented.port,
                "--nni-config", folder / "local.yml"]
-    picked, = [row for row in experimented.rows[1:] if row["picked"]]
-    other = next(row for row in experimented.rows[1:] if not row["picked"])
+    # (as the run before this one left them: one that resumed re-timed, and may have picked
+    # another trial)
+    rows = json.loads((out / "sweep.json").read_text())[1:]
+    picked, = [row for row in rows if row["picked"]]
+    other = next(row for row in rows if not row["picked"])
     blocker = out / f"{other['reported']['name']}.pth"
     blocker.write_text("the user's own file")
     try:
@@ -169,6 +172,25 @@ def test_a_resume_refused_before_its_pick_keeps_the_earlier_pick(experimented):
     assert (folder / recorded).resolve() == copy.resolve()
     if now["name"] != picked["name"]:  # timed again: another may be the fastest now
         assert not (out / f"{picked['reported']['name']}.pth").exists()
+
+
+def test_the_earlier_picks_copy_replaced_by_a_file_of_the_users_is_refused_not_removed(
+        experimented):
+    folder, out = experimented.folder, experimented.out
+    copy = folder / json.loads((out / "experiment.json").read_text())["picked_copy"]
+    saved = copy.read_bytes()
+    copy.write_text("the user's own file, where the pick's copy was")
+    try:
+        refused = run_script("sweep.py", *EXPERIMENT, "--port", experimented.port,
+                             "--nni-config", folder / "local.yml", cwd=folder,
+                             env=nni_env(folder / "home"))
+        kept = copy.read_text()
+    finally:
+        copy.write_bytes(saved)
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr, refused.stderr
+    last = refused.stderr.strip().splitlines()[-1]
+    assert copy.name in last and "did not write" in last
+    assert kept == "the user's own file, where the pick's copy was"
 
 
 # --- refusals: one line, nothing started ---
