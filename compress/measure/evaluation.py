@@ -36,7 +36,7 @@ class ModelRow(typing.TypedDict, total=False):
             difference: against the first model of the comparison on the same pictures.
         per_class_accuracy, confusion, class_names, loss: the rest of the evaluation.
         params, flops, file_bytes: how big; zero_weights: the share of the weights that is
-            zero, zipped_bytes: the file compressed (where that share is 1% or more).
+            zero, zipped_bytes: the file compressed (where that share is 10% or more).
         latency_ms, latency_iqr_ms, latency_runs, batch_ms, throughput_ips, ...: how fast,
             timed interleaved; timing_uncertainty: how well the medians are known.
         device, threads, cpu, cpu_class, runtime, precision, memory_format, image_size:

@@ -30,8 +30,10 @@ from torch.nn.utils import prune as torch_prune
 from compress.checkpoints import Checkpoint, make_checkpoint, model_from_checkpoint
 
 # a model with this share of zero weights or more had single weights pruned: its reports
-# give its size compressed too (a trained dense VGG has well under 0.1%)
-ZEROS_WORTH_ZIPPING = 0.01
+# give its size compressed too. Measured on a trained dense VGG16-BN (the flowers teacher
+# after 3 epochs): 0.0% of its fp32 weights are zero, 2.5% of its int8 file's (7-bit
+# weights round the smallest to zero)
+ZEROS_WORTH_ZIPPING = 0.10
 
 UNSTRUCTURED = {
     "l1-unstructured": (torch_prune.L1Unstructured, "the weights of smallest magnitude, one by one "

@@ -132,6 +132,12 @@ def test_zeros_survive_distillation_and_export(tmp_path):
     assert proc.returncode == 0, proc.stderr
     for onnx_file in ("kd_zeros.onnx", "kd_zeros.int8.onnx"):
         assert zero_weight_share(str(tmp_path / onnx_file)) > 0.65
+    proc = run_in_process(load_script("test"), "--compare", "vgg16Net.pth", "kd_zeros.pth",
+                          "kd_zeros.int8.onnx", "--repeats", 2, "--max-repeats", 2, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    zeros = [line for line in proc.stdout.splitlines() if "of its weights are zero" in line]
+    assert [line.split(":")[0] for line in zeros] == ["kd_zeros.pth", "kd_zeros.int8.onnx"]
+    assert all("compressed" in line for line in zeros)  # (not the dense model: no zeros)
 
 
 def test_a_mask_of_the_wrong_shape_is_one_line(tmp_path):
