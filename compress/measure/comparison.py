@@ -26,8 +26,8 @@ from compress.export.onnx_files import load_onnx, zero_weight_share
 from compress.machine.cpu import cpu_class, describe_cpu
 from compress.measure.evaluation import ModelRow, count_flops, evaluate
 from compress.measure.intervals import accuracy_interval, paired_difference
-from compress.pruning.weights import ZEROS_WORTH_ZIPPING, compressed_bytes, zero_shares
 from compress.measure.timing import TimingPlan, interleaved_seconds, synchronizer
+from compress.pruning.weights import ZEROS_WORTH_ZIPPING, compressed_bytes, zero_shares
 
 CPU = torch.device("cpu")
 THROUGHPUT_BATCH = 32
