@@ -30,8 +30,8 @@ from compress.export import onnx_files
 from compress.measure import timing
 from compress.measure.evaluation import count_flops
 from compress.sweep import candidates, plain
-from helpers import (assert_clean_error, files_under, load_script, run_in_process, run_script,
-                     small_checkpoint)
+from helpers import (MEDIUM, assert_clean_error, files_under, load_script, run_in_process,
+                     run_script, small_checkpoint)
 
 sweep = load_script("sweep")
 UNBUDGETED = ["sweep.py", "--methods", "l1", "--kd-epochs", 1, "--batch-size", 8,
@@ -525,14 +525,14 @@ def test_one_loose_run_keeps_all_of_them_going_to_max_repeats(device):
 # --- iterative pruning and latency targets, in one real sweep ---------------------------
 
 @pytest.fixture(scope="module")
-def stepped(pipeline, tmp_path_factory):
+def stepped(narrow_teacher, tmp_path_factory):
     """l1 at 0.5 in one cut and in 2 steps, and l1 pruned to the latency the latency model
     predicts for uniform 0.5 (PyTorch, batch 1; the model built into a cache of its own),
-    from the pipeline's VGG16 (the narrow teacher's layers are narrower than the kernels'
-    width step: no allocation could go below its uniform 0.5)."""
+    from an untrained helpers.MEDIUM (the narrow teacher's layers are narrower than the
+    kernels' width step: no allocation could go below its uniform 0.5)."""
     folder = tmp_path_factory.mktemp("stepped")
-    shutil.copytree(pipeline.path("dataset"), folder / "dataset")
-    shutil.copy2(pipeline.path("vgg16Net.pth"), folder / "vgg16Net.pth")
+    shutil.copytree(narrow_teacher / "dataset", folder / "dataset")
+    small_checkpoint(folder / "vgg16Net.pth", architecture=MEDIUM)
     proc = run_script(*UNBUDGETED, "--max-drop", 100, "--sparsities", 0.5, "--prune-steps", 1, 2,
                       "--match-latency", "--kd-epochs", 2, "--target", "pytorch", cwd=folder,
                       env={"XDG_CACHE_HOME": folder / "cache"})

@@ -34,8 +34,14 @@ def test_plan_and_workdir_need_photos(tmp_path):
     assert_clean_error(run_in_process(demo, "--plan", cwd=tmp_path), "--plan: only with --photos")
 
 
-@pytest.mark.slow  # (times a few training steps of VGG16 to estimate the run)
-def test_plan_says_what_will_run_and_how_long_and_runs_nothing(tmp_path):
+def test_plan_says_what_will_run_and_how_long_and_runs_nothing(tmp_path, monkeypatch):
+    rates = {}  # (the training speed measured here: 1000 pictures/s for the teacher)
+
+    def speed(widths_share, steps=3):
+        rates[widths_share] = 1000 / widths_share ** 2
+        return rates[widths_share]
+
+    monkeypatch.setattr(demo, "training_speed", speed)
     generate_demo(tmp_path / "photos", per_class=5)
     proc = run_in_process(demo, "--photos", "photos", "--plan", "--workdir", "run",
                           cwd=tmp_path)
@@ -44,4 +50,11 @@ def test_plan_says_what_will_run_and_how_long_and_runs_nothing(tmp_path):
     for stage in ("1. split", "2. train the dense teacher", "3. sweep and pick", "4. compare"):
         assert stage in proc.stdout
     assert "--test-ratio 0.2" in proc.stdout and "In all about" in proc.stdout
+    assert sorted(round(share, 6) for share in rates) == \
+        sorted([1.0, *(round(1 - s, 6) for s in demo.SPARSITIES)])
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow  # (a few training steps of a VGG16 with a tenth of its widths)
+def test_training_speed_is_measured_on_this_machine():
+    assert 0 < demo.training_speed(0.1, steps=1) < float("inf")
