@@ -60,6 +60,7 @@ import textwrap
 from compress.cli import (DISTILLATION_FLAGS, UserError, add_data_args, add_shared_flags,
                           add_timing_args, add_verbose_arg, fraction, int_within, make_parser,
                           points, positive_float, positive_int, run_cli)
+from compress.data.images import find_classes
 from compress.machine.resources import check_writable, output_lock
 from compress.measure.timing import PRECISION
 from compress.pruning.channels import METHODS, uniform_widths
@@ -188,6 +189,12 @@ def trial_command(parser, args, concurrency):
     return shlex.join([sys.executable, os.path.abspath(__file__), *argv, "--nni-trial"])
 
 
+def check_data(folder):
+    """Refuse a --data without train/ and val/ class folders before anything is pruned."""
+    for part in ("train", "val"):
+        find_classes(os.path.join(folder, part))
+
+
 def setup_of(args, methods=()):
     """What every setting shares, the teacher loaded (once) and checked against `methods`."""
     return SweepSetup.from_args(args, Teacher.load(args.weights, args.image_size, methods))
@@ -236,6 +243,7 @@ def sweep(args):
         plan = ExperimentPlan(methods, args.sparsities, args.max_drop, args.trials,
                               args.concurrency, args.host, args.port, args.nni_config)
         search_space(plan.methods, plan.sparsities)  # one setting is refused before any work
+        check_data(args.data)
         setup = setup_of(args, [method for method, _ in methods])
         return run_experiment(setup, plan, args.output_dir,
                               lambda concurrency: trial_command(get_args_parser(), args,
@@ -243,6 +251,7 @@ def sweep(args):
                               os.path.dirname(os.path.abspath(__file__)))
     if args.search and args.max_drop is None:
         raise UserError("--search: needs --max-drop (the budget the sparsity must stay within)")
+    check_data(args.data)
     setup = setup_of(args, [method for method, _ in methods])
     if args.search and setup.teacher.checkpoint["metrics"].get("val_accuracy") is None:
         raise UserError(f"{args.weights}: records no validation accuracy to --search against")

@@ -198,7 +198,8 @@ def test_the_earlier_picks_copy_replaced_by_a_file_of_the_users_is_refused_not_r
 @pytest.fixture
 def teacher_folder(tmp_path):
     small_checkpoint(tmp_path / "vgg16Net.pth")
-    (tmp_path / "dataset").mkdir()
+    for part in ("train", "val"):  # (class folders without pictures: nothing runs that far)
+        (tmp_path / "dataset" / part / "cat").mkdir(parents=True)
     return tmp_path
 
 

@@ -567,6 +567,16 @@ def test_a_latency_setting_is_pruned_to_the_uniform_ones_predicted_time(stepped)
     assert list((stepped.folder / "cache" / "vgg-prune-distill" / "latency").glob("pytorch-b1-*"))
 
 
+@pytest.mark.parametrize("part", ["train", "val"])
+def test_a_split_without_train_or_val_is_one_line_before_anything_is_pruned(tmp_path, part):
+    small_checkpoint(tmp_path / "vgg16Net.pth")
+    for made in {"train", "val"} - {part}:
+        (tmp_path / "dataset" / made / "cat").mkdir(parents=True)
+    proc = run_in_process(sweep, "--sparsities", 0.5, cwd=tmp_path)
+    assert_clean_error(proc, f"dataset/{part}: folder not found")
+    assert not (tmp_path / "sweep").exists() or files_under(tmp_path / "sweep") == []
+
+
 @pytest.mark.parametrize("flags, named", [
     (["--latencies", 2, "--target", "onnx"], "--target onnx"),
     (["--latencies", 2, "--engine", "nni", "--max-drop", 1], "--latencies"),
@@ -574,6 +584,7 @@ def test_a_latency_setting_is_pruned_to_the_uniform_ones_predicted_time(stepped)
     (["--prune-steps", 2, "--methods", "l1:global"], "--prune-steps")])
 def test_latency_and_step_flags_that_cannot_run_are_one_line(tmp_path, flags, named):
     small_checkpoint(tmp_path / "vgg16Net.pth")
-    (tmp_path / "dataset" / "train" / "cat").mkdir(parents=True)
+    for part in ("train", "val"):
+        (tmp_path / "dataset" / part / "cat").mkdir(parents=True)
     proc = run_in_process(sweep, *flags, cwd=tmp_path)
     assert_clean_error(proc, named)
