@@ -63,6 +63,7 @@ from compress.cli import (DISTILLATION_FLAGS, UserError, add_data_args, add_shar
 from compress.data.images import find_classes
 from compress.machine.resources import check_writable, output_lock
 from compress.measure.timing import PRECISION
+from compress.pruning.allocation import FLOOR, reachable_ms
 from compress.pruning.channels import METHODS, uniform_widths
 from compress.pruning.latency import widths_of, with_widths
 from compress.sweep import trial
@@ -221,10 +222,25 @@ def latency_targets(args, setup):
     model = setup.latency_model()
     architecture = setup.teacher.checkpoint["architecture"]
     dense = widths_of(architecture)
-    targets = [*args.latencies, *(model.predict(architecture) / x for x in args.speedups)]
+    least = reachable_ms(model, architecture, model.step)
+    given = [(f"--latencies {ms:g}", ms) for ms in args.latencies]
+    given += [(f"--speedups {x:g}", model.predict(architecture) / x) for x in args.speedups]
+    for flag, target in given:  # (refused before any work, not after the settings before it)
+        if target < least:
+            raise UserError(f"{flag}: {target:.2f} ms is below what an allocation reaches here "
+                            f"({least:.2f} ms predicted with every layer at its narrowest: "
+                            f"{FLOOR:.0%} of its channels, in steps of {model.step})")
+    targets = [target for _, target in given]
     if args.match_latency:
-        targets += [model.predict(with_widths(architecture, uniform_widths(dense, sparsity)))
-                    for sparsity in args.sparsities]
+        for sparsity in args.sparsities:
+            target = model.predict(with_widths(architecture, uniform_widths(dense, sparsity)))
+            if target < least:  # (the uniform cut is narrower than an allocation may go)
+                print(f"--match-latency: no latency setting for sparsity {sparsity:g}: its "
+                      f"predicted {target:.2f} ms is below what an allocation reaches here "
+                      f"({least:.2f} ms, every layer at {FLOOR:.0%} of its channels in steps "
+                      f"of {model.step})", flush=True)
+            else:
+                targets.append(target)
     return [round(target, 3) for target in targets]
 
 

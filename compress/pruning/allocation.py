@@ -52,7 +52,7 @@ def allocate(latency: LatencyModel, architecture: dict, importance: dict[str, li
     dense = widths_of(architecture)
     widths = {name: width - width % step if width > step else width
               for name, width in dense.items()}
-    least = {name: max(step, round(FLOOR * width)) for name, width in dense.items()}
+    least = narrowest(architecture, step)
     predicted = latency.predict(with_widths(architecture, widths))
     while predicted > target_ms:
         best, best_ratio, best_time = None, None, None
@@ -69,13 +69,24 @@ def allocate(latency: LatencyModel, architecture: dict, importance: dict[str, li
             if best_ratio is None or ratio < best_ratio:
                 best, best_ratio, best_time = name, ratio, time
         if best is None or best_time >= predicted:
-            narrowest = latency.predict(with_widths(architecture, least))
             raise UserError(f"--latency {target_ms:g} ms: below what any allowed widths reach "
-                            f"here (at least {narrowest:.2f} ms predicted, every layer at "
-                            f"{FLOOR:.0%} of its channels)")
+                            f"here (at least {reachable_ms(latency, architecture, step):.2f} "
+                            f"ms predicted, every layer at {FLOOR:.0%} of its channels)")
         widths[best] -= step
         predicted = best_time
     return widths, predicted
+
+
+def narrowest(architecture: dict, step: int = 1) -> dict[str, int]:
+    """The narrowest widths an allocation in steps of `step` may leave: FLOOR of each
+    layer's channels, and at least one step (or the layer whole, if narrower)."""
+    return {name: min(width, max(step, round(FLOOR * width)))
+            for name, width in widths_of(architecture).items()}
+
+
+def reachable_ms(latency: LatencyModel, architecture: dict, step: int = 1) -> float:
+    """The least latency `latency` predicts for an allocation in steps of `step`."""
+    return latency.predict(with_widths(architecture, narrowest(architecture, step)))
 
 
 def uniform_for(latency: LatencyModel, architecture: dict, target_ms: float,

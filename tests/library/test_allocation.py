@@ -11,7 +11,7 @@ import torch
 import model as vgg
 from compress.cli import UserError
 from compress.pruning import allocation, latency
-from compress.pruning.channels import prunable_layers
+from compress.pruning.channels import prunable_layers, uniform_widths
 
 SIZE = 32
 ARCH = {"arch": "vgg16", "batch_norm": True, "num_classes": 2,
@@ -89,6 +89,23 @@ def test_a_target_no_allowed_widths_reach_is_one_line():
     model = hand_made()
     with pytest.raises(UserError, match="below what any allowed widths reach"):
         allocation.allocate(model, ARCH, even_importance(), model.predict(ARCH) / 1000)
+
+
+def test_the_narrowest_allocation_is_the_floor_in_steps_and_a_uniform_cut_can_go_below_it():
+    """ARCH's first layers have 8 channels: an allocation in steps of 16 keeps them whole,
+    a uniform 0.9 keeps 1, so its latency can be below any allocation's
+    (sweep.py --match-latency then leaves that sparsity out, in one line)."""
+    model = hand_made(step=16)
+    least = allocation.narrowest(ARCH, step=16)
+    dense = latency.widths_of(ARCH)
+    assert all(least[name] == min(width, max(16, round(allocation.FLOOR * width)))
+               for name, width in dense.items())
+    reach = allocation.reachable_ms(model, ARCH, step=16)
+    assert reach == pytest.approx(model.predict(latency.with_widths(ARCH, least)))
+    uniform = latency.with_widths(ARCH, uniform_widths(dense, 0.9))
+    assert model.predict(uniform) < reach
+    with pytest.raises(UserError, match=f"at least {reach:.2f} ms predicted"):
+        allocation.allocate(model, ARCH, even_importance(), model.predict(uniform), step=16)
 
 
 def test_a_target_above_the_dense_models_time_is_one_line():
