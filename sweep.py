@@ -267,10 +267,10 @@ def sweep(args):
                               os.path.dirname(os.path.abspath(__file__)))
     if args.search and args.max_drop is None:
         raise UserError("--search: needs --max-drop (the budget the sparsity must stay within)")
-    check_data(args.data)
     setup = setup_of(args, [method for method, _ in methods])
     if args.search and setup.teacher.checkpoint["metrics"].get("val_accuracy") is None:
         raise UserError(f"{args.weights}: records no validation accuracy to --search against")
+    check_data(args.data)
     if any(steps > 1 for steps in args.prune_steps):
         if any(global_ranking for _, global_ranking in methods):
             raise UserError("--prune-steps: each step keeps per-layer widths, which a global "

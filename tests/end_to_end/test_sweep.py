@@ -432,6 +432,8 @@ def test_what_a_stage_would_refuse_later_is_refused_before_any_work(tmp_path):
 
 def test_a_file_of_someone_elses_where_a_student_goes_is_refused_before_any_work(tmp_path):
     small_checkpoint(tmp_path / "dense.pth")
+    for part in ("train", "val"):
+        (tmp_path / "dataset" / part / "cat").mkdir(parents=True)
     (tmp_path / "sweep").mkdir()
     (tmp_path / "sweep" / "l1-0.7.pth").write_bytes(b"my own model")
     proc = run_in_process(sweep, "--weights", "dense.pth", "--sparsities", 0.5, 0.7,
@@ -444,6 +446,8 @@ def test_a_file_of_someone_elses_where_a_student_goes_is_refused_before_any_work
 def test_an_onnx_file_of_someone_elses_where_a_student_ships_is_refused_before_any_work(
         tmp_path):
     small_checkpoint(tmp_path / "dense.pth")
+    for part in ("train", "val"):
+        (tmp_path / "dataset" / part / "cat").mkdir(parents=True)
     (tmp_path / "sweep").mkdir()
     (tmp_path / "sweep" / "l1-0.7.int8.onnx").write_bytes(b"my own export")
     proc = run_in_process(sweep, "--weights", "dense.pth", "--sparsities", 0.5, 0.7,
