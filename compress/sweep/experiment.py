@@ -13,7 +13,7 @@ the plain sweep measures (candidates.measure_candidates), and the pick is copied
   `experiment.json` records it so that the same command resumes it.
 - `search_space()` / `objective()`: what the tuner searches and maximises.
 
-(NNI's own mechanics, and three mends of NNI 3.0: nni_engine.py.)
+(NNI's own mechanics, and the mends of NNI 3.0: nni_engine.py.)
 """
 from __future__ import annotations
 

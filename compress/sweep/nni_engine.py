@@ -1,14 +1,15 @@
-"""NNI 3.0's experiment engine, as sweep.py --engine nni drives it (and four mends of it).
+"""NNI 3.0's experiment engine, as sweep.py --engine nni drives it (and five mends of it).
 
 - `make_config()`: NNI's ExperimentConfig -- the user's --nni-config YAML (any of NNI's
   training services: local, remote machines, a cluster) or this machine, completed with
   our trial command, search space, TPE tuner and Medianstop assessor.
 - `NniExperiment`: creates the experiment, or resumes it (NNI's own resume: finished
   trials are kept), with NNI's manager listening on one address only (127.0.0.1 unless
-  asked) and each trial given its own parameters (mends of NNI 3.0, see
-  MANAGER_PRELOAD); `follow()` yields each trial when it changes and notices a tuner that
-  stops answering (TunerStopped); `stop()` stops the manager, its tuner and its trials, and
-  frees the port. NNI 3.0's TPE is kept from its numpy-2 failure (MIN_STARTUP_JOBS).
+  asked), each trial given its own parameters (mends of NNI 3.0, see MANAGER_PRELOAD),
+  and the manager given the time it needs to start (patient_launcher); `follow()` yields
+  each trial when it changes and notices a tuner that stops answering (TunerStopped);
+  `stop()` stops the manager, its tuner and its trials, and frees the port. NNI 3.0's
+  TPE is kept from its numpy-2 failure (MIN_STARTUP_JOBS).
 - `Trial`: one trial as NNI recorded it (status, parameters, per-epoch and final
   results, times); `last_lines()` shows a failed trial's log; `assessor_savings()` what
   the early stops saved.
@@ -17,6 +18,7 @@ Imports nothing of the pipeline's stages.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -58,6 +60,37 @@ MIN_STARTUP_JOBS = 2
 # No trial waiting or running, settings left to run, and no new trial for this long: the
 # tuner has stopped answering (NNI submits the next trial a few seconds after one ends).
 PATIENCE_SECONDS = 45
+# NNI 3.0's launcher gives its manager three tries a second apart to answer /check-status
+# with JSON; until the manager has mounted its REST handlers it answers there with the
+# plain word INITIALIZING, so on a busy machine the start failed with "Expecting value:
+# line 1 column 1 (char 0)" (seen twice in the test suite, three experiments and a training
+# running). The manager is given this long to answer.
+MANAGER_START_SECONDS = 60
+
+
+@contextlib.contextmanager
+def patient_launcher(seconds: float) -> Iterator[None]:
+    """NNI's launcher waiting up to `seconds` for its manager's first JSON answer (see
+    MANAGER_START_SECONDS), not three."""
+    from nni.experiment import launcher, rest
+
+    def check_rest_server(port: int, retry: int = 3, url_prefix: str | None = None) -> None:
+        deadline = time.monotonic() + seconds
+        while True:
+            try:
+                rest.get(port, "/check-status", url_prefix)
+                return
+            except Exception:  # not listening yet, or INITIALIZING (not JSON)
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.5)
+
+    original = launcher._check_rest_server
+    launcher._check_rest_server = check_rest_server
+    try:
+        yield
+    finally:
+        launcher._check_rest_server = original
 
 
 class TunerStopped(CheckFailed):
@@ -231,7 +264,8 @@ class NniExperiment:
                 options = os.environ.get("NODE_OPTIONS", "")
                 node_options = f'{options} --require "{preload}"'.strip()
                 with processes.environment_set({"NODE_OPTIONS": node_options,
-                                                "SWEEP_NNI_HOST": self.host}):
+                                                "SWEEP_NNI_HOST": self.host}), \
+                        patient_launcher(MANAGER_START_SECONDS):
                     if resume:
                         self.experiment.resume(self.port, wait_completion=False)
                     else:
