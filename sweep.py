@@ -60,7 +60,7 @@ import textwrap
 from compress.cli import (DISTILLATION_FLAGS, UserError, add_data_args, add_shared_flags,
                           add_timing_args, add_verbose_arg, fraction, int_within, make_parser,
                           points, positive_float, positive_int, run_cli)
-from compress.data.images import find_classes
+from compress.data.pictures import find_classes
 from compress.machine.resources import check_writable, output_lock
 from compress.measure.timing import PRECISION
 from compress.pruning.allocation import FLOOR, reachable_ms

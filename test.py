@@ -28,7 +28,8 @@ import torch
 from compress.checkpoints import output_path, write_json
 from compress.cli import (UserError, add_data_args, add_timing_args, add_verbose_arg, make_parser,
                           resolve_device, run_cli)
-from compress.data.images import eval_transform, load_rgb, report_split
+from compress.data.images import eval_transform, report_split
+from compress.data.pictures import load_rgb
 from compress.export.onnx_files import exported_earlier_note, other_cpu_note
 from compress.machine.cpu import describe_cpu
 from compress.machine.resources import check_writable

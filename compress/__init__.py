@@ -12,7 +12,8 @@ every module).
     machine.resources      room on disk and in memory, writable folders, one run per output
     machine.processes      signals that stop us; other processes found and ended
     machine.distributed    processes under torchrun: joining, rank 0, adding up
-    data.images            pictures in, batches out: decoding, transforms, the seeded order
+    data.pictures          picture files, without torch: names, class folders, decoding one
+    data.images            pictures in, batches out: transforms, the dataset, the seeded order
     checkpoints            what is on disk: the checkpoint format, atomic writes, safe loading
     data.splitting         a photo folder split into train/, val/ (and test/), source untouched
     pruning.weights        single weights zeroed (torch.nn.utils.prune), and what zeros buy
@@ -40,7 +41,7 @@ every module).
     sweep.setting          one setting of a sweep, pruned and distilled from the teacher
     sweep.stepwise         iterative pruning: a sparsity reached in prune-then-distil steps
     sweep.plain            the plain sweep: settings pruned, distilled, shipped, measured
-    sweep.nni_engine       NNI 3.0's experiment engine, and four mends of it
+    sweep.nni_engine       NNI 3.0's experiment engine, and five mends of it
     sweep.experiment       the sweep as an NNI experiment: launched and followed
     sweep.trial            one trial of that experiment, as NNI runs it
 """

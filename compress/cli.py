@@ -13,8 +13,11 @@
 - `local_rank()`: under torchrun the first process of each machine speaks for it.
 - `quiet_nni()`: NNI prints only what the user asked for.
 
-Imports nothing of the pipeline's own: every other module may import it.
+Imports nothing of the pipeline's own: every other module may import it. Nor torch, until
+a device is resolved: split_dataset.py runs without it.
 """
+from __future__ import annotations
+
 import argparse
 import contextlib
 import dataclasses
@@ -25,8 +28,10 @@ import os
 import sys
 import warnings
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 
 class UserError(Exception):
@@ -97,7 +102,8 @@ def run_cli(main: Callable[[argparse.Namespace], object], parser: argparse.Argum
             file=sys.stderr)
         return 2
     finally:
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch = sys.modules.get("torch")  # (a script that never imported it started no group)
+        if torch and torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
     return 0
 
@@ -281,6 +287,8 @@ def settings_from(cls: type, args: argparse.Namespace, **given: object) -> objec
 
 def resolve_device(name: str) -> torch.device:
     """torch.device for --device auto|cpu|cuda|cuda:N, or a UserError saying what is wrong."""
+    import torch
+
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:

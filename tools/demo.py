@@ -29,7 +29,7 @@ import sys
 import time
 
 from compress.cli import UserError, make_parser, points, run_cli
-from compress.data.images import find_classes, is_image_name
+from compress.data.pictures import find_classes, is_image_name
 from compress.machine.cpu import describe_cpu
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -22,7 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 from tqdm import tqdm
 
 from compress.cli import UserError
-from compress.data.images import check_image, find_classes, is_image_name
+from compress.data.pictures import check_image, find_classes, is_image_name
 
 MARKER = ".split_dataset.json"  # marks a folder this script made and may replace
 

@@ -29,8 +29,8 @@ import torch
 from compress.checkpoints import (Checkpoint, check_made_for, check_replaceable, file_sha256,
                                   model_from_checkpoint, saved_bytes)
 from compress.cli import CheckFailed, settings_from
-from compress.data.images import (ImageFolder, eval_transform, find_classes, make_loader,
-                                  report_split, val_set)
+from compress.data.images import ImageFolder, eval_transform, make_loader, report_split, val_set
+from compress.data.pictures import find_classes
 from compress.export.onnx_files import (INPUT, OUTPUT, describe, load_onnx, parse_description,
                                         set_metadata, written_by_export)
 from compress.machine.cpu import cpu_class, describe_cpu, saturates

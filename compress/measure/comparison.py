@@ -21,7 +21,8 @@ import torch
 
 import model as vgg
 from compress.checkpoints import Checkpoint, check_made_for, load_checkpoint, model_from_checkpoint
-from compress.data.images import find_classes, make_loader, report_split, val_set
+from compress.data.images import make_loader, report_split, val_set
+from compress.data.pictures import find_classes
 from compress.export.onnx_files import load_onnx, zero_weight_share
 from compress.machine.cpu import cpu_class, describe_cpu
 from compress.measure.evaluation import ModelRow, count_flops, evaluate

@@ -30,7 +30,8 @@ import torch
 from compress.checkpoints import (Checkpoint, atomic_save, check_made_for, make_checkpoint,
                                   model_from_checkpoint, output_path)
 from compress.cli import CheckFailed, UserError, quiet_nni
-from compress.data.images import ImageFolder, eval_transform, find_classes, make_loader
+from compress.data.images import ImageFolder, eval_transform, make_loader
+from compress.data.pictures import find_classes
 from compress.measure.evaluation import count_flops, relative_difference
 from compress.measure.reporting import plot_channels
 

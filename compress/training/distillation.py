@@ -45,7 +45,7 @@ from compress.checkpoints import (Checkpoint, atomic_save, check_made_for, file_
                                   is_state_dict, make_checkpoint, model_from_checkpoint,
                                   safe_load, saved_bytes)
 from compress.cli import ALPHA, KD_LOSSES, TEMPERATURE, UserError, settings_from
-from compress.data.images import find_classes
+from compress.data.pictures import find_classes
 from compress.machine.distributed import init_distributed
 from compress.machine.resources import check_room
 from compress.measure.evaluation import evaluate

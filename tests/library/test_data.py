@@ -7,7 +7,7 @@ import torch
 from PIL import Image
 
 from compress.cli import UserError
-from compress.data import images
+from compress.data import images, pictures
 from helpers import (IMAGE_SIZE, assert_clean_error, generate_demo, load_script, run_in_process,
                      small_checkpoint)
 
@@ -25,7 +25,7 @@ def pixels(image):
 
 def test_greyscale_picture_loads_as_rgb_with_equal_channels(tmp_path):
     grey = Image.fromarray(np.arange(200, dtype=np.uint8).reshape(10, 20), "L")
-    loaded = images.load_rgb(save(grey, tmp_path / "grey.png"))
+    loaded = pictures.load_rgb(save(grey, tmp_path / "grey.png"))
     assert loaded.mode == "RGB" and loaded.size == (20, 10)
     array = pixels(loaded)
     for channel in range(3):
@@ -36,7 +36,7 @@ def test_transparent_pixels_of_rgba_become_white(tmp_path):
     rgba = Image.new("RGBA", (4, 4), (200, 10, 10, 255))
     rgba.putpixel((0, 0), (0, 0, 0, 0))        # fully transparent black
     rgba.putpixel((1, 0), (0, 0, 255, 128))    # half transparent blue
-    loaded = images.load_rgb(save(rgba, tmp_path / "rgba.png"))
+    loaded = pictures.load_rgb(save(rgba, tmp_path / "rgba.png"))
     assert loaded.mode == "RGB"
     assert loaded.getpixel((0, 0)) == (255, 255, 255)
     assert loaded.getpixel((2, 2)) == (200, 10, 10)
@@ -47,7 +47,7 @@ def test_transparent_pixels_of_rgba_become_white(tmp_path):
 def test_palette_picture_loads_as_rgb(tmp_path):
     palette = Image.new("P", (4, 4), 1)
     palette.putpalette([0, 0, 0, 10, 200, 30] + [0] * (3 * 254))
-    loaded = images.load_rgb(save(palette, tmp_path / "palette.png"))
+    loaded = pictures.load_rgb(save(palette, tmp_path / "palette.png"))
     assert loaded.mode == "RGB" and loaded.getpixel((3, 3)) == (10, 200, 30)
 
 
@@ -56,7 +56,7 @@ def test_palette_picture_with_transparency_has_white_where_transparent(tmp_path)
     palette.putpalette([0, 0, 0, 10, 200, 30] + [0] * (3 * 254))
     palette.putpixel((0, 0), 0)
     path = save(palette, tmp_path / "palette.gif", transparency=0)
-    loaded = images.load_rgb(path)
+    loaded = pictures.load_rgb(path)
     assert loaded.mode == "RGB"
     assert loaded.getpixel((0, 0)) == (255, 255, 255)  # index 0 is transparent, not black
     assert loaded.getpixel((2, 2)) == (10, 200, 30)
@@ -64,7 +64,7 @@ def test_palette_picture_with_transparency_has_white_where_transparent(tmp_path)
 
 def test_cmyk_jpeg_loads_as_rgb(tmp_path):
     cmyk = Image.new("CMYK", (8, 8), (0, 255, 255, 0))  # pure red in CMYK
-    loaded = images.load_rgb(save(cmyk, tmp_path / "cmyk.jpg", quality=95))
+    loaded = pictures.load_rgb(save(cmyk, tmp_path / "cmyk.jpg", quality=95))
     assert loaded.mode == "RGB"
     red, green, blue = loaded.getpixel((4, 4))
     assert red > 240 and green < 15 and blue < 15
@@ -74,7 +74,7 @@ def test_16_bit_greyscale_is_scaled_to_the_full_8_bit_range(tmp_path):
     values = (np.arange(200, dtype=np.uint16).reshape(10, 20) * 100 + 1000)  # 1000..20900
     path = save(Image.fromarray(values), tmp_path / "deep.png")
     assert Image.open(path).mode == "I;16"
-    array = pixels(images.load_rgb(path))
+    array = pixels(pictures.load_rgb(path))
     assert array.dtype == np.uint8 and array.shape == (10, 20, 3)
     assert array.min() == 0 and array.max() == 255
     expected = ((values - 1000) * (255.0 / 19900)).astype(np.uint8)
@@ -88,7 +88,7 @@ def test_exif_orientation_is_applied(tmp_path):
     exif = picture.getexif()
     exif[0x0112] = 6  # "rotate 90 degrees clockwise to display"
     path = save(picture, tmp_path / "rotated.jpg", exif=exif, quality=95)
-    loaded = images.load_rgb(path)
+    loaded = pictures.load_rgb(path)
     assert loaded.size == (10, 20)
     # the left edge of the stored picture is the top of the upright one
     red, green, blue = loaded.getpixel((5, 1))
@@ -97,11 +97,11 @@ def test_exif_orientation_is_applied(tmp_path):
 
 def test_oversized_picture_is_refused(tmp_path, monkeypatch):
     path = save(Image.new("RGB", (200, 100)), tmp_path / "big.png")
-    monkeypatch.setattr(images, "MAX_IMAGE_PIXELS", 200 * 100 - 1)
+    monkeypatch.setattr(pictures, "MAX_IMAGE_PIXELS", 200 * 100 - 1)
     with pytest.raises(ValueError, match="200x100"):
-        images.load_rgb(path)
-    monkeypatch.setattr(images, "MAX_IMAGE_PIXELS", 200 * 100)
-    assert images.load_rgb(path).size == (200, 100)
+        pictures.load_rgb(path)
+    monkeypatch.setattr(pictures, "MAX_IMAGE_PIXELS", 200 * 100)
+    assert pictures.load_rgb(path).size == (200, 100)
 
 
 # --- check_image: the split's verdict on a file -----------------------------
@@ -113,24 +113,24 @@ def good_jpeg(tmp_path):
 
 
 def test_check_image_accepts_a_good_picture(good_jpeg):
-    assert images.check_image(good_jpeg) is None
+    assert pictures.check_image(good_jpeg) is None
 
 
 def test_check_image_names_an_empty_file(tmp_path):
     (tmp_path / "empty.jpg").write_bytes(b"")
-    assert images.check_image(tmp_path / "empty.jpg") == "empty file"
+    assert pictures.check_image(tmp_path / "empty.jpg") == "empty file"
 
 
 def test_check_image_refuses_a_truncated_jpeg(tmp_path, good_jpeg):
     whole = good_jpeg.read_bytes()
     (tmp_path / "cut.jpg").write_bytes(whole[:len(whole) // 2])
-    reason = images.check_image(tmp_path / "cut.jpg")
+    reason = pictures.check_image(tmp_path / "cut.jpg")
     assert reason is not None and reason.startswith("cannot be decoded")
 
 
 def test_check_image_refuses_text_named_like_a_picture(tmp_path):
     (tmp_path / "notes.jpg").write_text("not a picture\n")
-    assert images.check_image(tmp_path / "notes.jpg").startswith("cannot be decoded")
+    assert pictures.check_image(tmp_path / "notes.jpg").startswith("cannot be decoded")
 
 
 # --- ImageFolder --------------------------------------------------------------
@@ -217,13 +217,13 @@ def test_two_ranks_together_cover_every_index_with_equal_lengths(size):
 
 
 # --- photos beyond the pixel limit (decompression bombs) -----------------------
-# images.MAX_IMAGE_PIXELS (2**27, 134M) is refused before decoding, as a ValueError
+# pictures.MAX_IMAGE_PIXELS (2**27, 134M) is refused before decoding, as a ValueError
 # that every caller turns into a skipped file or a one-line error.
 
 @pytest.fixture(scope="module")
 def photo_over_limit(tmp_path_factory):
-    """A 13000 x 11000 (143M pixel) PNG, over images.MAX_IMAGE_PIXELS, only kB on disk."""
-    assert 13000 * 11000 > images.MAX_IMAGE_PIXELS
+    """A 13000 x 11000 (143M pixel) PNG, over pictures.MAX_IMAGE_PIXELS, only kB on disk."""
+    assert 13000 * 11000 > pictures.MAX_IMAGE_PIXELS
     path = tmp_path_factory.mktemp("big") / "panorama.png"
     Image.new("1", (13000, 11000)).save(path)
     return path
@@ -231,11 +231,11 @@ def photo_over_limit(tmp_path_factory):
 
 def test_photo_over_the_pixel_limit_is_refused_with_value_error(photo_over_limit):
     with pytest.raises(ValueError, match="too large"):
-        images.load_rgb(photo_over_limit)
+        pictures.load_rgb(photo_over_limit)
 
 
 def test_split_check_names_a_photo_over_the_pixel_limit(photo_over_limit):
-    assert images.check_image(photo_over_limit).startswith("cannot be decoded")
+    assert pictures.check_image(photo_over_limit).startswith("cannot be decoded")
 
 
 def test_image_folder_skips_a_photo_over_the_pixel_limit_instead_of_crashing(

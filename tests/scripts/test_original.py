@@ -18,7 +18,7 @@ import torch
 import model as vgg
 from compress.checkpoints import load_checkpoint
 from compress.cli import UserError
-from compress.data import images
+from compress.data import images, pictures
 from compress.pruning import channels
 from compress.training import pretrained
 from helpers import (IMAGE_SIZE, CreatesFileWhenUnpickled, assert_clean_error, files_under,
@@ -27,6 +27,7 @@ from helpers import (IMAGE_SIZE, CreatesFileWhenUnpickled, assert_clean_error, f
 
 train = load_script("train")
 pruner = load_script("pruner")
+import_original = load_script("tools/import_original")
 
 
 def whole_module_as_the_original_saved_it(checkpoint_path, folder, name):
@@ -130,7 +131,7 @@ def test_the_bare_state_dict_computes_what_the_checkpoint_it_came_from_computes(
         model.load_state_dict(checkpoint["state_dict"])
         transform = images.eval_transform(checkpoint["image_size"], checkpoint["normalization"])
         with torch.no_grad():
-            outputs.append(model(torch.stack([transform(images.load_rgb(p)) for p in pictures])))
+            outputs.append(model(torch.stack([transform(pictures.load_rgb(p)) for p in pictures])))
     assert bare["class_names"] == ours["class_names"]
     assert torch.equal(*outputs)
 
@@ -185,7 +186,7 @@ def test_import_of_a_missing_file_says_so_first(tmp_path):
 
 def test_import_of_a_file_that_cannot_be_unpickled_is_refused_in_one_line(tmp_path):
     (tmp_path / "garbage.pth").write_bytes(b"\x80\x02 this is no pickle")
-    proc = run_script("tools/import_original.py", "garbage.pth", "--trust", cwd=tmp_path)
+    proc = run_in_process(import_original, "garbage.pth", "--trust", cwd=tmp_path)
     assert_clean_error(proc, "garbage.pth", "could not be unpickled")
     assert files_under(tmp_path) == ["garbage.pth"]
 
@@ -194,8 +195,8 @@ def test_import_never_overwrites_a_file_that_is_not_a_pipeline_checkpoint(origin
     for name in ("pruned_vgg16_net.pth", "vgg16Net.pth"):
         shutil.copy(original / name, tmp_path)
     before = (tmp_path / "vgg16Net.pth").read_bytes()
-    proc = run_script("tools/import_original.py", "pruned_vgg16_net.pth", "--trust",
-                      "--output", "vgg16Net.pth", cwd=tmp_path)
+    proc = run_in_process(import_original, "pruned_vgg16_net.pth", "--trust", "--output",
+                          "vgg16Net.pth", cwd=tmp_path)
     assert_clean_error(proc, "vgg16Net.pth", "refusing to overwrite")
     assert (tmp_path / "vgg16Net.pth").read_bytes() == before
 
@@ -209,7 +210,7 @@ def test_import_without_trust_refuses_and_runs_nothing(tmp_path):
 
 def test_import_of_a_pickle_that_is_not_a_model_is_refused_in_one_line(tmp_path):
     torch.save(["not", "a", "model"], tmp_path / "list.pth")
-    proc = run_script("tools/import_original.py", "list.pth", "--trust", cwd=tmp_path)
+    proc = run_in_process(import_original, "list.pth", "--trust", cwd=tmp_path)
     assert_clean_error(proc, "list.pth", "holds a list, not a VGG module")
     assert files_under(tmp_path) == ["list.pth"]
 
@@ -420,7 +421,7 @@ def test_training_from_imagenet_records_its_normalisation_for_every_later_stage(
     dog = {}
     for name, normalization in (("imagenet", images.IMAGENET_NORMALIZATION),
                                 ("original", images.ORIGINAL_NORMALIZATION)):
-        batch = images.eval_transform(IMAGE_SIZE, normalization)(images.load_rgb(picture))
+        batch = images.eval_transform(IMAGE_SIZE, normalization)(pictures.load_rgb(picture))
         with torch.no_grad():
             dog[name] = f"{100 * torch.softmax(model(batch[None]), dim=1)[0, 1].item():.1f}%"
     assert dog["imagenet"] != dog["original"]  # the control: the test can tell them apart

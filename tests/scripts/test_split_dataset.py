@@ -223,6 +223,19 @@ def test_a_failed_swap_puts_the_previous_split_back(tmp_path, demo_animals, earl
 
 # --- one-line errors -------------------------------------------------------
 
+def test_the_real_cli_splits_without_importing_torch(tmp_path, demo_animals):
+    """Splitting needs no torch: split_dataset.py starts in a fraction of a second, not in
+    the seconds torch and torchvision take to import."""
+    proc = run_script("split_dataset.py", "--source", demo_animals, cwd=tmp_path,
+                      env={"PYTHONPROFILEIMPORTTIME": 1})  # (python -X importtime)
+    assert proc.returncode == 0, proc.stderr
+    imported = {line.rsplit("|", 1)[-1].strip() for line in proc.stderr.splitlines()
+                if line.startswith("import time:")}
+    assert "compress.data.splitting" in imported  # (the list is there)
+    assert not {"torch", "torchvision", "nni"} & imported
+    assert len(list((tmp_path / "dataset").rglob("*.jpg"))) == 20
+
+
 def test_missing_source_is_a_one_line_error_from_the_real_cli(tmp_path):
     proc = run_script("split_dataset.py", "--source", "no_such_photos", cwd=tmp_path)
     assert_clean_error(proc, "no_such_photos", "not found")
