@@ -286,7 +286,8 @@ def measure_in(setup: SweepSetup, done: Sequence[SweepRow], report: str, target:
                dense_onnx: str | None) -> tuple[list[SweepRow], SweepRow]:
     """measure_candidates() in one runtime: (rows, dense row), each row the setting as it was made
     with the numbers as measured now; "path" stays its checkpoint, "file" is what ran."""
-    print(f"\nMeasuring the dense model and {len(done)} students as test.py --compare, "
+    students = f"{len(done)} student" + ("s" if len(done) != 1 else "")
+    print(f"\nMeasuring the dense model and {students} as test.py --compare, "
           f"{TARGETS[target].name} ...", flush=True)
     teacher, device = setup.teacher, setup.device
     files = [(teacher.path, target_file(teacher.path, target, dense_onnx))]
