@@ -9,7 +9,8 @@
 - (Ctrl-C, a crashing trial, a tuner that fails or runs out of settings:
   test_experiment_failures.py.)
 - Bad values (no budget, one-point search space, port taken, a YAML setting what
-  sweep.py sets) are one-line errors, with nothing left running.
+  sweep.py sets) are one-line errors, with nothing left running (run through sweep.py's
+  CLI edge in this process; the taken port through a process of its own).
 
 NNI's manifest of experiments lives in ~/nni-experiments: each run gets its own HOME.
 """
@@ -25,7 +26,8 @@ import pytest
 from compress.cli import CheckFailed, UserError
 from compress.sweep import experiment, nni_engine, plain, setting
 from helpers import (NNI_TINY, assert_clean_error, free_port, load_script, local_config,
-                     nni_env, port_is_free, processes_of, run_script, small_checkpoint)
+                     nni_env, port_is_free, processes_of, run_in_process, run_script,
+                     small_checkpoint)
 
 pytestmark = pytest.mark.slow  # (every test starts sweep.py, most of them NNI's manager)
 
@@ -196,11 +198,18 @@ def test_the_earlier_picks_copy_replaced_by_a_file_of_the_users_is_refused_not_r
 # --- refusals: one line, nothing started ---
 
 @pytest.fixture
-def teacher_folder(tmp_path):
+def teacher_folder(tmp_path, monkeypatch):
+    """A folder to be refused in, its own HOME for NNI's manifest (the refusals run sweep.py's
+    CLI edge in this process: nothing they test needs a process of their own)."""
     small_checkpoint(tmp_path / "vgg16Net.pth")
     for part in ("train", "val"):  # (class folders without pictures: nothing runs that far)
         (tmp_path / "dataset" / part / "cat").mkdir(parents=True)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
     return tmp_path
+
+
+def sweep_here(folder, *flags):
+    return run_in_process(sweep, *flags, cwd=folder)
 
 
 @pytest.mark.parametrize("flags, named", [
@@ -211,12 +220,11 @@ def teacher_folder(tmp_path):
     (["--max-drop", 1, "--sparsities", 0.5, 0.8, "--nni-config", "missing.yml"], "missing.yml"),
 ])
 def test_bad_engine_flags_are_one_line_errors(teacher_folder, flags, named):
-    proc = run_script("sweep.py", "--engine", "nni", *flags, cwd=teacher_folder,
-                      env=nni_env(teacher_folder / "home"))
-    assert_clean_error(proc, named)
+    assert_clean_error(sweep_here(teacher_folder, "--engine", "nni", *flags), named)
 
 
 def test_a_taken_port_is_a_one_line_error_and_starts_nothing(teacher_folder):
+    """(The one refusal that runs sweep.py as its own process, as a user's terminal does.)"""
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
@@ -241,9 +249,8 @@ def test_a_taken_port_is_a_one_line_error_and_starts_nothing(teacher_folder):
 ])
 def test_a_bad_nni_config_is_a_one_line_error(teacher_folder, yaml, named):
     (teacher_folder / "config.yml").write_text(yaml)
-    proc = run_script("sweep.py", "--engine", "nni", "--max-drop", 1, "--sparsities", 0.5, 0.8,
-                      "--nni-config", "config.yml", cwd=teacher_folder,
-                      env=nni_env(teacher_folder / "home"))
+    proc = sweep_here(teacher_folder, "--engine", "nni", "--max-drop", 1, "--sparsities", 0.5,
+                      0.8, "--nni-config", "config.yml")
     assert_clean_error(proc, "config.yml", named)
     assert processes_of(teacher_folder / "sweep") == []
 
@@ -272,9 +279,7 @@ def test_nni_config_settings_win_and_sweep_fills_the_rest(tmp_path):
 
 
 def test_a_trial_run_by_hand_is_refused(teacher_folder):
-    proc = run_script("sweep.py", "--nni-trial", "--max-drop", 1, cwd=teacher_folder,
-                      env=nni_env(teacher_folder / "home"))
-    assert_clean_error(proc, "--nni-trial")
+    assert_clean_error(sweep_here(teacher_folder, "--nni-trial", "--max-drop", 1), "--nni-trial")
 
 
 def test_plain_sweep_and_nni_experiment_do_not_share_a_folder(tmp_path):

@@ -12,7 +12,9 @@
   and stops as soon as every run's median is known well enough (else at max_repeats).
 
 The real sweep runs once per module from conftest's narrow_teacher (l1 at 0.5, 1
-distillation epoch, 2 to 3 timed runs), then twice more to resume it.
+distillation epoch, 2 to 3 timed runs), as its own process, then twice more to resume it;
+the later sweeps run through sweep.py's CLI edge in this process (a fresh interpreter spends
+seconds importing torch, NNI and the ONNX exporter).
 """
 import itertools
 import json
@@ -41,8 +43,12 @@ MEASURED = ["accuracy", "params", "flops", "file_bytes", "latency_ms", "latency_
             "throughput_ips", "path"]
 
 
-def run_sweep(folder, *sparsities, more=()):
-    proc = run_script(*SWEEP, "--sparsities", *sparsities, *more, cwd=folder)
+def run_sweep(folder, *sparsities, more=(), own_process=False):
+    """sweep.py through its CLI edge in this process (or in a process of its own, as a user
+    runs it: the module's first sweep)."""
+    flags = [*SWEEP[1:], "--sparsities", *sparsities, *more]
+    proc = (run_script("sweep.py", *flags, cwd=folder) if own_process
+            else run_in_process(sweep, *flags, cwd=folder))
     assert proc.returncode == 0, f"{proc.stdout}\n{proc.stderr}"
     return proc
 
@@ -78,7 +84,7 @@ def swept(narrow_teacher, tmp_path_factory):
     folder = tmp_path_factory.mktemp("sweep")
     shutil.copytree(narrow_teacher / "dataset", folder / "dataset")
     shutil.copy2(narrow_teacher / "vgg16Net.pth", folder / "vgg16Net.pth")
-    proc = run_sweep(folder, 0.5, more=["--tensorboard", "board"])
+    proc = run_sweep(folder, 0.5, more=["--tensorboard", "board"], own_process=True)
     return types.SimpleNamespace(folder=folder, proc=proc, rows=read_rows(folder),
                                  compared=read_rows(folder, "compare.json"),
                                  student=stamp(folder / "sweep" / "l1-0.5.pth"))
@@ -234,12 +240,10 @@ def extended(swept, resumed):
     """After those: a MobileNetV2 student and a one-step search of l1 added; then, with
     l1-0.7's student deleted, a run without --max-drop."""
     folder = swept.folder
-    more = run_script(*SWEEP, "--sparsities", 0.5, "--mobilenet-v2", "--search", "l1",
-                      "--search-steps", 1, cwd=folder)
-    assert more.returncode == 0, f"{more.stdout}\n{more.stderr}"
+    more = run_sweep(folder, 0.5, more=["--mobilenet-v2", "--search", "l1", "--search-steps", 1])
     rows = read_rows(folder)
     (folder / "sweep" / "l1-0.7.pth").unlink()
-    unbudgeted = run_script(*UNBUDGETED, "--sparsities", 0.5, cwd=folder)
+    unbudgeted = run_in_process(sweep, *UNBUDGETED[1:], "--sparsities", 0.5, cwd=folder)
     assert unbudgeted.returncode == 0, f"{unbudgeted.stdout}\n{unbudgeted.stderr}"
     return types.SimpleNamespace(more=more, rows=rows, unbudgeted=unbudgeted,
                                  rows_unbudgeted=read_rows(folder))
@@ -278,8 +282,7 @@ def test_target_pytorch_decides_by_the_checkpoints_and_exports_only_the_pick(nar
                                                                              tmp_path):
     shutil.copytree(narrow_teacher / "dataset", tmp_path / "dataset")
     shutil.copy2(narrow_teacher / "vgg16Net.pth", tmp_path / "vgg16Net.pth")
-    proc = run_script(*SWEEP, "--sparsities", 0.5, 0.7, "--target", "pytorch", cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr
+    proc = run_sweep(tmp_path, 0.5, 0.7, more=["--target", "pytorch"])
     rows = read_rows(tmp_path)
     assert all(row["file"] == row["path"] and row["target"] == "pytorch" for row in rows)
     assert "pytorch" not in rows[0] and "Decided by PyTorch" in proc.stdout
@@ -290,8 +293,7 @@ def test_target_pytorch_decides_by_the_checkpoints_and_exports_only_the_pick(nar
         f"{stem}.int8.onnx", f"{stem}.onnx"]
     assert f"the pick ships as {stem}.onnx and .int8.onnx" in proc.stdout
     # the same settings again, deciding by int8: nothing distilled, every student shipped
-    proc = run_script(*SWEEP, "--sparsities", 0.5, 0.7, cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr
+    proc = run_sweep(tmp_path, 0.5, 0.7)
     assert proc.stdout.count("done before") == 2 and "Decided by int8" in proc.stdout
     assert all(row["file"].endswith(".int8.onnx") for row in read_rows(tmp_path))
     assert len(list(tmp_path.glob("sweep/*.int8.onnx"))) == 3  # two students and the dense
@@ -537,9 +539,11 @@ def stepped(narrow_teacher, tmp_path_factory):
     folder = tmp_path_factory.mktemp("stepped")
     shutil.copytree(narrow_teacher / "dataset", folder / "dataset")
     small_checkpoint(folder / "vgg16Net.pth", architecture=MEDIUM)
-    proc = run_script(*UNBUDGETED, "--max-drop", 100, "--sparsities", 0.5, "--prune-steps", 1, 2,
-                      "--match-latency", "--kd-epochs", 2, "--target", "pytorch", cwd=folder,
-                      env={"XDG_CACHE_HOME": folder / "cache"})
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("XDG_CACHE_HOME", str(folder / "cache"))
+        proc = run_in_process(sweep, *UNBUDGETED[1:], "--max-drop", 100, "--sparsities", 0.5,
+                              "--prune-steps", 1, 2, "--match-latency", "--kd-epochs", 2,
+                              "--target", "pytorch", cwd=folder)
     assert proc.returncode == 0, f"{proc.stdout}\n{proc.stderr}"
     return types.SimpleNamespace(folder=folder, proc=proc, rows=read_rows(folder))
 

@@ -118,6 +118,19 @@ def test_test_py_reports_a_garbage_checkpoint_in_one_line(tmp_path):
     assert_clean_error(proc, path)
 
 
+def test_pruner_refuses_a_whole_pickled_module(tmp_path):
+    path, _ = make_bad_file("pickled_module", tmp_path)
+    proc = run_in_process(SCRIPTS["pruner"], "--weights", path.name, cwd=tmp_path)
+    assert_clean_error(proc, path.name, "nn.Module")
+
+
+def test_distillation_refuses_a_truncated_teacher(tmp_path):
+    path, _ = make_bad_file("truncated", tmp_path)
+    small_checkpoint(tmp_path / "pruned_vgg16_net.pth", kind="pruned")
+    proc = run_in_process(SCRIPTS["knowledge_distillation"], "--teacher", path.name, cwd=tmp_path)
+    assert_clean_error(proc, path.name, "truncated or corrupt")
+
+
 # --- the same through real subprocesses, a representative few ----------------
 
 def test_test_py_reports_a_missing_checkpoint_in_one_line(tmp_path):
@@ -133,25 +146,12 @@ def test_pruner_refuses_a_crafted_pickle_without_running_it(tmp_path):
     assert not (tmp_path / "pruned_vgg16_net.pth").exists()
 
 
-def test_pruner_refuses_a_whole_pickled_module(tmp_path):
-    path, _ = make_bad_file("pickled_module", tmp_path)
-    proc = run_script("pruner.py", "--weights", path.name, cwd=tmp_path)
-    assert_clean_error(proc, path.name, "nn.Module")
-
-
-def test_distillation_refuses_a_truncated_teacher(tmp_path):
-    path, _ = make_bad_file("truncated", tmp_path)
-    small_checkpoint(tmp_path / "pruned_vgg16_net.pth", kind="pruned")
-    proc = run_script("knowledge_distillation.py", "--teacher", path.name, cwd=tmp_path)
-    assert_clean_error(proc, path.name, "truncated or corrupt")
-
-
 # --- right file, wrong stage ----------------------------------------------------
 
 def test_dense_checkpoint_as_student_is_refused(pipeline, tmp_path):
     dense = pipeline.path("vgg16Net.pth")
-    proc = run_script("knowledge_distillation.py", "--teacher", dense, "--student", dense,
-                      "--data", pipeline.path("dataset"), cwd=tmp_path)
+    proc = run_in_process(SCRIPTS["knowledge_distillation"], "--teacher", dense, "--student",
+                          dense, "--data", pipeline.path("dataset"), cwd=tmp_path)
     message = assert_clean_error(proc, dense, "dense checkpoint")
     assert "pruned or finetuned" in message
     assert list(tmp_path.iterdir()) == []
@@ -159,8 +159,8 @@ def test_dense_checkpoint_as_student_is_refused(pipeline, tmp_path):
 
 def test_pruned_checkpoint_as_teacher_is_refused(pipeline, tmp_path):
     pruned = pipeline.path("pruned_vgg16_net.pth")
-    proc = run_script("knowledge_distillation.py", "--teacher", pruned, "--student", pruned,
-                      "--data", pipeline.path("dataset"), cwd=tmp_path)
+    proc = run_in_process(SCRIPTS["knowledge_distillation"], "--teacher", pruned, "--student",
+                          pruned, "--data", pipeline.path("dataset"), cwd=tmp_path)
     assert_clean_error(proc, pruned, "pruned checkpoint", "dense")
 
 
@@ -174,7 +174,7 @@ def test_pruner_refuses_an_already_pruned_checkpoint(tmp_path, kind):
 
 def test_pruner_cli_refuses_an_already_pruned_checkpoint(pipeline, tmp_path):
     pruned = pipeline.path("pruned_vgg16_net.pth")
-    proc = run_script("pruner.py", "--weights", pruned, cwd=tmp_path)
+    proc = run_in_process(SCRIPTS["pruner"], "--weights", pruned, cwd=tmp_path)
     assert_clean_error(proc, pruned, "pruned checkpoint")
 
 
@@ -201,8 +201,8 @@ def test_distillation_refuses_a_student_of_other_classes_than_its_teacher(tmp_pa
 
 
 def test_image_size_other_than_the_checkpoints_is_refused(pipeline, tmp_path):
-    proc = run_script("test.py", "--weights", pipeline.path("vgg16Net.pth"), "--image-size", 64,
-                      "--data", pipeline.path("dataset"), cwd=tmp_path)
+    proc = run_in_process(SCRIPTS["test"], "--weights", pipeline.path("vgg16Net.pth"),
+                          "--image-size", 64, "--data", pipeline.path("dataset"), cwd=tmp_path)
     assert_clean_error(proc, pipeline.path("vgg16Net.pth"), "32 px", "--image-size asks for 64 px")
 
 

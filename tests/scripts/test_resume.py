@@ -14,8 +14,9 @@ import pytest
 import torch
 
 from helpers import (IMAGE_SIZE, REPO, TRAIN_FLAGS, assert_clean_error, generate_demo, load_script,
-                     run_in_process, run_script, small_checkpoint)
+                     run_in_process, small_checkpoint)
 
+train, split_dataset = load_script("train"), load_script("split_dataset")
 FLAGS = ["--data", "../dataset", *TRAIN_FLAGS, "--epochs", 2, "--batch-size", 2, "--workers", 0,
          "--seed", 3]
 
@@ -32,7 +33,7 @@ def runs(tmp_path_factory):
     """
     root = tmp_path_factory.mktemp("resume")
     generate_demo(root / "photos", per_class=3)
-    split = run_script("split_dataset.py", "--source", "photos", "--ratio", "0.67", cwd=root)
+    split = run_in_process(split_dataset, "--source", "photos", "--ratio", "0.67", cwd=root)
     assert split.returncode == 0, split.stderr
     straight, stopped = root / "straight", root / "stopped"
     straight.mkdir()
@@ -129,7 +130,7 @@ def test_resumed_run_ends_exactly_where_an_uninterrupted_run_ends(runs):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
 def test_cuda_device_without_cuda_is_a_one_line_error(tmp_path):
-    proc = run_script("train.py", "--device", "cuda", cwd=tmp_path)
+    proc = run_in_process(train, "--device", "cuda", cwd=tmp_path)
     assert_clean_error(proc, "--device cuda", "CUDA")
     assert list(tmp_path.iterdir()) == []
 
@@ -230,9 +231,9 @@ def test_resumed_distillation_refuses_a_teacher_changed_in_place(distillation, t
 
 def test_fresh_run_refuses_to_overwrite_a_pending_interrupted_state(tmp_path):
     generate_demo(tmp_path / "photos", per_class=3)
-    assert run_script("split_dataset.py", "--source", "photos", cwd=tmp_path).returncode == 0
+    assert run_in_process(split_dataset, "--source", "photos", cwd=tmp_path).returncode == 0
     (tmp_path / "vgg16Net.state.pth").write_bytes(b"state of an interrupted run")
-    proc = run_script("train.py", *TRAIN_FLAGS, "--epochs", 1, "--workers", 0, cwd=tmp_path)
+    proc = run_in_process(train, *TRAIN_FLAGS, "--epochs", 1, "--workers", 0, cwd=tmp_path)
     assert_clean_error(proc, "vgg16Net.state.pth", "--resume")
     assert (tmp_path / "vgg16Net.state.pth").read_bytes() == b"state of an interrupted run"
     assert not (tmp_path / "vgg16Net.pth").exists()
@@ -241,9 +242,8 @@ def test_fresh_run_refuses_to_overwrite_a_pending_interrupted_state(tmp_path):
 def test_resume_with_other_flags_is_refused(runs, tmp_path):
     state = tmp_path / "copy.state.pth"
     torch.save(runs["state"], state)
-    proc = subprocess.run(
-        [sys.executable, str(REPO / "train.py"), *map(str, FLAGS[:-2]), "--seed", "4",
-         "--resume", str(state)], cwd=runs["stopped_dir"], capture_output=True, text=True)
+    proc = run_in_process(train, *FLAGS[:-2], "--seed", 4, "--resume", state,
+                          cwd=runs["stopped_dir"])
     assert_clean_error(proc, "--seed 3", "same flags")
 
 
@@ -252,6 +252,5 @@ def test_a_state_saved_by_an_older_version_is_refused_in_one_line(runs, tmp_path
     """States before /2 hold Adam's moments in another memory layout than the model now."""
     old = tmp_path / "old.state.pth"
     torch.save({"format": "vgg-prune-distill-state/1"}, old)
-    proc = subprocess.run(train_command("--resume", str(old)), cwd=runs["stopped_dir"],
-                          capture_output=True, text=True)
+    proc = run_in_process(train, *FLAGS, "--resume", old, cwd=runs["stopped_dir"])
     assert_clean_error(proc, str(old), "older version")
