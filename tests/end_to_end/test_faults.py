@@ -4,6 +4,8 @@ tmpfs mounted read-only), an output another run is writing, a --cache that canno
 
 Each case checks the exit status, the one line said, what is on disk afterwards (loads,
 or absent), and that what the stage read (the split, the checkpoints) is byte-identical.
+A refusal before any work runs the stage's CLI edge in this process (`here`); a stage
+that writes, is killed or holds a lock runs as a process of its own.
 Mounting needs root (as on CI); elsewhere the disk cases are skipped, saying why.
 """
 import contextlib
@@ -18,7 +20,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import REPO, assert_clean_error, run_script
+from helpers import REPO, assert_clean_error, load_script, run_in_process, run_script
+
+SCRIPTS = {}
+
+
+def here(stage, *args, cwd):
+    """`stage` (e.g. 'train.py') through its CLI edge in this process."""
+    name = stage[:-len(".py")]
+    SCRIPTS.setdefault(name, load_script(name))
+    return run_in_process(SCRIPTS[name], *args, cwd=cwd)
 
 pytestmark = pytest.mark.slow
 
@@ -87,7 +98,7 @@ def test_a_disk_too_small_is_refused_before_any_work_in_one_line(pipeline, input
     with mounted(tmp_path / "disk", 1) as disk:
         args = [str(a).replace("DISK", str(disk)) for a in args]
         started = time.monotonic()
-        proc = run_script(stage, *args, "--workers", 0, cwd=tmp_path)
+        proc = here(stage, *args, "--workers", 0, cwd=tmp_path)
         line = assert_clean_error(proc, named.replace("DISK", str(disk)), "needs about",
                                   "free", "nothing was started")
         assert files_in(disk) == [], line  # (not even an empty folder or a lock)
@@ -145,7 +156,7 @@ def test_a_read_only_output_folder_is_refused_before_any_work(inputs, tmp_path, 
     with mounted(tmp_path / "ro", 1, read_only=True) as folder:
         args = [str(a).replace("RO", str(folder)) for a in args]
         started = time.monotonic()
-        proc = run_script(stage, *args, cwd=tmp_path)
+        proc = here(stage, *args, cwd=tmp_path)
         assert_clean_error(proc, str(folder), "cannot write", "Read-only file system")
         assert files_in(folder) == []
     assert time.monotonic() - started < 60
@@ -221,8 +232,8 @@ def test_a_cache_that_cannot_fit_in_memory_is_refused_before_decoding(inputs, tm
     read, digest = inputs
     started = time.monotonic()
     # 16 training pictures of 3 x 34500^2 bytes: about 57 GB, more than this machine has
-    proc = run_script("train.py", "--cache", "--image-size", 30000, "--epochs", 1,
-                      "--output", "big.pth", cwd=tmp_path)
+    proc = here("train.py", "--cache", "--image-size", 30000, "--epochs", 1, "--output",
+                "big.pth", cwd=tmp_path)
     assert_clean_error(proc, "--cache", "of memory", "available", "pictures of")
     assert time.monotonic() - started < 60
     assert not (tmp_path / "big.pth").exists()
