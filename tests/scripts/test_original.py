@@ -124,14 +124,14 @@ def test_the_bare_state_dict_computes_what_the_checkpoint_it_came_from_computes(
                                                                                 pipeline):
     bare = load_checkpoint(str(original / "vgg16Net.pth"), image_size=IMAGE_SIZE)
     ours = load_checkpoint(str(pipeline.path("vgg16Net.pth")))
-    pictures = sorted((original / "dataset" / "val").rglob("*.jpg"))
+    files = sorted((original / "dataset" / "val").rglob("*.jpg"))
     outputs = []
     for checkpoint in (bare, ours):
         model = vgg.from_architecture(checkpoint["architecture"]).eval()
         model.load_state_dict(checkpoint["state_dict"])
         transform = images.eval_transform(checkpoint["image_size"], checkpoint["normalization"])
         with torch.no_grad():
-            outputs.append(model(torch.stack([transform(pictures.load_rgb(p)) for p in pictures])))
+            outputs.append(model(torch.stack([transform(pictures.load_rgb(p)) for p in files])))
     assert bare["class_names"] == ours["class_names"]
     assert torch.equal(*outputs)
 
