@@ -8,7 +8,10 @@ Writes DEST/train/<class>/...    a seeded random RATIO of each class's images
                                  export.py's check and sweep.py then report on test/
 
 Files that are not images (.DS_Store, Thumbs.db, notes) and images that cannot be
-decoded (empty, truncated, corrupt) are skipped and listed in a summary. The
+decoded (empty, truncated, corrupt) are skipped and listed in a summary. Copies of one
+photo (the same picture resized, re-encoded or recoloured, under another name: found by
+a perceptual hash) are kept in one part, so that no photo is validated or tested on a
+copy of itself that was trained on; the summary says how many. The
 source folder is only read, never changed. The new split is built beside DEST and
 swapped in when complete, so a re-run leaves no stale files and a failed run
 leaves the previous DEST as it was.
@@ -21,8 +24,8 @@ leaves the previous DEST as it was.
 import os
 
 from compress.cli import UserError, fraction, make_parser, run_cli
-from compress.data.splitting import (PARTS, check_destination, describe_skipped, scan, split,
-                                     write_split)
+from compress.data.splitting import (MARKER, PARTS, check_destination, describe_skipped,
+                                     duplicate_groups, scan, split, write_split)
 from compress.machine.resources import check_room, check_writable
 
 
@@ -51,15 +54,22 @@ def main(args):
     if args.ratio + args.test_ratio >= 1:
         raise UserError(f"--ratio {args.ratio:g} and --test-ratio {args.test_ratio:g} leave "
                         "nothing for val/: together they must stay below 1")
-    usable, skipped = scan(args.source, args.workers)
+    usable, skipped, hashes = scan(args.source, args.workers)
     if skipped:
         print(describe_skipped(skipped))
-    plan = split(usable, args.ratio, args.seed, args.test_ratio)
+    groups = duplicate_groups(hashes)
+    if groups:
+        print(f"Found {sum(map(len, groups))} pictures that are copies of another ({len(groups)} "
+              f"group(s), e.g. {' = '.join('/'.join(key) for key in groups[0][:2])}); each "
+              "group is kept in one part (listed in the destination's "
+              f"{os.path.basename(MARKER)})")
+    plan = split(usable, args.ratio, args.seed, args.test_ratio, groups)
     parts = PARTS if args.test_ratio else PARTS[:2]
     summary = {"source": os.path.abspath(args.source), "ratio": args.ratio, "seed": args.seed,
                "classes": {name: dict(zip(parts, map(len, files)))
                            for name, files in plan.items()},
-               "skipped": [[path, reason] for path, reason in skipped]}
+               "skipped": [[path, reason] for path, reason in skipped],
+               "copies": [["/".join(key) for key in group] for group in groups]}
     if args.test_ratio:
         summary["test_ratio"] = args.test_ratio
     check_room(args.dest, sum(os.path.getsize(os.path.join(args.source, name, file))

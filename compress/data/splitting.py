@@ -3,9 +3,12 @@
 - `check_destination()`: refuse a DEST that overlaps SOURCE or holds what this
   module did not write (a marker file lists what it wrote).
 - `scan()`: the usable pictures of each class (every one decoded once; files that
-  are not pictures, or do not decode, set aside with the reason).
+  are not pictures, or do not decode, set aside with the reason) and their perceptual
+  hashes.
+- `duplicate_groups()`: the pictures that are copies of each other (the same photo
+  resized, re-encoded or recoloured, under another name or in another class).
 - `split()`: a seeded split of each class into train/val (and test, if asked); the same
-  inputs always give the same split.
+  inputs always give the same split; each group of copies lands in one part.
 - `write_split()`: the split built beside DEST and swapped in whole; a failure (a
   full disk) leaves the previous DEST as it was.
 
@@ -22,13 +25,16 @@ from concurrent.futures import ThreadPoolExecutor
 from tqdm import tqdm
 
 from compress.cli import UserError
-from compress.data.pictures import check_image, find_classes, is_image_name
+import numpy as np
+
+from compress.data.pictures import find_classes, inspect_image, is_image_name
 
 MARKER = ".split_dataset.json"  # marks a folder this script made and may replace
 
 
-def scan(source: str, workers: int) -> tuple[dict, list]:
-    """{class: [usable file names]} and the skipped files as (path, reason)."""
+def scan(source: str, workers: int) -> tuple[dict, list, dict]:
+    """{class: [usable file names]}, the skipped files as (path, reason), and
+    {(class, file name): perceptual hash} of the usable ones."""
     if not os.path.isdir(source):
         raise UserError(f"{source}: folder not found (expected {source}/<class>/<images>, "
                         "one sub-folder per class)")
@@ -48,25 +54,63 @@ def scan(source: str, workers: int) -> tuple[dict, list]:
                 skipped.append((entry.path, "not an image"))
     paths = [os.path.join(source, c, f) for c, f in candidates]
     with ThreadPoolExecutor(max(1, workers)) as pool:  # PIL decodes without holding the GIL
-        problems = list(tqdm(pool.map(check_image, paths), total=len(paths),
+        verdicts = list(tqdm(pool.map(inspect_image, paths), total=len(paths),
                              desc="checking images", leave=False, disable=None))
-    usable = {name: [] for name in classes}
-    for (name, file), path, problem in zip(candidates, paths, problems):
+    usable, hashes = {name: [] for name in classes}, {}
+    for (name, file), path, (problem, picture_hash) in zip(candidates, paths, verdicts):
         if problem:
             skipped.append((path, problem))
         else:
             usable[name].append(file)
-    return usable, skipped
+            hashes[name, file] = picture_hash
+    return usable, skipped, hashes
+
+
+# Pictures whose hashes differ in at most this many of their 512 bits are copies. On the
+# flowers photos (docs/data.md) copies resized or re-encoded were 2-20 bits apart, edited
+# ones (recoloured, cropped a little) 34-46, the closest unrelated pair 68.
+DUPLICATE_BITS = 48
+
+
+def duplicate_groups(hashes: dict, max_bits: int = DUPLICATE_BITS) -> list[list]:
+    """Groups (sorted lists of `hashes`' keys) of pictures within `max_bits` of each other,
+    directly or through a chain of copies; pictures with no copy are in no group."""
+    keys = sorted(hashes)
+    if not keys:
+        return []
+    words = np.frombuffer(b"".join(hashes[key] for key in keys), dtype=np.uint64)
+    words = words.reshape(len(keys), -1)
+    parent = list(range(len(keys)))
+
+    def root(index):
+        while parent[index] != index:
+            parent[index] = parent[parent[index]]
+            index = parent[index]
+        return index
+    for start in range(0, len(keys), 512):  # 512 rows at a time: memory stays small
+        block = words[start:start + 512]
+        bits = sum(np.bitwise_count(block[:, None, word] ^ words[None, :, word]).astype(np.int32)
+                   for word in range(words.shape[1]))
+        for row, column in zip(*np.nonzero(bits <= max_bits)):
+            if column > start + row:
+                parent[root(start + row)] = root(int(column))
+    groups = {}
+    for index, key in enumerate(keys):
+        groups.setdefault(root(index), []).append(key)
+    return [group for group in groups.values() if len(group) > 1]
 
 
 PARTS = ("train", "val", "test")  # the folders a split may hold, in this order
 
 
-def split(usable: dict, train_ratio: float, seed: int, test_ratio: float = 0.0) -> dict:
+def split(usable: dict, train_ratio: float, seed: int, test_ratio: float = 0.0,
+          groups: list = ()) -> dict:
     """{class: (train files, val files, test files)}; the same inputs always give the same
     split. `test_ratio` of each class is held out for test/ (none by default), the rest
     beyond `train_ratio` goes to val/; with no test part, the split is the one this
-    function has always made."""
+    function has always made. Each of `groups` (lists of (class, file) that are copies of
+    each other) then joins the part of its first member, so that no picture is tested on
+    a copy of itself that was trained on."""
     result = {}
     for name, files in usable.items():
         shuffled = sorted(files)
@@ -81,8 +125,19 @@ def split(usable: dict, train_ratio: float, seed: int, test_ratio: float = 0.0) 
                             f"for {empty}; add more images to that class")
         # (val first, as before: without a test part the split is unchanged)
         val, test = shuffled[:n_val], shuffled[n_val:n_val + n_test]
-        result[name] = (sorted(shuffled[n_val + n_test:]), sorted(val), sorted(test))
-    return result
+        result[name] = (shuffled[n_val + n_test:], val, test)
+    part_of = {(name, file): part for name, parts in result.items()
+               for part, files in enumerate(parts) for file in files}
+    for first, *copies in groups:
+        for name, file in copies:
+            result[name][part_of[name, file]].remove(file)
+            result[name][part_of[first]].append(file)
+    for name, (train, val, test) in result.items():
+        if not (train and val and (test or not test_ratio)):
+            raise UserError(f"class {name!r}: its pictures are so often copies of each other "
+                            "that keeping each photo's copies in one part leaves a part empty; "
+                            "add more pictures to that class")
+    return {name: tuple(sorted(files) for files in parts) for name, parts in result.items()}
 
 
 def check_destination(source: str, dest: str, replace: bool = False) -> None:

@@ -65,12 +65,47 @@ def test_split_never_touches_source_folder(messy_split):
 
 
 def test_split_counts_follow_ratio_per_class(messy_split):
+    """12 usable pictures a class at 0.75: 9 and 3, give or take the copies kept together
+    (each class holds two pairs of copies: the split moves a copy to its pair's part)."""
     listing = split_listing(messy_split["dest"])
-    assert {k: len(v) for k, v in listing.items()} == {
-        "train/cat": 9, "train/dog": 9, "val/cat": 3, "val/dog": 3}
     for name in ("cat", "dog"):
-        assert not set(listing[f"train/{name}"]) & set(listing[f"val/{name}"])
-    assert "train 9" in " ".join(messy_split["proc"].stdout.split())
+        train, val = listing[f"train/{name}"], listing[f"val/{name}"]
+        assert len(train) + len(val) == 12 and abs(len(val) - 3) <= 1
+        assert not set(train) & set(val)
+    counts = {k: len(v) for k, v in listing.items()}
+    assert f"train {counts['train/cat']}" in " ".join(messy_split["proc"].stdout.split())
+
+
+COPIES = {"cat": [("cat_0001.jpg", "my cat 1.jpg"), ("cat_0002.jpg", "same.jpg")],
+          "dog": [("chien été ü.jpg", "dog_0001.jpg"), ("dog_0002.jpg", "same.jpg")]}
+
+
+def test_copies_of_a_photo_land_in_the_same_part_and_are_counted(messy_split):
+    listing = split_listing(messy_split["dest"])
+    part_of = {(key.split("/")[1], file): key.split("/")[0] for key, files in listing.items()
+               for file in files}
+    for name, pairs in COPIES.items():
+        for first, copy in pairs:
+            assert part_of[name, first] == part_of[name, copy], (name, first, copy)
+    assert "Found 8 pictures that are copies of another (4 group(s)" in messy_split["proc"].stdout
+    summary = json.loads((messy_split["dest"] / splitting.MARKER).read_text())
+    assert sorted(map(sorted, summary["copies"])) == sorted(
+        sorted(f"{name}/{file}" for file in pair) for name, pairs in COPIES.items()
+        for pair in pairs)
+
+
+def test_a_resized_reencoded_or_recoloured_copy_is_found_and_another_picture_is_not(tmp_path):
+    from PIL import Image, ImageEnhance
+
+    photos = generate_demo(tmp_path / "photos", per_class=6, size=128)
+    cat = photos / "cat"
+    original = Image.open(cat / "cat_0003.jpg")
+    original.resize((original.width // 2, original.height // 2)).save(cat / "small.jpg",
+                                                                        quality=60)
+    ImageEnhance.Color(original).enhance(0.3).save(cat / "faded.png")
+    usable, _, hashes = splitting.scan(str(photos), workers=1)
+    groups = splitting.duplicate_groups(hashes)
+    assert groups == [[("cat", "cat_0003.jpg"), ("cat", "faded.png"), ("cat", "small.jpg")]]
 
 
 def test_split_copies_every_usable_picture_byte_for_byte(messy_split):
@@ -112,7 +147,9 @@ def test_same_file_name_in_two_classes_lands_in_each_class(messy_split):
 def test_split_records_what_it_did_in_its_marker(messy_split):
     summary = json.loads((messy_split["dest"] / splitting.MARKER).read_text())
     assert summary["ratio"] == 0.75 and summary["seed"] == 0
-    assert summary["classes"] == {"cat": {"train": 9, "val": 3}, "dog": {"train": 9, "val": 3}}
+    listing = split_listing(messy_split["dest"])
+    assert summary["classes"] == {name: {part: len(listing[f"{part}/{name}"])
+                                         for part in ("train", "val")} for name in ("cat", "dog")}
     assert len(summary["skipped"]) == 5
 
 
