@@ -185,6 +185,7 @@ OPTIMIZERS = ("adam", "adamw", "sgd")
 KD_LOSSES = ("kl", "mse")
 TEMPERATURE, ALPHA = 8.0, 0.99  # the original demo's distillation
 SCHEDULES = ("constant", "cosine")
+MIXES = ("none", "mixup", "cutmix")  # a distillation's pictures mixed in pairs (data.Mixed)
 # accuracy points, 0 to 100 (--max-drop, --int8-max-drop)
 points = float_within(0, 100, "a number of accuracy points from 0 to 100", include_high=True,
                       include_low=True)
@@ -245,14 +246,21 @@ SHARED_FLAGS = {
                                   "feature map at the end of each VGG block, through a 1x1 "
                                   "adapter, matched to the teacher's (MSE); the teacher then "
                                   "runs on every picture. 0: off"),
+    "--mix": dict(choices=MIXES, default="none",
+                  help="function matching (Beyer et al., 2022): each training picture mixed "
+                       "with another of the epoch -- mixup blends the two, cutmix pastes a "
+                       "box of one into the other, the share drawn uniformly -- and the "
+                       "teacher answers the very picture the student sees (the labels' term "
+                       "takes both classes by their shares)"),
     "--label-smoothing": dict(type=float_within(0, 1, "from 0 to below 1", include_low=True),
                               default=0.0, help="of the cross-entropy on the labels"),
 }
 # the flags of a training recipe (training.recipe.Recipe), after --lr and --epochs
 RECIPE_FLAGS = ("--optimizer", "--weight-decay", "--schedule", "--warmup-epochs",
                 "--label-smoothing")
-# the flags of a distillation's loss (training.distillation.Distillation)
-DISTILLATION_FLAGS = ("--temperature", "--alpha", "--kd-loss", "--feature-weight")
+# the flags of a distillation: its loss (training.distillation.Distillation), and --mix, the
+# pairs of pictures the teacher and the student see (training.recipe.Recipe's mix)
+DISTILLATION_FLAGS = ("--temperature", "--alpha", "--kd-loss", "--feature-weight", "--mix")
 
 
 def add_shared_flags(parser: argparse.ArgumentParser, *names: str, **changes: dict) -> None:

@@ -4,6 +4,9 @@ by pictures.load_rgb()).
 - `train_transform()` / `eval_transform()` are the transforms of every stage.
 - `ImageFolder` reads `<root>/<class>/<image>`; `make_loader()` batches it;
   `training_loaders()` gives the two loaders both training stages use.
+- `Mixed`: each training picture mixed with another of the same epoch (mixup or cutmix),
+  the pair and the share drawn per (seed, epoch, index): a distillation's teacher and
+  student see the same mixed picture, and the teacher's store answers it by its key.
 """
 from __future__ import annotations
 
@@ -19,7 +22,7 @@ from PIL import Image
 from torchvision import transforms
 from tqdm import tqdm
 
-from compress.cli import UserError
+from compress.cli import MIXES, UserError
 from compress.data.pictures import find_classes, is_image_name, load_rgb
 from compress.machine.distributed import distributed
 from compress.machine.resources import check_memory
@@ -135,10 +138,11 @@ class ImageFolder(torch.utils.data.Dataset):
 
 
 class Keyed(torch.utils.data.Dataset):
-    """An ImageFolder whose items carry the (epoch, index) key they were drawn for: (image,
-    label, key), so a batch says which pictures it holds (the teacher's store reads by it)."""
+    """An ImageFolder (or a Mixed one) whose items carry the (epoch, index) key they were
+    drawn for: (image, label, key[, mix]), so a batch says which pictures it holds (the
+    teacher's store reads by it)."""
 
-    def __init__(self, dataset: ImageFolder):
+    def __init__(self, dataset: ImageFolder | Mixed):
         self.dataset = dataset
         self.class_names, self.samples = dataset.class_names, dataset.samples
 
@@ -147,29 +151,74 @@ class Keyed(torch.utils.data.Dataset):
 
     def __getitem__(self, key):
         epoch, index = key if isinstance(key, tuple) else (0, key)
-        image, label = self.dataset[key]
-        return image, label, torch.tensor([epoch, index])
+        image, label, *mix = self.dataset[key]
+        return image, label, torch.tensor([epoch, index]), *mix
+
+
+class Mixed(torch.utils.data.Dataset):
+    """An ImageFolder whose training pictures are each mixed with a partner of the same
+    epoch: (image, label, mix), `label` the class of the larger share and `mix` the tensor
+    [the other class, the share of `label`'s picture]. mixup blends the two pictures,
+    the share drawn uniformly; cutmix pastes a box of the partner, of a uniformly drawn
+    area (the share is what is left). The partner, the share and the box are drawn per
+    (seed, epoch, index), as the crops are: the same key always gives the same picture."""
+
+    def __init__(self, dataset: ImageFolder, kind: str):
+        if kind not in MIXES[1:]:
+            raise ValueError(f"mix {kind!r}: one of {MIXES[1:]}")
+        self.dataset, self.kind = dataset, kind
+        self.class_names, self.samples = dataset.class_names, dataset.samples
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key):
+        epoch, index = key if isinstance(key, tuple) else (0, key)
+        image, label = self.dataset[(epoch, index)]
+        draws = torch.Generator().manual_seed(hash((self.dataset.seed, epoch, index, 1))
+                                              & 0xFFFF_FFFF)
+        partner = int(torch.randint(len(self.dataset), (1,), generator=draws))
+        other, other_label = self.dataset[(epoch, partner)]
+        share = float(torch.rand(1, generator=draws))
+        if self.kind == "mixup":
+            image = share * image + (1 - share) * other
+        else:  # a box of the partner, (1 - share) of the area, anywhere on the picture
+            height, width = image.shape[1:]
+            box_h, box_w = round(height * (1 - share) ** 0.5), round(width * (1 - share) ** 0.5)
+            top = int(torch.randint(height - box_h + 1, (1,), generator=draws))
+            left = int(torch.randint(width - box_w + 1, (1,), generator=draws))
+            image = image.clone()
+            image[:, top:top + box_h, left:left + box_w] = \
+                other[:, top:top + box_h, left:left + box_w]
+            share = 1 - box_h * box_w / (height * width)
+        if share < 0.5:
+            label, other_label, share = other_label, label, 1 - share
+        return image, label, torch.tensor([other_label, share])
 
 
 def training_loaders(data: str, image_size: int, device: torch.device, *, batch_size: int,
                      workers: int | None = None, seed: int = 0, crop_scale: float = 0.08,
                      cache: bool = False, normalization: dict = ORIGINAL_NORMALIZATION,
-                     keyed: bool = False):
+                     keyed: bool = False, mix: str = "none", first_epoch: int = 0):
     """(train loader, val loader) of the split in `data`, as both training stages use them.
 
     The training order comes from an EpochSampler (seeded by `seed`, each process its
-    share under torchrun). With `cache`, training pictures are kept a little above the
-    training size, so random crops still have room. `keyed`: training batches are
-    (images, labels, keys), each key the (epoch, index) its picture was drawn for.
+    share under torchrun; its epochs counted from `first_epoch`, so that a run continuing
+    another sees the pictures of the epochs after it). With `cache`, training pictures
+    are kept a little above the training size, so random crops still have room. `keyed`
+    (implied by a `mix`): training batches are (images, labels, keys), each key the
+    (epoch, index) its picture was drawn for; `mix` (mixup, cutmix): each picture mixed
+    with another (Mixed), the batches (images, labels, keys, mixes).
     """
     train_set = ImageFolder(os.path.join(data, "train"),
                             train_transform(image_size, crop_scale, normalization), seed=seed,
                             cache_size=round(image_size * 1.15) if cache else None)
     rank, world = distributed()
-    sampler = EpochSampler(len(train_set), seed, rank=rank, world=world)
+    sampler = EpochSampler(len(train_set), seed, rank=rank, world=world, first_epoch=first_epoch)
     validation = val_set(data, image_size, train_set.class_names, cache, normalization)
-    return (make_loader(Keyed(train_set) if keyed else train_set, batch_size, workers, device,
-                        sampler),
+    training = Keyed(Mixed(train_set, mix)) if mix != "none" else \
+        Keyed(train_set) if keyed else train_set
+    return (make_loader(training, batch_size, workers, device, sampler),
             make_loader(validation, batch_size, workers, device, sampler=None))
 
 
@@ -196,15 +245,16 @@ class EpochSampler(torch.utils.data.Sampler):
 
     With several processes each rank takes every world-th index of the same
     order (padded so all ranks see as many batches). `set_epoch(epoch, skip)`
-    starts an epoch, skipping the first `skip` samples of a resumed one.
+    starts an epoch, skipping the first `skip` samples of a resumed one; the keys' epochs
+    are counted from `first_epoch` (a run continuing another's first_epoch epochs).
     """
 
-    def __init__(self, size, seed, shuffle=True, rank=0, world=1):
+    def __init__(self, size, seed, shuffle=True, rank=0, world=1, first_epoch=0):
         self.size, self.seed, self.shuffle, self.rank, self.world = size, seed, shuffle, rank, world
-        self.epoch, self.skip = 0, 0
+        self.first_epoch, self.epoch, self.skip = first_epoch, first_epoch, 0
 
     def set_epoch(self, epoch: int, skip: int = 0) -> None:
-        self.epoch, self.skip = epoch, skip
+        self.epoch, self.skip = self.first_epoch + epoch, skip
 
     def _order(self):
         if self.shuffle:

@@ -106,7 +106,7 @@ def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor
                       labels: torch.Tensor, temperature: float, alpha: float,
                       label_smoothing: float = 0.0, kd_loss: str = "kl") -> torch.Tensor:
     """The batch's mean distillation loss on the logits (see the module's docstring); KL
-    per picture."""
+    per picture. `labels`: class indices, or class probabilities (mixed pictures)."""
     if kd_loss == "mse":
         soft = F.mse_loss(student_logits, teacher_logits) * alpha
     else:  # (in this order: the original demo's losses, bit for bit)
@@ -115,6 +115,14 @@ def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor
                         reduction="batchmean") * alpha * temperature ** 2
     hard = F.cross_entropy(student_logits, labels, label_smoothing=label_smoothing)
     return soft + hard * (1 - alpha)
+
+
+def mixed_targets(labels: torch.Tensor, mixes: torch.Tensor, classes: int) -> torch.Tensor:
+    """The class probabilities of mixed pictures (data.Mixed): `labels` (the larger share's
+    class) and `mixes` ([the other class, the share of `labels`] per picture)."""
+    share = mixes[:, 1:].to(torch.float32)
+    other = F.one_hot(mixes[:, 0].long(), classes).to(share.device)
+    return share * F.one_hot(labels, classes) + (1 - share) * other
 
 
 def mobilenet_student(teacher_checkpoint: Checkpoint, pretrained: str | None = None,
@@ -197,14 +205,15 @@ def distil(teacher: torch.nn.Module, student: torch.nn.Module, loaders: tuple, d
     teacher_time = teacher_time or TeacherTime()
     answer = teacher_time(teacher)
 
-    def compute_loss(net, images, labels, keys=None):
+    def compute_loss(net, images, labels, keys=None, mixes=None):
         with torch.no_grad():
             teacher_logits = answer(images) if store is None else \
                 store.logits(images, keys, answer)
         logits = net(images)
         if weight:
             logits, adapted = logits
-        loss = distillation_loss(logits.float(), teacher_logits.float(), labels,
+        targets = labels if mixes is None else mixed_targets(labels, mixes, logits.shape[1])
+        loss = distillation_loss(logits.float(), teacher_logits.float(), targets,
                                  distillation.temperature, distillation.alpha,
                                  recipe.label_smoothing, distillation.kd_loss)
         if weight:

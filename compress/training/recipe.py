@@ -21,7 +21,7 @@ import math
 
 import torch
 
-from compress.cli import OPTIMIZERS, SCHEDULES, settings_from
+from compress.cli import MIXES, OPTIMIZERS, SCHEDULES, settings_from
 from compress.data.images import ORIGINAL_NORMALIZATION, training_loaders
 
 SGD_MOMENTUM = 0.9
@@ -45,6 +45,11 @@ class Recipe:
         schedule: one of cli.SCHEDULES: constant, or cosine (down to 0 at the last step).
         warmup_epochs: the rate rises linearly from near 0 over these epochs first.
         label_smoothing: of the cross-entropy on the labels.
+        mix: none, or mixup or cutmix of pairs of training pictures (data.Mixed; a
+            distillation's flag: the teacher answers the mixed picture the student sees).
+        first_epoch: the epochs of the pictures are counted from here: a run that
+            continues another for more epochs (a sweep's next stage) sees the pictures
+            that run would have seen next, and the teacher's store answers them by key.
     """
     epochs: int
     lr: float
@@ -59,11 +64,15 @@ class Recipe:
     schedule: str = "constant"
     warmup_epochs: float = 0.0
     label_smoothing: float = 0.0
+    mix: str = "none"
+    first_epoch: int = 0
 
     def __post_init__(self):
-        if self.optimizer not in OPTIMIZERS or self.schedule not in SCHEDULES:
+        if self.optimizer not in OPTIMIZERS or self.schedule not in SCHEDULES \
+                or self.mix not in MIXES:
             raise ValueError(f"optimizer {self.optimizer!r} (one of {OPTIMIZERS}), schedule "
-                             f"{self.schedule!r} (one of {SCHEDULES})")
+                             f"{self.schedule!r} (one of {SCHEDULES}), mix {self.mix!r} (one of "
+                             f"{MIXES})")
 
     @classmethod
     def from_args(cls, args: argparse.Namespace, **given: object) -> Recipe:
@@ -83,7 +92,8 @@ class Recipe:
         return training_loaders(data, image_size, device, batch_size=self.batch_size,
                                 workers=self.workers, seed=self.seed,
                                 crop_scale=self.crop_scale, cache=self.cache,
-                                normalization=normalization, keyed=keyed)
+                                normalization=normalization, keyed=keyed, mix=self.mix,
+                                first_epoch=self.first_epoch)
 
     def resume_settings(self, image_size: int) -> dict:
         """What a resumed run must keep of this recipe, or it would not continue exactly

@@ -8,7 +8,7 @@ logits do not depend on the batch around it).
 
 - `store_key()`: everything that decides the logits -- the teacher file's SHA-256, the
   training pictures (each file's name, size and modification time), the seed, image
-  size, crop scale, normalisation, --cache, --amp and the kind of device.
+  size, crop scale, --mix, normalisation, --cache, --amp and the kind of device.
 - `TeacherStore`: the logits of one key, in a file written atomically (4 bytes a class
   per picture and epoch: 29 KB for the demo's 5 epochs); `logits()` answers a batch,
   running the teacher only on the pictures it has not seen. A file of another key is
@@ -51,14 +51,15 @@ def pictures_fingerprint(samples: list[tuple[str, int]]) -> str:
 def store_key(teacher_sha256: str, dataset: torch.utils.data.Dataset, recipe: Recipe, *,
               image_size: int, normalization: dict, device: torch.device) -> dict:
     """Everything that decides the teacher's logits of a distillation's training pictures
-    (`dataset`: its data.ImageFolder) with `recipe` (its seed, crop scale, --cache and
-    --amp), the kind of device too (its kernels round differently; --amp acts on CUDA
+    (`dataset`: its data.ImageFolder) with `recipe` (its seed, crop scale, --mix, --cache
+    and --amp), the kind of device too (its kernels round differently; --amp acts on CUDA
     alone)."""
     return {"teacher_sha256": teacher_sha256, "pictures": pictures_fingerprint(dataset.samples),
             "count": len(dataset), "class_names": list(dataset.class_names),
             "seed": recipe.seed, "image_size": image_size, "crop_scale": recipe.crop_scale,
             "normalization": normalization, "cache": recipe.cache, "amp": recipe.amp,
-            "device": torch.device(device).type}
+            "device": torch.device(device).type,
+            **({"mix": recipe.mix} if recipe.mix != "none" else {})}
 
 
 def key_name(key: dict) -> str:
