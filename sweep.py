@@ -70,7 +70,7 @@ from compress.sweep import trial
 from compress.sweep.candidates import SweepSetup, Teacher
 from compress.sweep.experiment import SPARSITY_STEP, ExperimentPlan, run_experiment, search_space
 from compress.sweep.nni_engine import ASSESSOR, TUNER
-from compress.sweep.plain import run_sweep
+from compress.sweep.plain import pick_again, run_sweep
 from compress.sweep.setting import Setting, method_setting
 from compress.sweep.targets import TARGETS
 
@@ -105,26 +105,37 @@ def get_args_parser():
     parser.add_argument("--mobilenet-v2", action="store_true",
                         help="also distil a MobileNetV2 student (knowledge_distillation.py "
                              "--student-arch mobilenet_v2)")
-    parser.add_argument("--kd-epochs", type=positive_int, default=3,
-                        help="distillation epochs of each setting")
+    parser.add_argument("--kd-epochs", nargs="+", type=positive_int, default=[3], metavar="E",
+                        help="distillation epochs of each setting; several numbers: successive "
+                             "halving -- every setting distils for the first, then those whose "
+                             "paired difference from the dense model on val can still make "
+                             "--max-drop (at most half, the fastest first) continue for the next "
+                             "number of epochs, and so on (the learning-rate schedule planned "
+                             "again over each stage, the pictures going on where they stopped)")
     parser.add_argument("--lr", type=positive_float, default=1e-4,
                         help="distillation's learning rate (the peak one with --warmup-epochs "
                              "or --schedule cosine)")
     add_shared_flags(parser, *DISTILLATION_FLAGS)
     parser.add_argument("--max-drop", type=points, metavar="POINTS",
                         help="name the fastest model within POINTS of the dense accuracy")
+    parser.add_argument("--pick-again", action="store_true",
+                        help="with --max-drop: decide again from the finished sweep in "
+                             "--output-dir, by this budget and --target (pytorch, or the one it "
+                             "measured), from what it measured: nothing is distilled or timed "
+                             "again (seconds)")
     parser.add_argument("--search", type=method_setting, metavar="METHOD[:global]",
                         help="with --max-drop: bisect METHOD's sparsity for the largest within "
                              "the budget (each probe is a setting of its own)")
     parser.add_argument("--search-steps", type=int_within(1, "1 to 10", 10), default=4,
                         help="--search: sparsities tried (at most 10: 1/1024 apart)")
-    parser.add_argument("--target", choices=TARGETS, default="int8",
+    parser.add_argument("--target", choices=TARGETS,
                         help="what the models are measured as, and the pick decided by: "
                              + "; ".join(f"{name}: {target.measures}"
                                          for name, target in TARGETS.items())
                              + ". int8 and onnx export every candidate (and the dense model) as "
                                "export.py does, beside its .pth; pytorch exports the pick "
-                               "only")
+                               "only (default: int8; with --pick-again, what the sweep "
+                               "measured)")
     parser.add_argument("--output-dir", default="sweep", help="folder of the sweep's files")
     add_timing_args(parser, PRECISION)
     add_verbose_arg(parser)
@@ -166,7 +177,8 @@ def get_args_parser():
 # flags of the experiment as a whole, which no trial takes (a trial is one setting)
 EXPERIMENT_FLAGS = {"--help", "--methods", "--sparsities", "--prune-steps", "--mobilenet-v2",
                     "--latencies", "--speedups", "--match-latency", "--search",
-                    "--search-steps", "--engine", "--trials", "--port", "--host", "--nni-config"}
+                    "--search-steps", "--engine", "--trials", "--port", "--host", "--nni-config",
+                    "--pick-again"}
 # flags naming files: a trial gets them by absolute path (NNI runs trials in this folder)
 PATH_FLAGS = {"--data", "--weights", "--output-dir", "--tensorboard"}
 
@@ -202,12 +214,20 @@ def setup_of(args, methods=()):
 
 
 def main(args):
+    if args.target is None and not args.pick_again:
+        args.target = "int8"
     if args.nni_trial:  # (its experiment holds OUTPUT_DIR's lock; the trial writes trials/ID/)
         trial.check_run_by_nni()  # before the teacher is loaded
         return trial.run_trial(setup_of(args), args.output_dir, args.max_drop, args.concurrency)
     check_writable(args.output_dir, "--output-dir", folder=True)
     with output_lock(args.output_dir, "--output-dir", folder=True):
-        sweep(args)
+        if args.pick_again:
+            if args.max_drop is None:
+                raise UserError("--pick-again: needs --max-drop (the budget to decide by)")
+            pick_again(args.output_dir, args.max_drop, args.target, args.data, args.batch_size,
+                       args.seed)
+        else:
+            sweep(args)
 
 
 def latency_targets(args, setup):
@@ -252,6 +272,7 @@ def sweep(args):
             raise UserError("--engine nni: needs --max-drop (the budget of the objective)")
         for given, flag in ((args.search, "--search"), (args.mobilenet_v2, "--mobilenet-v2"),
                             (args.prune_steps != [1], "--prune-steps"),
+                            (len(args.kd_epochs) > 1, "several --kd-epochs (successive halving)"),
                             (args.latencies or args.speedups or args.match_latency,
                              "--latencies, --speedups and --match-latency")):
             if given:
@@ -267,6 +288,9 @@ def sweep(args):
                               os.path.dirname(os.path.abspath(__file__)))
     if args.search and args.max_drop is None:
         raise UserError("--search: needs --max-drop (the budget the sparsity must stay within)")
+    if args.search and len(args.kd_epochs) > 1:
+        raise UserError("--search: not with several --kd-epochs (each probe decides the next "
+                        "one by its own accuracy; successive halving decides between settings)")
     setup = setup_of(args, [method for method, _ in methods])
     if args.search and setup.teacher.checkpoint["metrics"].get("val_accuracy") is None:
         raise UserError(f"{args.weights}: records no validation accuracy to --search against")
@@ -275,9 +299,12 @@ def sweep(args):
         if any(global_ranking for _, global_ranking in methods):
             raise UserError("--prune-steps: each step keeps per-layer widths, which a global "
                             "ranking sets only as it ranks; drop :global")
-        if args.kd_epochs < max(args.prune_steps):
+        if len(args.kd_epochs) > 1:
+            raise UserError("--prune-steps: not with several --kd-epochs (successive halving "
+                            "continues one student; the steps prune it again)")
+        if args.kd_epochs[0] < max(args.prune_steps):
             raise UserError(f"--prune-steps {max(args.prune_steps)}: needs at least as many "
-                            f"--kd-epochs (got {args.kd_epochs}): each step distils for one "
+                            f"--kd-epochs (got {args.kd_epochs[0]}): each step distils for one "
                             "epoch or more")
     settings = [Setting(m, g, s, steps) for m, g in methods for s in args.sparsities
                 for steps in args.prune_steps]

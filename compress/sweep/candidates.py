@@ -1,4 +1,4 @@
-"""A sweep's candidates: what they share, how they are measured as they ship, which one wins.
+"""A sweep's candidates: what they share, and how they are measured as they ship.
 
 - `Teacher`: the dense checkpoint and its file's SHA-256, read once per run, refused
   now for what a stage would refuse later.
@@ -7,9 +7,7 @@
 - `measure_candidates()`: the students and the dense model measured together in the target
   runtime (targets.TARGETS: their int8 ONNX files by default), as test.py --compare
   measures, and in PyTorch beside it; the Pareto fronts marked.
-- `pick()` / `within_budget()` / `pareto()`: the decisions, on the target's numbers;
-  the accuracy budget counts from the dense model's accuracy in PyTorch (the model the
-  user has); `present()`: the table, sweep.png and the pick said in one line.
+  (The decision on them: decision.py.)
 """
 from __future__ import annotations
 
@@ -26,14 +24,14 @@ from compress.checkpoints import (Checkpoint, check_made_for, file_sha256, load_
 from compress.cli import UserError, resolve_device, settings_from
 from compress.data.images import ImageFolder, report_split
 from compress.measure.comparison import compare, load_model
-from compress.measure.intervals import PairedDifference, describe_difference, paired_difference
+from compress.measure.intervals import PairedDifference, paired_difference
 from compress.measure.reporting import save_comparison
 from compress.measure.timing import TimingPlan
 from compress.pruning.channels import check_rankable
 from compress.pruning.latency import RUNTIMES as LATENCY_RUNTIMES
 from compress.pruning.latency import LatencyModel, cached, load_or_build
-from compress.sweep.report import (SweepRow, in_pytorch, plot_sweep, print_sweep,
-                                   reference_accuracy)
+from compress.sweep.decision import SELECTION_SPLIT, mark_pareto
+from compress.sweep.report import SweepRow, in_pytorch
 from compress.sweep.targets import TARGETS, ship, target_file
 from compress.training.distillation import DISTILLATION_DEFAULTS, Distillation
 from compress.training.recipe import RECIPE_DEFAULTS, Recipe
@@ -46,9 +44,6 @@ EVALUATED = ("accuracy", "loss", "per_class_accuracy", "confusion", "count", "hi
 # the pytorch figures each row keeps beside the target's (sweep.json's "pytorch")
 PYTORCH_FIGURES = ("accuracy", "accuracy_low", "accuracy_high", "latency_ms", "latency_iqr_ms",
                    "throughput_ips", "file_bytes", "path", "split", "by_split")
-# a sweep decides on val (where the students were chosen epoch by epoch too) and reports
-# on test where the split holds one: the figures a user reads were never chosen on
-SELECTION_SPLIT = "val"
 
 
 @dataclasses.dataclass
@@ -90,12 +85,20 @@ class SweepSetup:
     target: str = "int8"
     store_dir: str | None = None  # where the teacher's logits are kept (None: not kept)
     tensorboard: str | None = None  # --tensorboard DIR
+    stages: tuple[int, ...] = ()  # --kd-epochs of each stage of successive halving (halving.py)
+
+    def __post_init__(self):
+        self.stages = tuple(self.stages) or (self.recipe.epochs,)
+        if self.stages[0] != self.recipe.epochs:
+            raise ValueError(f"the first stage's epochs {self.stages[0]} are not the recipe's "
+                             f"{self.recipe.epochs}")
 
     @classmethod
     def from_args(cls, args: argparse.Namespace, teacher: Teacher) -> SweepSetup:
         """The setup of sweep.py's flags, for `teacher` (read once by the caller)."""
         return settings_from(cls, args, teacher=teacher,
-                             recipe=Recipe.from_args(args, epochs=args.kd_epochs),
+                             recipe=Recipe.from_args(args, epochs=args.kd_epochs[0]),
+                             stages=tuple(args.kd_epochs),
                              distillation=Distillation.from_args(args),
                              device=resolve_device(args.device),
                              timing=TimingPlan.from_args(args), store_dir=args.output_dir)
@@ -183,48 +186,6 @@ def comparable_training(training: dict) -> dict:
     return upgraded
 
 
-def within_budget(accuracy: float, dense_accuracy: float, max_drop: float) -> bool:
-    """Whether `accuracy` is at most `max_drop` points below the dense model's (a student
-    exactly at the budget is within it, whatever the floating-point rounding)."""
-    return round(100 * (dense_accuracy - accuracy), 9) <= max_drop
-
-
-def pareto(rows: Sequence[SweepRow], key: str) -> set[str]:
-    """Names of the rows no other row beats in both `key` (lower) and accuracy (higher)."""
-    front, best = set(), -1.0
-    for row in sorted(rows, key=lambda r: (r[key], -r["accuracy"])):
-        if row["accuracy"] > best:
-            front.add(row["name"])
-            best = row["accuracy"]
-    return front
-
-
-def drop(row: SweepRow, dense: SweepRow) -> float:
-    """The points a measured row is below the dense model in PyTorch on the pictures the
-    sweep decides on: the paired difference (the same pictures, "budget"), or, for a row
-    measured before there were paired differences, the difference of the two accuracies."""
-    if "budget" not in row:
-        return 100 * (reference_accuracy(dense) - row["accuracy"])
-    return -100 * row["budget"]["difference"]
-
-
-def pick(rows: Sequence[SweepRow], dense: SweepRow, max_drop: float) -> SweepRow | None:
-    """The fastest row (batch-1 latency; fewer parameters on a tie) at most `max_drop` points
-    below the dense model in PyTorch, by the paired difference on val (drop()). Rows of
-    one architecture (the same parameters and FLOPs: l1-0.9 and taylor-0.9 keep the same
-    widths) are one network, whose latencies differ by timing noise alone: of them, the
-    most accurate counts."""
-    best_of_shape = {}
-    for row in rows:
-        if round(drop(row, dense), 9) <= max_drop:
-            shape = (row["params"], row.get("flops"))
-            if shape not in best_of_shape or \
-                    drop(row, dense) < drop(best_of_shape[shape], dense):
-                best_of_shape[shape] = row
-    return min(best_of_shape.values(), key=lambda r: (r["latency_ms"], r["params"]),
-               default=None)
-
-
 def measure_candidates(setup: SweepSetup, done: Sequence[SweepRow], report: str,
             output_dir: str) -> tuple[list[SweepRow], SweepRow]:
     """(rows, dense row): the students of `done` (rows with the "path" of their checkpoint,
@@ -251,10 +212,7 @@ def measure_candidates(setup: SweepSetup, done: Sequence[SweepRow], report: str,
             row.setdefault("accuracy_by_runtime", {})["pytorch"] = row["pytorch"]["accuracy"]
         row.setdefault("accuracy_by_runtime", {})[target] = row["accuracy"]
     add_predictions(setup, [dense, *rows])
-    for key in ("latency_ms", "params"):
-        front = pareto(rows, key)
-        for row in rows:
-            row[f"pareto_{key.split('_')[0]}"] = row["name"] in front
+    mark_pareto(rows)
     if setup.tensorboard:
         log_settings(setup.tensorboard, [dense, *rows])
     return rows, dense
@@ -327,48 +285,6 @@ def read_evaluation(path: str | None) -> dict | None:
         return metrics if set(metrics) == set(EVALUATED) and metrics["hits"] else None
     except (OSError, TypeError, ValueError):
         return None
-
-
-def present(rows: list[SweepRow], dense: SweepRow, max_drop: float | None,
-            output_dir: str) -> SweepRow | None:
-    """Mark, print and draw the measured rows; returns the row `max_drop` picks (or None)."""
-    chosen = pick(rows, dense, max_drop) if max_drop is not None else None
-    for row in rows:
-        row["picked"] = row is chosen
-    print_sweep(rows, dense)
-    plot_sweep(rows, dense, os.path.join(output_dir, "sweep.png"), max_drop)
-    if max_drop is not None:
-        reference = reference_accuracy(dense)
-        against = in_pytorch(dense)
-        print(f"--max-drop {max_drop:g} (decided on {SELECTION_SPLIT}): " + (
-            f"{chosen['name']} ({chosen['file']}): {chosen['accuracy']:.1%} on "
-            f"{chosen['split']} vs dense {reference:.1%} (PyTorch), "
-            f"{describe_difference(chosen['difference'])}, "
-            f"{dense['params'] / chosen['params']:.1f}x fewer "
-            f"parameters, {against['latency_ms'] / chosen['latency_ms']:.1f}x faster at batch "
-            f"1 and {against['file_bytes'] / chosen['file_bytes']:.1f}x smaller than the dense "
-            "model in PyTorch" if chosen else
-            f"no setting is within {max_drop:g} points of the dense {reference:.1%}"))
-        print_noise(rows, chosen, max_drop)
-    return chosen
-
-
-def print_noise(rows: Sequence[SweepRow], chosen: SweepRow | None, max_drop: float) -> None:
-    """Say where the budget's decision is within the noise: faster settings left out whose
-    interval on val still reaches the budget, and a pick whose interval crosses it."""
-    line = -max_drop / 100
-    rows = [row for row in rows if "budget" in row]
-    faster = [row for row in rows if row["budget"]["high"] >= line > row["budget"]["difference"]
-              and (chosen is None or row["latency_ms"] < chosen["latency_ms"])]
-    if faster:
-        print("Within the noise: " + ", ".join(
-            f"{row['name']} ({describe_difference(row['budget'])} on {SELECTION_SPLIT})"
-            for row in faster) + f" left out, though their intervals reach -{max_drop:g}: "
-            "more validation pictures would tell")
-    if chosen and "budget" in chosen and chosen["budget"]["low"] < line:
-        print(f"{chosen['name']}'s interval on {SELECTION_SPLIT} "
-              f"({describe_difference(chosen['budget'])}) reaches below -{max_drop:g}: it may "
-              "lose more than the budget")
 
 
 def save_rows(rows: Sequence[SweepRow], dense: SweepRow, path: str) -> None:

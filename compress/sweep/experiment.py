@@ -32,7 +32,8 @@ from compress.export.onnx_files import written_by_export
 from compress.machine import processes
 from compress.sweep import nni_engine
 from compress.sweep.candidates import (SweepSetup, comparable_training, measure_candidates,
-                                       present, save_rows, within_budget)
+                                       save_rows)
+from compress.sweep.decision import present, within_budget
 from compress.sweep.plain import read_report
 from compress.sweep.report import SweepRow
 from compress.sweep.setting import method_setting, setting_name

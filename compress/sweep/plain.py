@@ -26,12 +26,16 @@ from collections.abc import Sequence
 from compress.checkpoints import load_checkpoint, model_from_checkpoint, saved_bytes, write_json
 from compress.cli import Interrupted, UserError
 from compress.machine.resources import check_room
+from compress.checkpoints import output_path
+from compress.measure.intervals import describe_difference
 from compress.sweep.candidates import (SweepSetup, comparable_training, measure_candidates,
-                                      present, within_budget)
-from compress.sweep.report import SweepRow
+                                      paired, save_rows)
+from compress.sweep.decision import SELECTION_SPLIT, mark_pareto, present, within_budget
+from compress.sweep.halving import continue_setting, dense_hits, standing, survivors
+from compress.sweep.report import SweepRow, in_pytorch
 from compress.sweep.setting import Setting, check_outputs, prune_and_distil
 from compress.sweep.stepwise import prune_in_steps
-from compress.sweep.targets import target_accuracy
+from compress.sweep.targets import TARGETS, ship, target_accuracy
 from model import MOBILENET_V2, count_parameters
 
 
@@ -79,12 +83,13 @@ class Sweep:
         return (row is not None and os.path.isfile(self.student(name))
                 and comparable_training(row["training"]) == self.training)
 
-    def run(self, setting: Setting, position: str = "") -> SweepRow:
+    def run(self, setting: Setting, position: str = "", ship: bool = True) -> SweepRow:
         """Prune and distil one setting (unless done before); returns its row, its accuracy
-        that of the target runtime (in_target())."""
+        that of the target runtime (in_target()) if `ship`, else PyTorch's."""
         name = setting.name
         if self.done(name):
-            self.in_target(name)
+            if ship:
+                self.in_target(name)
             print(f"{name}: done before ({self.rows[name]['accuracy']:.1%}), not run again")
             return self.rows[name]
         started = time.perf_counter()
@@ -104,13 +109,99 @@ class Sweep:
                            "path": student,
                            "accuracy": checkpoint["metrics"]["val_accuracy"],
                            "params": count_parameters(model_from_checkpoint(checkpoint, student)),
-                           "training": self.training,
+                           "training": self.training, "epochs": self.setup.recipe.epochs,
+                           "stages": [{"epochs": self.setup.recipe.epochs}],
                            "minutes": round((time.perf_counter() - started) / 60, 2)}
         self.save()  # (a Ctrl-C while it is shipped must not lose the distillation)
-        self.in_target(name)
-        self.save()
+        if ship:
+            self.in_target(name)
+            self.save()
         self.print_progress()
         return self.rows[name]
+
+    def run_stages(self, names: list[str], max_drop: float | None) -> None:
+        """Successive halving (halving.py) of the settings `names`, distilled for the first
+        stage: after each stage the survivors continue for the next one's epochs. Each row
+        records its stages ("stages": each one's epochs, and after it the student's val
+        accuracy, paired difference from the dense model, multiply-adds and whether it
+        continued)."""
+        stages = self.setup.stages
+        reference = []
+
+        def stood(name, stage):  # the standing after `stage` stages, measured once
+            entry = self.rows[name]["stages"][stage - 1]
+            if "vs_dense" not in entry:
+                reference[:] = reference or dense_hits(self.setup)
+                entry.update(standing(self.setup, self.student(name), reference))
+                self.save()
+            return entry
+        for stage in range(1, len(stages)):
+            standings = {name: stood(name, stage) for name in names}
+            kept = survivors(standings, max_drop)
+            for name in names:
+                standings[name]["continued"] = name in kept
+            self.save()
+            print(f"\nAfter stage {stage} of {len(stages)} ({epochs_of(sum(stages[:stage]))}), "
+                  f"against the dense model on {SELECTION_SPLIT}: "
+                  + ", ".join(f"{name} {describe_difference(standings[name]['vs_dense'])}"
+                              for name in names)
+                  + f". {', '.join(kept)} continue{'s' if len(kept) == 1 else ''} for "
+                    f"{stages[stage]} epochs.", flush=True)
+            for number, name in enumerate(kept, 1):
+                row = self.rows[name]
+                if len(row["stages"]) > stage:  # (that stage ran before a resume)
+                    continue
+                print(f"\n=== {name} (stage {stage + 1} of {len(stages)}: {number} of "
+                      f"{len(kept)}) ===", flush=True)
+                started = time.perf_counter()
+                try:
+                    continue_setting(self.setup, self.student(name), stages, stage)
+                except Interrupted:
+                    raise Interrupted(f"Stopped while distilling {name} (stage {stage + 1}); its "
+                                      "state is saved: run the same sweep.py command again to "
+                                      "continue") from None
+                checkpoint = load_checkpoint(self.student(name), kinds=("finetuned",))
+                row["stages"].append({"epochs": stages[stage]})
+                row.update(accuracy=checkpoint["metrics"]["val_accuracy"],
+                           epochs=sum(stages[:stage + 1]),
+                           minutes=round(row["minutes"] + (time.perf_counter() - started) / 60, 2))
+                self.save()
+            names = kept
+        for name in names:  # (the last stage's standing: the table shows every stage)
+            stood(name, len(stages))
+
+    def trim_stages(self) -> None:
+        """Rows whose later stages ran with other epochs than this run's --kd-epochs go back
+        to their student after the stages that agree (NAME.stageK.pth), so that those stages
+        run again as asked; the copies of the stages after it are removed."""
+        plan = self.setup.stages
+        for name, row in self.rows.items():
+            done = row.setdefault("stages", [{"epochs": row.get("epochs",
+                                                                row["training"]["epochs"])}])
+            agree = 0
+            while agree < min(len(done), len(plan)) and done[agree]["epochs"] == plan[agree]:
+                agree += 1
+            if agree == len(done) or agree == 0:  # (0: another first stage, run again whole)
+                continue
+            student = self.student(name)
+            kept = output_path(student, f"stage{agree}.pth")
+            for path, copy in ((kept, student), (output_path(kept, "history.json"),
+                                                 output_path(student, "history.json"))):
+                if os.path.isfile(path):
+                    os.replace(path, copy)
+            for later in range(agree + 1, len(done)):
+                for path in (output_path(student, f"stage{later}.pth"),
+                             output_path(student, f"stage{later}.history.json")):
+                    if os.path.isfile(path):
+                        os.remove(path)
+            checkpoint = load_checkpoint(student, kinds=("finetuned",))
+            del done[agree:]
+            row.update(accuracy=checkpoint["metrics"]["val_accuracy"],
+                       epochs=sum(plan[:agree]))
+            self.shipped.discard(name)
+            print(f"{name}: back to its student after {sum(plan[:agree])} epochs (its later "
+                  "stages ran with other --kd-epochs)")
+        self.save()
 
     def in_target(self, name: str) -> None:
         """Setting `name`'s student shipped (unless the target is PyTorch, or its files are
@@ -191,11 +282,17 @@ def run_sweep(setup: SweepSetup, settings: Sequence[Setting], output_dir: str, *
     check_room(output_dir, students_bytes(setup, [s for s in settings if not sweep.done(s.name)]),
                "the settings' pruned models, students and ONNX files")
     os.makedirs(output_dir, exist_ok=True)
+    staged = len(setup.stages) > 1
+    epochs = (f"{epochs_of(setup.stages[0])} of distillation each, then successive halving "
+              "for " + " and ".join(map(str, setup.stages[1:])) + " more" if staged else
+              f"{epochs_of(setup.recipe.epochs)} of distillation each")
     print(f"Sweep of {len(settings)} settings{' and a search' if bisect else ''} from "
-          f"{setup.teacher.path}, {setup.recipe.epochs} distillation epochs each, into "
-          f"{output_dir}/", flush=True)
+          f"{setup.teacher.path}, {epochs}, into {output_dir}/", flush=True)
+    sweep.trim_stages()
     for number, setting in enumerate(settings, 1):
-        sweep.run(setting, f"setting {number} of {len(settings)}")
+        sweep.run(setting, f"setting {number} of {len(settings)}", ship=not staged)
+    if staged:
+        sweep.run_stages([setting.name for setting in settings], max_drop)
     if bisect:
         dense_accuracy = setup.teacher.checkpoint["metrics"]["val_accuracy"]
         found = bisect_sparsity(sweep, *bisect, dense_accuracy, max_drop, bisect_steps)
@@ -214,12 +311,71 @@ def run_sweep(setup: SweepSetup, settings: Sequence[Setting], output_dir: str, *
             if name not in left_out]
     rows, dense = measure_candidates(setup, done, os.path.join(output_dir, "compare.json"),
                                      output_dir)
-    chosen = present(rows, dense, max_drop, output_dir)
-    if chosen and setup.target == "pytorch":  # the pick ready to ship, as the others were not
-        setup.ship_student(chosen["path"])
+    shipped = present(rows, dense, max_drop, output_dir)
+    if shipped and setup.target == "pytorch":  # ready to ship, as the others were not
+        setup.ship_student(shipped["path"])
     sweep.rows = {row["name"]: row for row in rows}
     sweep.save(dense)
-    print(f"Saved {sweep.report} and {os.path.join(output_dir, 'sweep.png')}"
-          + (f"; the pick ships as {chosen['path'][:-len('.pth')]}.onnx and .int8.onnx"
-             if chosen else ""))
+    print_saved(output_dir, shipped)
     return rows, dense
+
+
+def epochs_of(count: int) -> str:
+    """'1 epoch', '5 epochs'."""
+    return f"{count} epoch{'' if count == 1 else 's'}"
+
+
+def print_saved(output_dir: str, shipped: SweepRow | None) -> None:
+    """The sweep's last line: what it wrote, and the files that ship."""
+    print(f"Saved {os.path.join(output_dir, 'sweep.json')} and "
+          f"{os.path.join(output_dir, 'sweep.png')}"
+          + (f"; {'the pick' if shipped['picked'] else 'over the budget, the run'} ships as "
+             f"{shipped['path'][:-len('.pth')]}.onnx and .int8.onnx" if shipped else ""))
+
+
+def pick_again(output_dir: str, max_drop: float, target: str | None, data: str,
+               batch_size: int = 32, seed: int = 0) -> SweepRow:
+    """sweep.py --pick-again: the rows of a finished sweep in `output_dir` decided again
+    with `max_drop` and `target` (None: the one it measured), from what it measured
+    (nothing distilled or timed again; a PyTorch pick is exported, as the sweep exports
+    it). Returns the row shipped."""
+    report = os.path.join(output_dir, "sweep.json")
+    try:
+        with open(report) as file:
+            stored = json.load(file)
+        [dense] = [row for row in stored if row.get("kind") == "dense"]
+        rows = [row for row in stored if row is not dense]
+        if not rows or not all("budget" in row and "latency_ms" in row for row in rows):
+            raise ValueError
+    except (OSError, ValueError, TypeError, AttributeError):
+        raise UserError(f"--pick-again: {report}: not the report of a finished sweep (run the "
+                        "sweep to its end first)") from None
+    measured = dense.get("target", "pytorch")
+    target = target or measured
+    if target != measured and (target != "pytorch" or "pytorch" not in dense):
+        raise UserError(f"--pick-again --target {target}: {report} measured "
+                        f"{TARGETS[measured].name}"
+                        + (" and PyTorch" if "pytorch" in dense else "")
+                        + f"; run the sweep with --target {target}")
+    reference = in_pytorch(dense)["by_split"]
+    dense, *rows = [in_runtime(row, target, reference, seed) for row in [dense, *rows]]
+    mark_pareto(rows)
+    shipped = present(rows, dense, max_drop, output_dir)
+    if target == "pytorch":
+        ship(shipped["path"], data=data, batch_size=batch_size, seed=seed)
+    save_rows(rows, dense, report)
+    print_saved(output_dir, shipped)
+    return shipped
+
+
+def in_runtime(row: SweepRow, target: str, reference: dict, seed: int) -> SweepRow:
+    """A row of sweep.json as `target` measured it (its "pytorch" figures for PyTorch where
+    the sweep measured another runtime), its paired differences from the dense model in
+    PyTorch (`reference`: its by_split figures) computed again from the stored hits."""
+    figures = dict(row)
+    if target == "pytorch" and "pytorch" in row:
+        figures.pop("pytorch")
+        figures.update(row["pytorch"], target="pytorch", file=row["pytorch"]["path"])
+    figures["difference"] = paired(reference, figures, figures["split"], seed)
+    figures["budget"] = paired(reference, figures, SELECTION_SPLIT, seed)
+    return figures

@@ -68,7 +68,8 @@ def print_sweep(rows: Sequence[SweepRow], dense: SweepRow) -> None:
     PyTorch, how many times faster and smaller than the dense model in PyTorch each is."""
     against = dense.get("pytorch")
     split = dense.get("split", "val")
-    header = (f"{'setting':<24}{split + ' acc [95%]':>22}{'vs dense [95%]':>23}{'params':>9}"
+    header = (f"{'setting':<24}{'epochs':>8}{split + ' acc [95%]':>22}{'vs dense [95%]':>23}"
+              f"{'params':>9}"
               f"{'x fewer':>8}{'FLOPs':>9}{'latency b=1':>13}{'IQR':>6}{'x faster':>9}"
               f"{'img/s b=32':>11}"
               + (f"{'x faster than':>14}{'x smaller':>10}" if against else ""))
@@ -80,7 +81,7 @@ def print_sweep(rows: Sequence[SweepRow], dense: SweepRow) -> None:
           + f"\n{header}\n{'-' * len(header)}")
     for row in [dense, *rows]:
         mark = "*" if row.get("picked") else "p" if row.get("pareto_latency") else ""
-        print(f"{row['name'][:21] + ' ' + mark:<24}{accuracy_cell(row):>22}"
+        print(f"{row['name'][:21] + ' ' + mark:<24}{epochs_cell(row):>8}{accuracy_cell(row):>22}"
               f"{difference_cell(row):>23}"
               f"{row['params'] / 1e6:>8.2f}M{dense['params'] / row['params']:>7.1f}x"
               f"{row['flops'] / 1e9:>8.3f}G{row['latency_ms']:>11.2f}ms"
@@ -103,39 +104,78 @@ def print_sweep(rows: Sequence[SweepRow], dense: SweepRow) -> None:
               + f"; largest error {max(map(abs, errors)):.0%}")
 
 
+def epochs_cell(row: SweepRow) -> str:
+    """A row's distillation epochs: '5+20' where successive halving continued it."""
+    stages = [stage["epochs"] for stage in row.get("stages") or []]
+    return "+".join(map(str, stages)) if stages else str(row.get("epochs", ""))
+
+
 def plot_sweep(rows: Sequence[SweepRow], dense: SweepRow, path: str,
                max_drop: float | None) -> None:
-    """Accuracy against latency and against parameters in the runtime that decided, the
-    Pareto front, the dense model and the --max-drop budget."""
+    """Two panels against the batch-1 latency in the runtime that decided: each setting's
+    paired difference from the dense model on val, where the --max-drop budget is decided
+    (drawn there); and each setting's accuracy on the split reported (test, where the split
+    has one), the Pareto front and the dense model marked."""
     plt = pyplot()
-    figure, axes = plt.subplots(1, 2, figsize=(13, 5))
-    for axis, key, label, scale in [(axes[0], "latency_ms", "latency, batch 1 (ms)", 1),
-                                    (axes[1], "params", "parameters (M)", 1e6)]:
-        front = sorted((r for r in rows if r[f"pareto_{key.split('_')[0]}"]), key=lambda r: r[key])
-        axis.plot([r[key] / scale for r in front], [100 * r["accuracy"] for r in front], "-",
-                  color="C1", label="Pareto front")
-        axis.errorbar([r[key] / scale for r in rows], [100 * r["accuracy"] for r in rows],
-                      yerr=errors(rows), fmt="none", ecolor="0.6", elinewidth=1, zorder=2)
-        axis.scatter([r[key] / scale for r in rows], [100 * r["accuracy"] for r in rows],
-                     color=["C1" if r in front else "C0" for r in rows], zorder=3)
-        axis.scatter([dense[key] / scale], [100 * dense["accuracy"]], marker="*", s=200,
+    figure, (decided, reported) = plt.subplots(1, 2, figsize=(13, 5.5))
+    latencies = [row["latency_ms"] for row in rows]
+    with_budget = [row for row in rows if "budget" in row]
+    if with_budget:
+        differences = [100 * row["budget"]["difference"] for row in with_budget]
+        decided.errorbar([row["latency_ms"] for row in with_budget], differences,
+                         yerr=[[d - 100 * row["budget"]["low"] for d, row in
+                                zip(differences, with_budget)],
+                               [100 * row["budget"]["high"] - d for d, row in
+                                zip(differences, with_budget)]],
+                         fmt="o", color="C0", ecolor="0.6", capsize=3, zorder=3)
+        for row, difference in zip(with_budget, differences):
+            decided.annotate(label_of(row), (row["latency_ms"], difference), fontsize=8,
+                             textcoords="offset points", xytext=(5, 4))
+    decided.axhline(0, color="0.6", linewidth=0.8)
+    if max_drop is not None:
+        decided.axhline(-max_drop, color="C3", linestyle=":", label=f"--max-drop {max_drop:g}")
+        decided.legend(loc="lower right", fontsize=8)
+    decided.set(ylabel="val accuracy minus the dense model's in PyTorch (points)",
+                title="Decided here: paired difference on val, 95% intervals")
+    front = sorted((row for row in rows if row.get("pareto_latency")),
+                   key=lambda row: row["latency_ms"])
+    reported.plot([row["latency_ms"] for row in front], [100 * row["accuracy"] for row in front],
+                  "-", color="C1", label="Pareto front")
+    reported.errorbar(latencies, [100 * row["accuracy"] for row in rows], yerr=errors(rows),
+                      fmt="o", color="C0", ecolor="0.6", capsize=3, zorder=3)
+    reported.scatter([dense["latency_ms"]], [100 * dense["accuracy"]], marker="*", s=200,
                      color="C3", zorder=3, label="dense")
-        if max_drop is not None:  # counted from the dense model's accuracy in PyTorch
-            axis.axhline(100 * reference_accuracy(dense) - max_drop, color="C3", linestyle=":",
-                         label=f"--max-drop {max_drop:g} (from the dense model in PyTorch; "
-                               "decided on val by the paired difference)")
-        for row in rows:
-            axis.annotate(row["name"] + (" (picked)" if row.get("picked") else ""),
-                          (row[key] / scale, 100 * row["accuracy"]), fontsize=8,
-                          textcoords="offset points", xytext=(4, 4))
-        axis.set_xscale("log")
-        axis.set(xlabel=label + " (log)",
-                 ylabel=f"{dense.get('split', 'val')} accuracy (%), 95% interval")
-        axis.legend()
-    figure.suptitle(f"Decided by {TARGETS[dense.get('target', 'pytorch')].name}: measured on "
+    for row in rows:
+        reported.annotate(label_of(row), (row["latency_ms"], 100 * row["accuracy"]), fontsize=8,
+                          textcoords="offset points", xytext=(5, 4))
+    split = dense.get("split", "val")
+    reported.set(ylabel=f"{split} accuracy (%), 95% interval",
+                 title=f"Reported: accuracy on {split}")
+    reported.legend(loc="lower right", fontsize=8)
+    for axis in (decided, reported):
+        log_latency_axis(axis)
+    figure.suptitle(f"Decided by {TARGETS[dense.get('target', 'pytorch')].name}, measured on "
                     f"{dense['device']} ({dense.get('cpu_class', '')}), {dense['threads']} "
-                    f"threads, {dense['image_size']} px")
+                    f"threads, {dense['image_size']} px", fontsize=10)
     save_figure(figure, path)
+
+
+def label_of(row: SweepRow) -> str:
+    """A point's label: its name, its epochs where they were staged, and its decision."""
+    stages = [stage["epochs"] for stage in row.get("stages") or []]
+    return (row["name"] + (f" ({'+'.join(map(str, stages))} ep.)" if len(stages) > 1 else "")
+            + (" picked" if row.get("picked") else " shipped" if row.get("shipped") else ""))
+
+
+def log_latency_axis(axis) -> None:
+    """A log latency axis labelled at 1, 2, 5 x 10^k ms only (no crowded minor labels)."""
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+    axis.set_xscale("log")
+    axis.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    axis.xaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
+    axis.xaxis.set_minor_formatter(NullFormatter())
+    axis.set_xlabel("latency at batch 1 (ms, log scale)")
 
 
 def errors(rows: Sequence[SweepRow]) -> list[list[float]]:

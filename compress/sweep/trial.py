@@ -15,8 +15,8 @@ import signal
 import torch
 
 from compress.cli import Interrupted, UserError
-from compress.sweep.candidates import (SELECTION_SPLIT, SweepSetup, measure_candidates,
-                                      within_budget)
+from compress.sweep.candidates import SweepSetup, measure_candidates
+from compress.sweep.decision import SELECTION_SPLIT, within_budget
 from compress.sweep.experiment import objective
 from compress.sweep.setting import Setting, method_setting, prune_and_distil
 from compress.sweep.report import reference_accuracy

@@ -31,7 +31,7 @@ import torchvision
 from compress.export import onnx_files
 from compress.measure import timing
 from compress.measure.evaluation import count_flops
-from compress.sweep import candidates, plain
+from compress.sweep import decision, plain
 from helpers import (MEDIUM, assert_clean_error, files_under, load_script, run_in_process,
                      run_script, small_checkpoint)
 
@@ -313,40 +313,40 @@ DENSE = {"name": "dense", "accuracy": 0.90}
 @pytest.mark.parametrize("max_drop, name", [(100, "fast"), (50, "fast"), (39, "mid"),
                                             (2.5, "mid"), (1, "slow"), (0, "slow")])
 def test_pick_takes_the_fastest_row_within_max_drop_points(max_drop, name):
-    assert candidates.pick(ROWS, DENSE, max_drop)["name"] == name
+    assert decision.pick(ROWS, DENSE, max_drop)["name"] == name
 
 
 def test_pick_prefers_fewer_parameters_between_equally_fast_rows():
     rows = [row("big", 2.0, 0.9, 40), row("small", 2.0, 0.9, 20), row("slower", 3.0, 0.9, 1)]
-    assert candidates.pick(rows, DENSE, 1)["name"] == "small"
+    assert decision.pick(rows, DENSE, 1)["name"] == "small"
 
 
 def test_pick_takes_the_most_accurate_of_rows_of_one_architecture():
     """l1-0.9 and taylor-0.9 have the same widths: 0.68 against 0.69 ms is timing noise."""
     rows = [row("l1", 0.68, 0.962, 10), row("taylor", 0.69, 0.992, 10), row("other", 1.0, 1, 20)]
-    assert candidates.pick(rows, DENSE, 5)["name"] == "taylor"
-    assert candidates.pick(rows, DENSE, 5) is rows[1]
-    assert candidates.pick(rows[:1] + rows[2:], DENSE, 5)["name"] == "l1"  # still the fastest
+    assert decision.pick(rows, DENSE, 5)["name"] == "taylor"
+    assert decision.pick(rows, DENSE, 5) is rows[1]
+    assert decision.pick(rows[:1] + rows[2:], DENSE, 5)["name"] == "l1"  # still the fastest
 
 
 def test_pick_gives_none_when_no_row_is_within_the_budget():
-    assert candidates.pick(ROWS, {"accuracy": 1.0}, 5) is None
+    assert decision.pick(ROWS, {"accuracy": 1.0}, 5) is None
 
 
 def test_a_row_exactly_max_drop_points_below_the_dense_model_is_within_the_budget():
-    assert candidates.pick([row("edge", 1.0, 17 / 20, 10)], {"accuracy": 18 / 20}, 5) is not None
+    assert decision.pick([row("edge", 1.0, 17 / 20, 10)], {"accuracy": 18 / 20}, 5) is not None
 
 
 def test_the_budget_counts_from_the_dense_models_accuracy_in_pytorch():
     """With an int8 target, a dense int8 file that lost points must not widen the budget."""
     dense = dict(DENSE, accuracy=0.5, pytorch={"accuracy": 0.9})
-    assert candidates.pick(ROWS, dense, 1)["name"] == "slow"  # ("fast", counted from 0.5)
+    assert decision.pick(ROWS, dense, 1)["name"] == "slow"  # ("fast", counted from 0.5)
 
 
 def test_pareto_keeps_the_rows_no_other_row_beats_in_both_measures():
     # beaten: slower and worse than mid; fast: bigger than beaten
-    assert candidates.pareto(ROWS, "latency_ms") == {"fast", "mid", "slow"}
-    assert candidates.pareto(ROWS, "params") == {"beaten", "mid", "slow"}
+    assert decision.pareto(ROWS, "latency_ms") == {"fast", "mid", "slow"}
+    assert decision.pareto(ROWS, "params") == {"beaten", "mid", "slow"}
 
 
 class Prober:

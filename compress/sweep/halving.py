@@ -1,0 +1,122 @@
+"""Successive halving: every setting distilled briefly, the promising ones for longer.
+
+`sweep.py --kd-epochs 4 12`: stage 1 distils every setting for 4 epochs. Then each
+student is compared with the dense model on the val pictures (a paired difference, in
+PyTorch); the settings whose interval still reaches the --max-drop budget continue, at
+most half of them (rounded up), the cheapest to run first (fewest multiply-adds: they
+save the most time), for 12 epochs more; the others stop where they are and stay
+candidates. (Without --max-drop, the more accurate half continues.) A continued stage
+starts from the stage before's best student with the learning-rate schedule planned
+again over its own epochs (its warm-up, then its cosine down to 0: each stage ends
+annealed, so the decision after it compares settled students), and sees the pictures
+of the epochs after those it has seen (Recipe.first_epoch): one store of the teacher's
+answers serves every stage of every setting. docs/photos.md measures a continued run
+against one planned at the full length from the start.
+
+- `stage_recipe()`: the recipe of a stage.
+- `standing()`: a student's paired difference on val from the dense model, and its cost.
+- `survivors()`: which settings continue.
+- `continue_setting()`: one setting's next stage: its student so far kept as
+  NAME.stageK.pth (and its history beside it), the next stage's written to NAME.pth.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import shutil
+
+import torch
+
+from compress.checkpoints import load_checkpoint, model_from_checkpoint, output_path, write_json
+from compress.measure.comparison import load_model, split_loader
+from compress.measure.evaluation import count_flops, evaluate
+from compress.measure.intervals import PairedDifference, paired_difference
+from compress.sweep.candidates import SweepSetup, read_evaluation
+from compress.sweep.decision import SELECTION_SPLIT
+from compress.training.distillation import distil_checkpoint
+from compress.training.recipe import Recipe
+
+
+def stage_recipe(recipe: Recipe, stages: list[int], stage: int) -> Recipe:
+    """The recipe of `stage` (from 0) of `stages` (epochs each): `recipe` for its epochs,
+    its pictures those of the epochs after the stages before."""
+    return dataclasses.replace(recipe, epochs=stages[stage], first_epoch=sum(stages[:stage]))
+
+
+def dense_hits(setup: SweepSetup) -> list[int]:
+    """Which val pictures the dense model gets right in PyTorch (kept in the sweep's folder
+    beside the measurements, so a resumed sweep does not evaluate it again)."""
+    teacher = setup.teacher
+    path = setup.dense_evaluation(teacher.path, teacher.checkpoint, SELECTION_SPLIT)
+    known = read_evaluation(path)
+    if known:
+        return known["hits"]
+    model = model_from_checkpoint(teacher.checkpoint, teacher.path).to(setup.device).eval()
+    metrics = val_metrics(setup, teacher.checkpoint, teacher.path, model)
+    if path:
+        write_json(metrics, path)
+    return metrics["hits"]
+
+
+def val_metrics(setup: SweepSetup, checkpoint: dict, path: str,
+                model: torch.nn.Module) -> dict:
+    """evaluate() of `model` (the checkpoint at `path`) on the val pictures, as the
+    candidates are measured (compare.json keeps the same figures)."""
+    loader = split_loader(setup.data, checkpoint, path, setup.device, setup.recipe.batch_size,
+                          setup.recipe.workers, SELECTION_SPLIT)
+    metrics = evaluate(model, loader, setup.device, len(checkpoint["class_names"]))
+    return {key: metrics[key] for key in ("accuracy", "loss", "per_class_accuracy", "confusion",
+                                          "count", "hits")}
+
+
+def standing(setup: SweepSetup, student: str, reference: list[int]) -> dict:
+    """The student at `student` after a stage: its val accuracy in PyTorch, its paired
+    difference from the dense model's `reference` hits ("vs_dense"), and its multiply-adds
+    per picture ("flops": what it costs to run)."""
+    checkpoint, model = load_model(student, setup.device)
+    metrics = val_metrics(setup, checkpoint, student, model)
+    difference: PairedDifference = paired_difference(reference, metrics["hits"],
+                                                     setup.timing.seed)
+    return {"val_accuracy": metrics["accuracy"], "vs_dense": difference,
+            "flops": count_flops(model.cpu(), checkpoint["image_size"], setup.verbose)[0]}
+
+
+def survivors(standings: dict[str, dict], max_drop: float | None) -> list[str]:
+    """The names (of {name: standing()}) that continue: at most half, rounded up; with a
+    budget those whose interval reaches it, the cheapest first (none reaches it: the
+    most accurate alone, so that the run still grows its best); without one, the most
+    accurate."""
+    keep = math.ceil(len(standings) / 2)
+    by_accuracy = sorted(standings, key=lambda name: -standings[name]["vs_dense"]["difference"])
+    if max_drop is None:
+        return by_accuracy[:keep]
+    reach = [name for name in standings
+             if round(100 * standings[name]["vs_dense"]["high"], 9) >= -max_drop]
+    reach.sort(key=lambda name: (standings[name]["flops"], name))
+    return reach[:keep] or by_accuracy[:1]
+
+
+def continue_setting(setup: SweepSetup, student: str, stages: list[int], stage: int) -> None:
+    """Distil the student at `student` (NAME.pth, after `stage` stages) for the epochs of
+    stage `stage` (from 0): it is kept first as NAME.stageK.pth (K = `stage`, its history
+    as NAME.stageK.history.json), the new stage's best student written to NAME.pth. A stage
+    stopped by Ctrl-C continues from its state file."""
+    teacher = setup.teacher
+    before = output_path(student, f"stage{stage}.pth")
+    state = output_path(student, "state.pth")
+    resume = state if os.path.isfile(state) else None
+    if not os.path.isfile(before):  # (once: NAME.pth is then the new stage's)
+        for path, copy in ((output_path(student, "history.json"),
+                            output_path(before, "history.json")), (student, before)):
+            if os.path.isfile(path):
+                shutil.copy2(path, copy + ".part")
+                os.replace(copy + ".part", copy)
+    checkpoint = load_checkpoint(before, kinds=("finetuned",))
+    recipe = stage_recipe(setup.recipe, stages, stage)
+    torch.manual_seed(recipe.seed)  # dropout's draws, as knowledge_distillation.py seeds them
+    distil_checkpoint(teacher.checkpoint, teacher.path, checkpoint, before, data=setup.data,
+                      output=student, recipe=recipe, distillation=setup.distillation,
+                      device=setup.device, teacher_sha256=teacher.sha256, resume=resume,
+                      teacher_cache=setup.teacher_cache(checkpoint["image_size"]),
+                      tensorboard=setup.tensorboard)
