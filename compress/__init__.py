@@ -37,11 +37,14 @@ every module).
     training.distillation  a student learns from the dense teacher
     sweep.targets          what a sweep decides by: a candidate as the file that would ship
     sweep.report           a sweep's table and figure, against the dense model
-    sweep.candidates       a sweep's candidates: their setup, measured together, the pick
+    sweep.decision         what a sweep decides: the pick within the budget, or what ships
+    sweep.candidates       a sweep's candidates: their setup, measured together as they ship
     sweep.setting          one setting of a sweep, pruned and distilled from the teacher
     sweep.stepwise         iterative pruning: a sparsity reached in prune-then-distil steps
+    sweep.halving          successive halving: every setting briefly, the promising for longer
     sweep.plain            the plain sweep: settings pruned, distilled, shipped, measured
     sweep.nni_engine       NNI 3.0's experiment engine, and five mends of it
     sweep.experiment       the sweep as an NNI experiment: launched and followed
     sweep.trial            one trial of that experiment, as NNI runs it
+    measure.result_page    what a photo run bought, for a person: RESULT.md and result.png
 """

@@ -139,7 +139,7 @@ class StopRequest:
 def amp_context(device: torch.device, enabled: bool, say: Callable = print):
     """(autocast context, GradScaler or None): on CUDA bf16 where supported, else fp16 with a
     scaler; on a CPU that computes bfloat16 natively (cpu.native_bf16) bf16; on another CPU
-    none, and `say` is told why in one line."""
+    none. On a CPU, `say` is told in one line which it is."""
     if not enabled:
         return contextlib.nullcontext(), None
     if device.type == "cpu":
@@ -149,6 +149,8 @@ def amp_context(device: torch.device, enabled: bool, say: Callable = print):
                 "computes bfloat16 (AMX or AVX512-BF16), and emulated bf16 is slower than "
                 "fp32; training runs in fp32", file=sys.stderr)
             return contextlib.nullcontext(), None
+        say(f"--amp: bf16 autocast on this CPU ({read_cpuinfo()[0] or 'unknown'}: {unit}); "
+            "weights and the optimizer stay in fp32")
         return torch.autocast("cpu", dtype=torch.bfloat16), None
     if device.type != "cuda":
         return contextlib.nullcontext(), None

@@ -35,13 +35,13 @@ def test_plan_and_workdir_need_photos(tmp_path):
 
 
 def test_plan_says_what_will_run_and_how_long_and_runs_nothing(tmp_path, monkeypatch):
-    rates = {}  # (the training speed measured here: 1000 pictures/s for the teacher)
+    shares = []  # (the speeds measured here: 1000 training, 3000 answering pictures/s)
 
-    def speed(widths_share, steps=3):
-        rates[widths_share] = 1000 / widths_share ** 2
-        return rates[widths_share]
+    def speeds(widths_share, steps=3):
+        shares.append(widths_share)
+        return 1000 / widths_share ** 2, 3000 / widths_share ** 2
 
-    monkeypatch.setattr(demo, "training_speed", speed)
+    monkeypatch.setattr(demo, "speeds", speeds)
     generate_demo(tmp_path / "photos", per_class=5)
     proc = run_in_process(demo, "--photos", "photos", "--plan", "--workdir", "run",
                           cwd=tmp_path)
@@ -50,11 +50,29 @@ def test_plan_says_what_will_run_and_how_long_and_runs_nothing(tmp_path, monkeyp
     for stage in ("1. split", "2. train the dense teacher", "3. sweep and pick", "4. compare"):
         assert stage in proc.stdout
     assert "--test-ratio 0.2" in proc.stdout and "In all about" in proc.stdout
-    assert sorted(round(share, 6) for share in rates) == \
+    assert "--kd-epochs " + " ".join(map(str, demo.KD_STAGES)) in proc.stdout
+    assert sorted(round(share, 6) for share in shares) == \
         sorted([1.0, *(round(1 - s, 6) for s in demo.SPARSITIES)])
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize("unit, amp, said", [
+    (None, False, "fp32 (this CPU computes no bfloat16)"),
+    ("AVX512-BF16", False, "fp32; --amp would train under bf16 autocast on its AVX512-BF16"),
+    ("AMX (amx_bf16)", True, "--amp: bf16 autocast on its AMX (amx_bf16)"),
+    (None, True, "--amp ignored: this CPU computes no bfloat16, fp32")])
+def test_the_plan_says_what_amp_does_on_this_cpu(tmp_path, monkeypatch, unit, amp, said):
+    monkeypatch.setattr(demo, "speeds", lambda share, steps=3: (100.0, 300.0))
+    monkeypatch.setattr(demo, "native_bf16", lambda: unit)
+    generate_demo(tmp_path / "photos", per_class=5)
+    proc = run_in_process(demo, "--photos", "photos", "--plan", *(["--amp"] if amp else []),
+                          cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert said in proc.stdout
+    assert ("--amp" in proc.stdout.split("python train.py")[1].splitlines()[0]) == amp
+
+
 @pytest.mark.slow  # (a few training steps of a VGG16 with a tenth of its widths)
-def test_training_speed_is_measured_on_this_machine():
-    assert 0 < demo.training_speed(0.1, steps=1) < float("inf")
+def test_training_and_answering_speeds_are_measured_on_this_machine():
+    training, answering = demo.speeds(0.1, steps=1)
+    assert 0 < training < answering < float("inf")
