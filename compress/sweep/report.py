@@ -11,12 +11,16 @@ from.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from compress.measure.evaluation import ModelRow
 from compress.measure.intervals import PairedDifference
 from compress.measure.reporting import (accuracy_cell, difference_cell, print_loose_timings,
                                         pyplot, save_figure)
 from compress.sweep.targets import TARGETS
+
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
 
 
 class SweepRow(ModelRow, total=False):
@@ -167,7 +171,7 @@ def label_of(row: SweepRow) -> str:
             + (" picked" if row.get("picked") else " shipped" if row.get("shipped") else ""))
 
 
-def log_latency_axis(axis) -> None:
+def log_latency_axis(axis: Axes) -> None:
     """A log latency axis labelled at 1, 2, 5 x 10^k ms only (no crowded minor labels)."""
     from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
