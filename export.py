@@ -2,8 +2,8 @@
 
 Reads  WEIGHTS (finetuned_vgg16_net.pth)  any checkpoint of this pipeline
        DATA/train/<class>/                --calibration pictures, for int8's value ranges
-       DATA/test/<class>/                 to compare the int8 model with the fp32 one
-                                          (DATA/val/ where the split has no test part)
+       DATA/val/<class>/                  to compare the int8 model with the fp32 one (the
+                                          split that chooses; DATA/test/ is only reported)
 Writes OUTPUT (finetuned_vgg16_net.onnx)  fp32; any batch size; onnxruntime and other runtimes
        finetuned_vgg16_net.int8.onnx      static post-training int8, about 4x smaller
 
@@ -11,8 +11,9 @@ Each file describes itself in its metadata: class names, image size, normalisati
 layer widths and the SHA-256 of the checkpoint it came from (the int8 file also how
 it was quantised, and for which CPU), so test.py (and your own code) can use it
 alone. Before saving, the fp32 file must compute what PyTorch computes, and the int8
-file must stay within --int8-max-drop points of the fp32 file's accuracy on
-DATA/test or DATA/val (else it is not saved, unless --force-int8).
+file must stay within --int8-max-drop points of the fp32 file's accuracy on DATA/val
+(else it is not saved, unless --force-int8); where the split holds a test part, both
+files' accuracy there is printed beside it, and decides nothing.
 
 int8 depends on the CPU that runs it: where uint8 x int8 products are summed in
 saturating int16 (AVX2 or AVX-512 without VNNI), it is quantised with 7-bit weights
@@ -53,7 +54,7 @@ def get_args_parser():
     parser.add_argument("--int8-max-drop", type=points, default=convert.INT8_MAX_DROP,
                         metavar="POINTS",
                         help="refuse to save an int8 file more than this many accuracy points "
-                             "below the fp32 file on DATA/test (DATA/val without a test split)")
+                             "below the fp32 file on DATA/val (the split that chooses)")
     parser.add_argument("--force-int8", action="store_true",
                         help="save the int8 file even if it lost more than --int8-max-drop "
                              "(with a warning)")

@@ -315,3 +315,17 @@ def test_export_never_overwrites_an_onnx_file_it_did_not_write(exported, tmp_pat
     assert_clean_error(proc, "finetuned_vgg16_net.int8.onnx", "refusing to overwrite")
     assert (tmp_path / "finetuned_vgg16_net.int8.onnx").read_bytes() == b"someone else's model"
     assert not (tmp_path / "finetuned_vgg16_net.onnx").exists()
+
+
+def test_the_int8_check_decides_on_val_and_only_reports_test(exported, tmp_path):
+    """The split that chooses decides whether the int8 file is saved; test is printed
+    beside it, never decided on."""
+    shutil.copytree(exported.folder / "dataset", tmp_path / "dataset")
+    toy_pictures(tmp_path / "dataset" / "test", 6, seed=2)
+    shutil.copy2(exported.folder / "finetuned_vgg16_net.pth", tmp_path)
+    proc = run_in_process(export, "--calibration", 16, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    decided = [line for line in lines if "pictures of dataset/val, on this CPU" in line]
+    reported = [line for line in lines if "dataset/test (reported, not decided on)" in line]
+    assert len(decided) == 1 and len(reported) == 1
