@@ -38,9 +38,9 @@ from compress.machine.resources import check_writable
 def get_args_parser():
     parser = make_parser(__doc__)
     parser.add_argument("--weights", default="finetuned_vgg16_net.pth", help="checkpoint to export")
-    parser.add_argument("--output", help="the fp32 file (default: WEIGHTS with .onnx); the int8 "
-                                         "one is beside it, with .int8.onnx")
-    add_shared_flags(parser, "--data")
+    add_shared_flags(parser, "--output", "--data",
+                     output={"help": "the fp32 file (default: WEIGHTS with .onnx); the int8 one "
+                                     "is beside it, with .int8.onnx"})
     parser.add_argument("--calibration", type=positive_int, default=128,
                         help="training pictures whose activations set int8's value ranges")
     add_shared_flags(parser, "--image-size", "--batch-size", "--workers", "--seed",

@@ -29,7 +29,7 @@ import torch
 import model as vgg
 from compress.checkpoints import check_made_for, check_replaceable, load_checkpoint
 from compress.cli import (DISTILLATION_FLAGS, UserError, add_data_args, add_shared_flags,
-                          make_parser, positive_float, positive_int, run_cli)
+                          make_parser, run_cli)
 from compress.machine.distributed import init_distributed
 from compress.machine.resources import check_writable, output_lock
 from compress.training.distillation import Distillation, distil_checkpoint, mobilenet_student
@@ -53,16 +53,11 @@ def get_args_parser():
                         help="--student-arch mobilenet_v2: start from this torchvision "
                              "MobileNetV2 state dict (its ImageNet file, "
                              "mobilenet_v2-b0353104.pth); the last layer starts new")
-    parser.add_argument("--epochs", type=positive_int, default=20,
-                        help="passes over the training set")
-    add_shared_flags(parser, *DISTILLATION_FLAGS)
-    parser.add_argument("--lr", type=positive_float, default=1e-4,
-                        help="learning rate (the peak one with --warmup-epochs or --schedule "
-                             "cosine)")
-    parser.add_argument("--output", help="best student (default: finetuned_vgg16_net.pth, or "
-                                         "finetuned_mobilenet_v2.pth for --student-arch "
-                                         "mobilenet_v2)")
-    parser.add_argument("--resume", metavar="STATE", help="continue an interrupted run")
+    add_shared_flags(parser, "--epochs", "--lr", *DISTILLATION_FLAGS, "--output", "--resume",
+                     epochs={"default": 20}, lr={"default": 1e-4},
+                     output={"help": "best student (default: finetuned_vgg16_net.pth, or "
+                                     "finetuned_mobilenet_v2.pth for --student-arch "
+                                     "mobilenet_v2)"})
     parser.add_argument("--teacher-cache", metavar="PATH",
                         help="keep the teacher's logits of every training picture and epoch in "
                              "this file, and read them back instead of running the teacher "

@@ -83,7 +83,8 @@ def get_args_parser():
     parser.add_argument("--then-unstructured", type=fraction, metavar="S",
                         help="after channel pruning, zero the S fraction of the weights left "
                              "(l1-unstructured; with --global, of all layers together)")
-    parser.add_argument("--output", default="pruned_vgg16_net.pth", help="pruned checkpoint")
+    add_shared_flags(parser, "--output",
+                     output={"default": "pruned_vgg16_net.pth", "help": "pruned checkpoint"})
     add_shared_flags(parser, "--image-size", "--seed", "--data", image_size={
         "help": "input size used to trace the model and count FLOPs (default: the one stored in "
                 "the checkpoint)"}, seed={

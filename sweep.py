@@ -112,10 +112,7 @@ def get_args_parser():
                              "--max-drop (at most half, the fastest first) continue for the next "
                              "number of epochs, and so on (the learning-rate schedule planned "
                              "again over each stage, the pictures going on where they stopped)")
-    parser.add_argument("--lr", type=positive_float, default=1e-4,
-                        help="distillation's learning rate (the peak one with --warmup-epochs "
-                             "or --schedule cosine)")
-    add_shared_flags(parser, *DISTILLATION_FLAGS)
+    add_shared_flags(parser, "--lr", *DISTILLATION_FLAGS, lr={"default": 1e-4})
     parser.add_argument("--max-drop", type=points, metavar="POINTS",
                         help="name the fastest model within POINTS of the dense accuracy")
     parser.add_argument("--pick-again", action="store_true",

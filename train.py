@@ -19,8 +19,8 @@ import torch.nn.functional as F
 import model as vgg
 from compress.checkpoints import (atomic_save, check_class_index, check_replaceable,
                                   make_checkpoint, saved_bytes, write_json)
-from compress.cli import (UserError, add_data_args, make_parser, positive_float, positive_int,
-                          run_cli)
+from compress.cli import (UserError, add_data_args, add_shared_flags, make_parser,
+                          positive_float, positive_int, run_cli)
 from compress.data.images import ORIGINAL_NORMALIZATION
 from compress.machine.distributed import distributed, init_distributed
 from compress.machine.resources import check_room, check_writable, output_lock
@@ -39,11 +39,9 @@ def get_args_parser():
                         help="units of each of the two hidden Linear layers; below VGG's 4096 the "
                              "model shrinks fast (the first takes 25088 inputs), which suits small "
                              "pictures and few classes")
-    parser.add_argument("--epochs", type=positive_int, default=30,
-                        help="passes over the training set")
-    parser.add_argument("--lr", type=positive_float, default=1e-4,
-                        help="learning rate (the peak one with --warmup-epochs or --schedule "
-                             "cosine)")
+    add_shared_flags(parser, "--epochs", "--lr", "--output", "--resume",
+                     epochs={"default": 30}, lr={"default": 1e-4},
+                     output={"default": "vgg16Net.pth", "help": "best checkpoint"})
     parser.add_argument("--bn-sparsity", type=positive_float, metavar="LAMBDA",
                         help="network slimming's sparsity training: add LAMBDA * sum(|gamma|) "
                              "over the batch-norm scales to the loss, so the scales of channels "
@@ -63,10 +61,8 @@ def get_args_parser():
                              "those weights were trained; classifier layers that do not fit "
                              "(the last one for your classes, another --classifier-width) "
                              "start new")
-    parser.add_argument("--output", default="vgg16Net.pth", help="best checkpoint")
     parser.add_argument("--class-index", default="class_indices.json",
                         help="where to write the class names by index")
-    parser.add_argument("--resume", metavar="STATE", help="continue an interrupted run")
     return parser
 
 
@@ -123,14 +119,14 @@ def train(args):
         return loss, logits
 
     def save_best(metrics):
-        metrics.update(lr=args.lr, epochs=args.epochs, seed=args.seed, pretrained=args.pretrained,
-                       bn_sparsity=args.bn_sparsity, bn_lr=args.bn_lr, recipe=recipe.settings())
+        metrics.update(pretrained=args.pretrained, bn_sparsity=args.bn_sparsity,
+                       bn_lr=args.bn_lr, recipe=recipe.settings())
         atomic_save(make_checkpoint(model, "dense", args.arch, class_names, args.image_size,
                                     normalization, metrics), args.output)
 
     history = fit(model, optimizer, compute_loss, train_loader, val_loader, device,
-                  epochs=args.epochs, output=args.output, settings=settings, on_best=save_best,
-                  title="train", resume=args.resume, amp=args.amp, memory_format=MEMORY_FORMAT,
+                  epochs=recipe.epochs, output=args.output, settings=settings, on_best=save_best,
+                  title="train", resume=args.resume, amp=recipe.amp, memory_format=MEMORY_FORMAT,
                   epoch_metrics=(lambda: scale_sparsity(scales, args.bn_sparsity))
                   if args.bn_sparsity else None, scheduler=scheduler,
                   tensorboard=args.tensorboard and run_folder(args.tensorboard, args.output))

@@ -221,6 +221,13 @@ SHARED_FLAGS = {
                           help="write each epoch's loss, accuracy, learning rate and speed for "
                                "TensorBoard (tensorboard --logdir DIR), a run per output file "
                                "(DIR/NAME)"),
+    "--epochs": dict(type=positive_int, help="passes over the training set"),
+    "--lr": dict(type=positive_float,
+                 help="learning rate (the peak one with --warmup-epochs or --schedule cosine)"),
+    "--resume": dict(metavar="STATE",
+                     help="continue an interrupted run from the state Ctrl-C saved "
+                          "(OUTPUT.state.pth), exactly as if never stopped"),
+    "--output": dict(help="the file written"),
     "--optimizer": dict(choices=OPTIMIZERS, default="adam",
                         help="adam (the original demo's), adamw (decoupled weight decay) or sgd "
                              "(momentum 0.9, Nesterov)"),

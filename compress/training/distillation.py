@@ -319,8 +319,7 @@ def distil_checkpoint(teacher_checkpoint: Checkpoint, teacher_path: str,
                     teacher=f"{teacher_path} (sha256 {teacher_sha256[:16]})")
 
     def save_best(metrics):
-        metrics.update(temperature=distillation.temperature, alpha=distillation.alpha,
-                       lr=recipe.lr, epochs=recipe.epochs, seed=recipe.seed, teacher=teacher_path,
+        metrics.update(teacher=teacher_path,
                        teacher_sha256=teacher_sha256,
                        teacher_val_accuracy=teacher_accuracy,
                        student_val_accuracy_before=before["accuracy"],

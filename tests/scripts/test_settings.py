@@ -11,10 +11,10 @@ import pytest
 from compress.cli import settings_from
 from compress.export.convert import ExportPlan
 from compress.measure.timing import TimingPlan
-from compress.sweep.candidates import comparable_training
+from compress.sweep.candidates import SweepSetup, Teacher, comparable_training
 from compress.training.distillation import Distillation
 from compress.training.recipe import RECIPE_DEFAULTS, Recipe
-from helpers import load_script
+from helpers import load_script, small_checkpoint
 
 sweep = load_script("sweep")
 train = load_script("train")
@@ -27,9 +27,9 @@ EVERY_TRIAL_FLAG = ["--data", "d", "--image-size", "48", "--batch-size", "7", "-
                     "--optimizer", "sgd", "--weight-decay", "0.1", "--schedule", "cosine",
                     "--warmup-epochs", "1", "--label-smoothing", "0.1", "--weights", "w.pth",
                     "--kd-epochs", "5", "--lr", "0.01", "--temperature", "3", "--alpha", "0.5",
-                    "--kd-loss", "mse", "--feature-weight", "2", "--max-drop", "2",
-                    "--target", "onnx", "--output-dir", "out", "--warmup", "1", "--repeats", "4",
-                    "--max-repeats", "9", "--verbose", "--concurrency", "2",
+                    "--kd-loss", "mse", "--feature-weight", "2", "--mix", "cutmix",
+                    "--max-drop", "2", "--target", "onnx", "--output-dir", "out", "--warmup", "1",
+                    "--repeats", "4", "--max-repeats", "9", "--verbose", "--concurrency", "2",
                     "--tensorboard", "board"]
 
 
@@ -66,7 +66,8 @@ def test_a_trial_parses_exactly_the_settings_of_the_experiments_command():
 def test_a_trial_of_the_default_command_gets_the_defaults():
     parser = sweep.get_args_parser()
     args, trial = trial_flags(parser, [])
-    settings = {f.name for f in dataclasses.fields(Recipe)} - {"epochs"}
+    # (first_epoch is no flag: a sweep's later stages set it)
+    settings = {f.name for f in dataclasses.fields(Recipe)} - {"epochs", "first_epoch"}
     assert all(getattr(trial, name) == getattr(args, name) for name in settings)
 
 
@@ -87,9 +88,12 @@ def test_settings_objects_are_built_from_the_flags_of_their_names():
     assert TimingPlan.from_args(timing) == TimingPlan(repeats=4, seed=2)
 
 
-def test_the_sweeps_kd_epochs_is_its_recipes_epochs():
-    args = sweep.get_args_parser().parse_args(["--kd-epochs", "7"])
-    assert Recipe.from_args(args, epochs=args.kd_epochs).epochs == 7
+def test_the_sweeps_kd_epochs_are_its_stages_the_first_its_recipes_epochs(tmp_path):
+    small_checkpoint(tmp_path / "dense.pth")
+    for given, stages in ((["7"], (7,)), (["5", "20"], (5, 20))):
+        args = sweep.get_args_parser().parse_args(["--kd-epochs", *given])
+        setup = SweepSetup.from_args(args, Teacher.load(str(tmp_path / "dense.pth")))
+        assert setup.recipe.epochs == stages[0] and setup.stages == stages
 
 
 def test_with_no_flags_every_recipe_is_the_original_demos():
