@@ -4,7 +4,7 @@ Without --photos: draws cat and dog pictures into demo/demo_animals/ (never into
 animals/), then runs the six stages from inside demo/, so their outputs (dataset/,
 vgg16Net.pth, pruned_vgg16_net.pth, finetuned_vgg16_net.pth, its .onnx and .int8.onnx,
 figures) land in demo/. The settings are chosen to finish in about 10 minutes on a
-2-core CPU (VGG16 with batch norm at 48 px); see README.md for what they measured.
+2-core CPU (VGG16 with batch norm at 48 px); docs/results.md says what they measured.
 
 With --photos DIR (DIR/<class>/*.jpg, only read): the photo recipe (the settings below;
 docs/photos.md says what each choice measured), in --workdir: split with a held-out test

@@ -135,7 +135,7 @@ def int8_settings(cpu: str) -> dict:
     8-bit. Weights per output channel: measured on the demo's distilled model (fp32
     95.4%, 240 pictures), per channel / per tensor gave 96.7% / 95.8% with 8-bit
     weights on an AMX CPU, and 96.25% / 94.6% with 7-bit ones on AVX2 (where 8-bit
-    per channel gave 88.75%); README.md, "Shipping it", has the whole table.
+    per channel gave 88.75%); docs/shipping.md has the whole table.
     """
     return {"cpu": cpu, "reduce_range": saturates(cpu), "per_channel": True}
 
