@@ -69,7 +69,7 @@ from compress.pruning.latency import widths_of, with_widths
 from compress.sweep import trial
 from compress.sweep.candidates import SweepSetup, Teacher
 from compress.sweep.experiment import SPARSITY_STEP, ExperimentPlan, run_experiment, search_space
-from compress.sweep.nni_engine import ASSESSOR, TUNER
+from compress.sweep.nni_config import ASSESSOR, TUNER
 from compress.sweep.plain import pick_again, run_sweep
 from compress.sweep.setting import Setting, method_setting
 from compress.sweep.targets import TARGETS

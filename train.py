@@ -24,7 +24,8 @@ from compress.cli import (UserError, add_data_args, add_shared_flags, make_parse
 from compress.data.images import ORIGINAL_NORMALIZATION
 from compress.machine.distributed import distributed, init_distributed
 from compress.machine.resources import check_room, check_writable, output_lock
-from compress.training.loop import MEMORY_FORMAT, NEAR_ZERO, batch_norm_scales, fit, scale_sparsity
+from compress.training.loop import MEMORY_FORMAT, fit
+from compress.training.slimming import NEAR_ZERO, batch_norm_scales, scale_sparsity
 from compress.training.pretrained import load_pretrained_weights, pretrained_weights
 from compress.training.recipe import Recipe
 from compress.training.tensorboard_log import run_folder

@@ -27,7 +27,9 @@ every module).
     measure.comparison     several models measured side by side (test.py --compare)
     training.recipe        the settings of a training run, from the flags, saved whole
     training.tensorboard_log  a run's figures for TensorBoard, a sweep's settings beside them
-    training.loop          the training loop, Ctrl-C and --resume
+    training.resume        what Ctrl-C saves and --resume restores, refused unless exact
+    training.slimming      network slimming's sparsity term on the batch-norm scales
+    training.loop          the training loop, Ctrl-C, mixed precision, the history
     training.pretrained    starting from ImageNet's weights or a file of yours
     pruning.channels       NNI's pruners and ModelSpeedup: a model that really shrinks
     pruning.latency        a VGG's time on this CPU from its widths, measured and fitted
@@ -43,7 +45,8 @@ every module).
     sweep.stepwise         iterative pruning: a sparsity reached in prune-then-distil steps
     sweep.halving          successive halving: every setting briefly, the promising for longer
     sweep.plain            the plain sweep: settings pruned, distilled, shipped, measured
-    sweep.nni_engine       NNI 3.0's experiment engine, and five mends of it
+    sweep.nni_config       the NNI experiment's configuration: the user's YAML, tuner, assessor
+    sweep.nni_engine       NNI 3.0's experiment engine, and four mends of it
     sweep.experiment       the sweep as an NNI experiment: launched and followed
     sweep.trial            one trial of that experiment, as NNI runs it
     measure.result_page    what a photo run bought, for a person: RESULT.md and result.png

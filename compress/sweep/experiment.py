@@ -30,7 +30,7 @@ from compress.checkpoints import atomic_write, is_checkpoint_file, write_json
 from compress.cli import CheckFailed, Interrupted, UserError, quiet_nni
 from compress.export.onnx_files import written_by_export
 from compress.machine import processes
-from compress.sweep import nni_engine
+from compress.sweep import nni_config, nni_engine
 from compress.sweep.candidates import (SweepSetup, comparable_training, measure_candidates,
                                        save_rows)
 from compress.sweep.decision import present, within_budget
@@ -260,11 +260,11 @@ def run_experiment(setup: SweepSetup, plan: ExperimentPlan, output_dir: str,
     experiment_id = state.get("id") or nni_engine.new_id()
     epochs = setup.recipe.epochs
     with quiet_nni(setup.verbose):
-        config = nni_engine.make_config(
+        config = nni_config.make_config(
             plan.nni_config, trial_command_for, code_directory, space, plan.trials,
             plan.concurrency, assessor_start=max(1, epochs // 2), seed=setup.recipe.seed,
             working_directory=os.path.abspath(os.path.join(output_dir, "nni")))
-    nni_engine.check_port(plan.host, plan.port)  # (before the dense model is exported)
+    nni_config.check_port(plan.host, plan.port)  # (before the dense model is exported)
     setup.ship_dense(output_dir)  # before the trials, which time their students against it
     run = nni_engine.NniExperiment(config, experiment_id, plan.host, plan.port, setup.verbose)
     total = config.max_trial_number

@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 
 from compress.cli import CheckFailed, UserError
-from compress.sweep import experiment, nni_engine, plain, setting
+from compress.sweep import experiment, nni_config, nni_engine, plain, setting
 from helpers import (NNI_TINY, assert_clean_error, free_port, load_script, local_config,
                      nni_env, port_is_free, processes_of, run_in_process, run_script,
                      small_checkpoint)
@@ -263,7 +263,7 @@ def test_nni_config_settings_win_and_sweep_fills_the_rest(tmp_path):
     def command(concurrency):
         return f"python3 sweep.py --concurrency {concurrency}"
 
-    config = nni_engine.make_config(str(tmp_path / "config.yml"), command, ".", space,
+    config = nni_config.make_config(str(tmp_path / "config.yml"), command, ".", space,
                                     trials=8, concurrency=2, assessor_start=2, seed=0,
                                     working_directory=str(tmp_path / "nni"))
     assert (config.trial_concurrency, config.max_trial_number) == (3, 5)
@@ -271,7 +271,7 @@ def test_nni_config_settings_win_and_sweep_fills_the_rest(tmp_path):
     assert config.tuner.name == "TPE" and config.assessor.name == "Medianstop"
     assert config.tuner.class_args["tpe_args"]["n_startup_jobs"] == 3  # half of 5, at least 3
     assert config.assessor.class_args["start_step"] == 2
-    local = nni_engine.make_config(None, command, ".", {}, trials=8, concurrency=2,
+    local = nni_config.make_config(None, command, ".", {}, trials=8, concurrency=2,
                                    assessor_start=2, seed=0,
                                    working_directory=str(tmp_path / "nni"))
     assert (local.trial_concurrency, local.max_trial_number) == (2, 8)

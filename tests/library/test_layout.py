@@ -111,8 +111,8 @@ def test_reading_pictures_does_not_import_the_training_loop_or_nni_helpers():
                                                  "compress.machine.resources"}
 
 
-@pytest.mark.parametrize("path", sorted({*REPO.glob("*.py"), *(REPO / "compress").glob("*.py")}),
-                         ids=lambda p: p.name)
+@pytest.mark.parametrize("path", sorted({*REPO.glob("*.py"), *(REPO / "compress").rglob("*.py")}),
+                         ids=lambda p: p.relative_to(REPO).as_posix())
 def test_no_script_or_module_of_the_package_is_over_400_lines(path):
     assert len(path.read_text().splitlines()) <= MOST_LINES
 

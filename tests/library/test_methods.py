@@ -27,7 +27,7 @@ import model as vgg
 from compress import checkpoints
 from compress.data.images import ORIGINAL_NORMALIZATION
 from compress.pruning import channels
-from compress.training import loop
+from compress.training import slimming
 from helpers import (IMAGE_SIZE, NARROW, TRAIN_FLAGS, assert_clean_error, files_under,
                      generate_demo, load_script, run_in_process, run_script, small_checkpoint)
 
@@ -249,7 +249,7 @@ def bn_start(tmp_path_factory):
     generate_demo(folder / "dataset" / "val", per_class=2, seed=1)
     torch.manual_seed(0)
     model = vgg.build_model("vgg11", 2, batch_norm=True, classifier_width=64)
-    scales = loop.batch_norm_scales(model)
+    scales = slimming.batch_norm_scales(model)
     with torch.no_grad():
         for scale in scales:
             scale.uniform_(-1.5, 1.5)
@@ -299,7 +299,7 @@ def test_the_history_records_the_penalty_and_near_zero_scales_of_the_saved_model
     assert not torch.equal(magnitudes(scales), magnitudes(start))  # training moved them
     assert record["bn_penalty"] == pytest.approx(LAMBDA * magnitudes(scales).sum().item(),
                                                  rel=1e-6)
-    near_zero = int((magnitudes(scales) < loop.NEAR_ZERO).sum())
+    near_zero = int((magnitudes(scales) < slimming.NEAR_ZERO).sum())
     assert record["bn_scales_near_zero"] == near_zero
     assert near_zero >= 40  # those set to 1e-3, one Adam step of 1e-3 away
 
@@ -340,7 +340,7 @@ def test_bn_sparsity_without_batch_norm_is_a_one_line_error(bn_start):
 
 def test_the_scale_sparsity_figures_by_hand():
     scales = [torch.tensor([0.5, -0.005, 2.0]), torch.tensor([-1.0, 0.0])]
-    assert loop.scale_sparsity(scales, 0.1) == {"bn_penalty": pytest.approx(0.1 * 3.505),
+    assert slimming.scale_sparsity(scales, 0.1) == {"bn_penalty": pytest.approx(0.1 * 3.505),
                                                  "bn_scales_near_zero": 2}
 
 

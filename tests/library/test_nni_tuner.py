@@ -8,7 +8,7 @@ number of trials runs to the end. (The real experiments: tests/end_to_end/test_e
 import pytest
 
 from compress.cli import UserError
-from compress.sweep import experiment, nni_engine
+from compress.sweep import experiment, nni_config
 
 SPACE = experiment.search_space([("l1", False), ("taylor", False)], [0.5, 0.8])
 
@@ -32,7 +32,7 @@ def run_one_at_a_time(tuner, trials):
 
 
 def config_for(trials, concurrency=1, tmp_path="."):
-    return nni_engine.make_config(None, lambda c: "python3 sweep.py", ".", SPACE, trials=trials,
+    return nni_config.make_config(None, lambda c: "python3 sweep.py", ".", SPACE, trials=trials,
                                   concurrency=concurrency, assessor_start=1, seed=0,
                                   working_directory=str(tmp_path))
 
@@ -40,7 +40,7 @@ def config_for(trials, concurrency=1, tmp_path="."):
 @pytest.mark.parametrize("trials", [2, 3, 5, 8])
 def test_the_sweeps_tpe_gives_a_setting_for_every_trial_one_at_a_time(trials, tmp_path):
     config = config_for(trials, tmp_path=tmp_path)
-    assert config.tuner.class_args["tpe_args"]["n_startup_jobs"] >= nni_engine.MIN_STARTUP_JOBS
+    assert config.tuner.class_args["tpe_args"]["n_startup_jobs"] >= nni_config.MIN_STARTUP_JOBS
     given = run_one_at_a_time(tuner_of(config), trials)
     assert len(given) == trials
     assert all(p["method"] in ("l1", "taylor") and 0.5 <= p["sparsity"] <= 0.8 for p in given)
@@ -60,6 +60,6 @@ def test_a_users_tpe_that_would_die_is_refused_in_one_line(startup, tmp_path):
         "trainingService:\n  platform: local\ntuner:\n  name: TPE\n  classArgs:\n"
         f"    optimize_mode: maximize\n    tpe_args:\n      n_startup_jobs: {startup}\n")
     with pytest.raises(UserError, match=f"n_startup_jobs {startup}: NNI 3.0's TPE fails"):
-        nni_engine.make_config(str(tmp_path / "config.yml"), lambda c: "python3 sweep.py", ".",
+        nni_config.make_config(str(tmp_path / "config.yml"), lambda c: "python3 sweep.py", ".",
                                SPACE, trials=3, concurrency=1, assessor_start=1, seed=0,
                                working_directory=str(tmp_path / "nni"))

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 import model as vgg
 from compress.cli import Interrupted
-from compress.training import loop
+from compress.training import loop, resume
 from compress.training.recipe import Recipe, rate_factor
 from helpers import IMAGE_SIZE, NARROW, generate_demo
 
@@ -144,12 +144,12 @@ def test_a_state_saved_before_the_recipe_flags_resumes_with_their_defaults(datas
     model, optimizer = run[0], run[1]
     settings = {"lr": 1e-3, "batch_size": 2, "seed": 5, "crop_scale": 0.5, "cache": False,
                 "image_size": IMAGE_SIZE, "amp": False}
-    loop.save_training_state(str(tmp_path / "old.pth"), model, optimizer, None, CPU,
-                             loop.Progress(), settings)
+    resume.save_training_state(str(tmp_path / "old.pth"), model, optimizer, None, CPU,
+                             resume.Progress(), settings)
     now = Recipe(epochs=2, lr=1e-3, batch_size=2, seed=5, crop_scale=0.5).resume_settings(
         IMAGE_SIZE)
-    loop.load_training_state(str(tmp_path / "old.pth"), model, optimizer, None, CPU, now, 2)
+    resume.load_training_state(str(tmp_path / "old.pth"), model, optimizer, None, CPU, now, 2)
     other = Recipe(epochs=2, lr=1e-3, batch_size=2, seed=5, crop_scale=0.5,
                    optimizer="sgd").resume_settings(IMAGE_SIZE)
     with pytest.raises(Exception, match="--optimizer adam \\(now sgd\\)"):
-        loop.load_training_state(str(tmp_path / "old.pth"), model, optimizer, None, CPU, other, 2)
+        resume.load_training_state(str(tmp_path / "old.pth"), model, optimizer, None, CPU, other, 2)

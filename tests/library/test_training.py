@@ -24,7 +24,7 @@ import torch.nn.functional as F
 import model as vgg
 from compress.cli import Interrupted, UserError
 from compress.data.images import training_loaders
-from compress.training import loop
+from compress.training import loop, resume
 from helpers import IMAGE_SIZE, NARROW, generate_demo
 
 CPU = torch.device("cpu")
@@ -113,7 +113,7 @@ def test_train_one_epoch_runs_alone_and_returns_named_totals(dataset):
 
 
 def test_ctrl_c_saves_where_the_epoch_stopped(runs):
-    assert runs.state["format"] == loop.TRAINING_STATE_FORMAT
+    assert runs.state["format"] == resume.TRAINING_STATE_FORMAT
     assert runs.state["epoch"] == 0 and runs.state["samples_done"] == 4
     assert runs.state["sums"][2] == 4 and runs.state["history"] == []
     assert runs.state["settings"] == SETTINGS
@@ -199,7 +199,7 @@ def test_load_training_state_refuses_what_would_not_continue_exactly(runs, datas
     before = copy.deepcopy(model.state_dict())
     arguments = {"settings": SETTINGS, "epochs": 2, **overrides}
     with pytest.raises(UserError, match=re.escape(reason)) as error:
-        loop.load_training_state(str(make_path(runs, tmp_path)), model, optimizer, None, CPU,
+        resume.load_training_state(str(make_path(runs, tmp_path)), model, optimizer, None, CPU,
                                      **arguments)
     assert "\n" not in str(error.value)
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # untouched
@@ -209,5 +209,5 @@ def test_load_training_state_refuses_a_state_of_another_model(runs, tmp_path):
     other = vgg.from_architecture(dict(NARROW, classifier=[32, 32]))
     optimizer = torch.optim.Adam(other.parameters())
     with pytest.raises(UserError, match="saved for a different model"):
-        loop.load_training_state(str(state_with(runs, tmp_path)), other, optimizer, None, CPU,
+        resume.load_training_state(str(state_with(runs, tmp_path)), other, optimizer, None, CPU,
                                      SETTINGS, epochs=2)
