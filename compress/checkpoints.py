@@ -190,6 +190,10 @@ def load_checkpoint(path: str, kinds: tuple[str, ...] = ("dense", "pruned", "fin
     """Load and check a pipeline checkpoint; `kinds` are the kinds this stage accepts.
 
     A bare VGG state dict is read as a checkpoint for `image_size` px (224 if None).
+    torch.nn.utils.prune's `NAME_orig` / `NAME_mask` pairs, in a bare state dict or in
+    one of our checkpoints, are folded into their weights (fold_masks), and the metrics
+    say the weights were pruned one by one ("unstructured"), so a distillation keeps the
+    zeros.
     """
     what = f"a {' or '.join(kinds)} checkpoint written by this pipeline"
     checkpoint = safe_load(path, what)
@@ -200,6 +204,13 @@ def load_checkpoint(path: str, kinds: tuple[str, ...] = ("dense", "pruned", "fin
     if checkpoint["kind"] not in kinds:
         raise UserError(f"{path}: is a {checkpoint['kind']} checkpoint; {what} expected")
     checkpoint.setdefault("normalization", ORIGINAL_NORMALIZATION)  # written before it was kept
+    masks = [value for key, value in checkpoint["state_dict"].items() if key.endswith("_mask")]
+    if masks:  # (our checkpoint, its model pruned by someone's own torch.nn.utils.prune code)
+        checkpoint["state_dict"] = fold_masks(checkpoint["state_dict"], path)
+        zeros = sum(int((mask == 0).sum()) for mask in masks) / sum(m.numel() for m in masks)
+        checkpoint["metrics"].setdefault("unstructured", {
+            "method": "torch.nn.utils.prune masks", "sparsity": None, "global": None,
+            "zeros": {"all": zeros}})
     return checkpoint
 
 

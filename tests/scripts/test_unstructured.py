@@ -145,3 +145,22 @@ def test_a_mask_of_the_wrong_shape_is_one_line(tmp_path):
     proc = run_in_process(load_script("export"), "--weights", "theirs.pth", "--image-size", 32,
                           cwd=tmp_path)
     assert_clean_error(proc, "theirs.pth", "features.0.weight_mask", "shape")
+
+
+def test_our_checkpoint_whose_weights_hold_torch_prune_masks_is_read_with_them_applied(
+        tmp_path):
+    """A checkpoint of this pipeline whose model someone pruned with torch.nn.utils.prune and
+    saved before prune.remove(): its weight_orig / weight_mask pairs are folded, as in a
+    bare state dict, not refused as weights of another architecture."""
+    path = small_checkpoint(tmp_path / "vgg16Net.pth")
+    checkpoint = torch.load(path, weights_only=True)
+    model = vgg.from_architecture(checkpoint["architecture"])
+    model.load_state_dict(checkpoint["state_dict"])
+    torch_prune.l1_unstructured(model.features[0], "weight", amount=0.5)
+    checkpoint["state_dict"] = model.state_dict()
+    torch.save(checkpoint, path)
+    loaded = load_checkpoint(str(path))
+    assert not any(key.endswith(("_orig", "_mask")) for key in loaded["state_dict"])
+    weights = model_from_checkpoint(loaded, str(path)).features[0].weight
+    assert float((weights == 0).float().mean()) == pytest.approx(0.5, abs=0.01)
+    assert "unstructured" in loaded["metrics"]
