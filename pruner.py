@@ -43,8 +43,8 @@ from compress.cli import (UserError, add_shared_flags, add_verbose_arg, fraction
 from compress.machine.resources import check_writable
 from compress.pruning.allocation import (allocate, channel_importance, describe_widths,
                                          target_of, uniform_for)
-from compress.pruning.channels import (METHODS, MOST_REMOVED, layer_widths, prune_checkpoint,
-                                       save_pruned, taylor_batches)
+from compress.pruning.channels import (METHODS, MOST_REMOVED, Pruning, layer_widths,
+                                       prune_checkpoint, save_pruned, taylor_batches)
 from compress.pruning.latency import (RUNTIMES, load_or_build, measure, widths_of,
                                       with_widths)
 from compress.pruning.weights import UNSTRUCTURED, compressed_bytes, prune_weights_checkpoint
@@ -127,10 +127,9 @@ def main(args):
     widths = allocated_widths(args, checkpoint) if timed else None
     batches = (taylor_batches(checkpoint, args.weights, args.data, args.taylor_batches,
                               args.batch_size, args.seed) if args.method == "taylor" else [])
-    pruned, report = prune_checkpoint(checkpoint, args.weights, method=args.method,
-                                      sparsity=sparsity, global_ranking=args.global_ranking,
-                                      image_size=args.image_size, seed=args.seed,
-                                      batches=batches, verbose=args.verbose, widths=widths)
+    pruning = Pruning.from_args(args, sparsity=sparsity)
+    pruned, report = prune_checkpoint(checkpoint, args.weights, pruning, batches=batches,
+                                      widths=widths)
 
     names, widths_before = layer_widths(report["before"])
     _, widths_after = layer_widths(report["after"])
@@ -149,8 +148,7 @@ def main(args):
         pruned = prune_weights_checkpoint(pruned, args.weights, method="l1-unstructured",
                                           sparsity=args.then_unstructured,
                                           global_ranking=args.global_ranking, seed=args.seed)
-    chart = save_pruned(pruned, report, args.output, args.method, sparsity,
-                        args.global_ranking)
+    chart = save_pruned(pruned, report, args.output, pruning)
     print(f"Saved {args.output} and {chart}")
     if args.then_unstructured is not None:
         print_zeros(pruned, args.output)

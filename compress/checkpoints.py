@@ -46,7 +46,7 @@ class Checkpoint(typing.TypedDict):
     """
     format: str
     kind: str
-    architecture: dict
+    architecture: vgg.Architecture
     state_dict: dict[str, torch.Tensor]
     class_names: list[str]
     image_size: int

@@ -135,7 +135,7 @@ def kind_of(module: nn.Module) -> str:
     return "pointwise 1x1" if kernel == "1x1" else f"conv {kernel}"
 
 
-def layer_plan(network: nn.Module, architecture: dict) -> list[tuple[str, str, list]]:
+def layer_plan(network: nn.Module, architecture: vgg.Architecture) -> list[tuple[str, str, list]]:
     """(name, kind, modules) of each compute layer in the order they run -- a convolution
     with the batch norm and activation after it, a Linear layer with its activation --
     then ("other", "other", every other module: pools, dropout, ...)."""

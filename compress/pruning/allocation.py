@@ -22,6 +22,7 @@ from torch import nn
 from compress.cli import UserError
 from compress.pruning.channels import HIDDEN_LINEAR, prunable_layers, uniform_widths
 from compress.pruning.latency import LatencyModel, widths_of, with_widths
+from model import Architecture
 
 FLOOR = 0.05  # a layer keeps at least this share of its channels (and one step)
 
@@ -44,7 +45,7 @@ def channel_importance(model: nn.Module, method: str = "l1") -> dict[str, list[f
     return scores
 
 
-def allocate(latency: LatencyModel, architecture: dict, importance: dict[str, list[float]],
+def allocate(latency: LatencyModel, architecture: Architecture, importance: dict[str, list[float]],
              target_ms: float, step: int = 1) -> tuple[dict[str, int], float]:
     """(widths, predicted ms): the dense `architecture` thinned by groups of `step`
     channels, least important per millisecond saved first, until `latency` predicts at
@@ -77,19 +78,19 @@ def allocate(latency: LatencyModel, architecture: dict, importance: dict[str, li
     return widths, predicted
 
 
-def narrowest(architecture: dict, step: int = 1) -> dict[str, int]:
+def narrowest(architecture: Architecture, step: int = 1) -> dict[str, int]:
     """The narrowest widths an allocation in steps of `step` may leave: FLOOR of each
     layer's channels, and at least one step (or the layer whole, if narrower)."""
     return {name: min(width, max(step, round(FLOOR * width)))
             for name, width in widths_of(architecture).items()}
 
 
-def reachable_ms(latency: LatencyModel, architecture: dict, step: int = 1) -> float:
+def reachable_ms(latency: LatencyModel, architecture: Architecture, step: int = 1) -> float:
     """The least latency `latency` predicts for an allocation in steps of `step`."""
     return latency.predict(with_widths(architecture, narrowest(architecture, step)))
 
 
-def uniform_for(latency: LatencyModel, architecture: dict, target_ms: float,
+def uniform_for(latency: LatencyModel, architecture: Architecture, target_ms: float,
                 iterations: int = 30) -> tuple[float, dict[str, int], float]:
     """(sparsity, widths, predicted ms) of the uniform sparsity predicted nearest to
     `target_ms` from below (bisection over 0..0.99)."""
@@ -103,7 +104,7 @@ def uniform_for(latency: LatencyModel, architecture: dict, target_ms: float,
     return high, widths, latency.predict(with_widths(architecture, widths))
 
 
-def target_of(latency: LatencyModel, architecture: dict, latency_ms: float | None,
+def target_of(latency: LatencyModel, architecture: Architecture, latency_ms: float | None,
               speedup: float | None) -> float:
     """The target in ms of --latency MS or --speedup X (against the dense model's predicted
     time), refused in one line where no pruning can reach it or none is needed."""
@@ -116,7 +117,7 @@ def target_of(latency: LatencyModel, architecture: dict, latency_ms: float | Non
     return target
 
 
-def describe_widths(architecture: dict, *columns: tuple[str, dict[str, int]]) -> str:
+def describe_widths(architecture: Architecture, *columns: tuple[str, dict[str, int]]) -> str:
     """A table of layer widths (conv1.., fc1, fc2), a column each."""
     names = [f"conv{i + 1}" for i in range(sum(w != "M" for w in architecture["features"]))]
     names += ["fc1", "fc2"]

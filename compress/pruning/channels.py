@@ -6,8 +6,9 @@
   rebuilds the layers without them; the small model is checked against the masked
   one. In place, on a model.py VGG (dense or pruned before).
 - `uniform_widths()`: the widths a uniform sparsity leaves, as NNI counts them.
-- `prune_checkpoint()`: a dense checkpoint in, a pruned checkpoint and its report
-  (widths, parameters and FLOPs before and after) out -- what pruner.py saves.
+- `Pruning`: how (method, sparsity, global ranking, ...), from pruner.py's flags or a
+  sweep's setting; `prune_checkpoint()`: a dense checkpoint in, a pruned checkpoint and
+  its report (widths, parameters and FLOPs before and after) out -- what pruner.py saves.
 - `taylor_batches()`: the batches --method taylor ranks by; `check_rankable()`: the
   methods a checkpoint cannot be ranked by (slim without batch norm).
 
@@ -16,10 +17,12 @@ pruned; NNI 3.0's speedup is given a torch.fx graph (its own tracer fails on tor
 >= 2.2).
 
     checkpoint = load_checkpoint("vgg16Net.pth", kinds=("dense",))
-    pruned, report = prune_checkpoint(checkpoint, "vgg16Net.pth", method="l1", sparsity=0.5)
+    pruned, report = prune_checkpoint(checkpoint, "vgg16Net.pth", Pruning("l1", sparsity=0.5))
 """
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import gc
 import os
 import typing
@@ -29,11 +32,12 @@ import torch
 
 from compress.checkpoints import (Checkpoint, atomic_save, check_made_for, make_checkpoint,
                                   model_from_checkpoint, output_path)
-from compress.cli import CheckFailed, UserError, quiet_nni
+from compress.cli import CheckFailed, UserError, quiet_nni, settings_from
 from compress.data.images import ImageFolder, eval_transform, make_loader
 from compress.data.pictures import find_classes
 from compress.measure.evaluation import count_flops, relative_difference
 from compress.measure.reporting import plot_channels
+from model import Architecture
 
 # The sped-up model must compute what the masked one does, up to this relative difference.
 TOLERANCE = 1e-3
@@ -279,7 +283,7 @@ def silence_pruned_batch_norm(model: torch.nn.Module, masks: Masks) -> None:
                 module.bias[~kept] = 0
 
 
-def layer_widths(architecture: dict) -> tuple[list[str], list[int]]:
+def layer_widths(architecture: Architecture) -> tuple[list[str], list[int]]:
     """(layer names conv1.., fc1, fc2; their output widths) of a VGG architecture."""
     convs = [w for w in architecture["features"] if w != "M"]
     return ([f"conv{i + 1}" for i in range(len(convs))] + ["fc1", "fc2"],
@@ -317,31 +321,54 @@ def recipe_name(method: str, sparsity: float | None, global_ranking: bool = Fals
     return f"{method}, {'global ' if global_ranking else ''}sparsity {sparsity:g}"
 
 
-def prune_checkpoint(checkpoint: Checkpoint, path: str, *, method: str = "l1",
-                     sparsity: float = 0.5, global_ranking: bool = False,
-                     image_size: int | None = None, seed: int = 0, batches: list = (),
-                     verbose: bool = False, widths: dict[str, int] | None = None,
-                     say: Callable = print) -> tuple[Checkpoint, dict]:
-    """(pruned checkpoint, report) of a dense `checkpoint` (read from `path`), or of one
-    pruned before (iterative pruning: `widths`, a layer's channels kept, as prune() takes
-    them, in place of `sparsity`, which is then only recorded).
+@dataclasses.dataclass(frozen=True)
+class Pruning:
+    """How channels are pruned, each field as its flag of pruner.py (--global:
+    `global_ranking`) and of a sweep's setting: the method (of METHODS), the share of
+    channels removed, the size traced at (None: the checkpoint's), the check batch's seed,
+    NNI's messages shown."""
+    method: str = "l1"
+    sparsity: float = 0.5
+    global_ranking: bool = False
+    image_size: int | None = None
+    seed: int = 0
+    verbose: bool = False
 
-    The model is traced and its FLOPs counted at `image_size` (the checkpoint's if
-    None); `batches` as for prune() (taylor_batches() for --method taylor). The report:
+    @classmethod
+    def from_args(cls, args: argparse.Namespace, **given: object) -> Pruning:
+        """The pruning of parsed flags (`given` instead of some: a sweep's setting)."""
+        return settings_from(cls, args, **given)
+
+    def name(self) -> str:
+        """As reports and charts name it: 'l1, sparsity 0.5'."""
+        return recipe_name(self.method, self.sparsity, self.global_ranking)
+
+
+def prune_checkpoint(checkpoint: Checkpoint, path: str, pruning: Pruning = Pruning(), *,
+                     batches: list = (), widths: dict[str, int] | None = None,
+                     say: Callable = print) -> tuple[Checkpoint, dict]:
+    """(pruned checkpoint, report) of a dense `checkpoint` (read from `path`) pruned as
+    `pruning` says, or of one pruned before (iterative pruning: `widths`, a layer's
+    channels kept, as prune() takes them, in place of the sparsity, which is then only
+    recorded).
+
+    `batches` as for prune() (taylor_batches() for --method taylor). The report:
     the widths before and after, parameters, FLOPs and the masked-vs-sped-up
     difference; the pruned checkpoint's metrics hold the recipe and those counts.
     `say` is told when pruning starts.
     """
+    method, sparsity, global_ranking = pruning.method, pruning.sparsity, pruning.global_ranking
+    verbose = pruning.verbose
     check_rankable(checkpoint, path, method)
     model = model_from_checkpoint(checkpoint, path)
-    image_size = image_size or checkpoint["image_size"]
+    image_size = pruning.image_size or checkpoint["image_size"]
     arch = checkpoint["architecture"]["arch"]
     flops_before, params_before = count_flops(model, image_size, verbose)
     say(f"Pruning {path} ({arch}, {params_before / 1e6:.1f}M params): "
         f"{recipe_name(method, None if widths else sparsity, global_ranking)}, traced at "
         f"{image_size} px ...", flush=True)
-    difference = prune(model, sparsity, image_size, method, global_ranking, seed, batches,
-                       verbose, widths)
+    difference = prune(model, sparsity, image_size, method, global_ranking, pruning.seed,
+                       batches, verbose, widths)
     flops_after, params_after = count_flops(model, image_size, verbose)
     metrics = {"method": method, "global": global_ranking, "sparsity": sparsity,
                "params_before": params_before, "params_after": params_after,
@@ -362,14 +389,12 @@ def prune_checkpoint(checkpoint: Checkpoint, path: str, *, method: str = "l1",
     return pruned, report
 
 
-def save_pruned(pruned: dict, report: dict, path: str, method: str, sparsity: float,
-                global_ranking: bool = False) -> str:
+def save_pruned(pruned: dict, report: dict, path: str, pruning: Pruning) -> str:
     """The pruned checkpoint saved to `path` (atomically) and its layer widths before and
-    after drawn beside it (NAME.channels.png), as pruner.py writes them; returns the
-    figure's path."""
+    after drawn beside it (NAME.channels.png, titled by `pruning`), as pruner.py writes
+    them; returns the figure's path."""
     atomic_save(pruned, path)
     names, before = layer_widths(report["before"])
     chart = output_path(path, "channels.png")
-    plot_channels(names, before, layer_widths(report["after"])[1], chart,
-                  recipe_name(method, sparsity, global_ranking))
+    plot_channels(names, before, layer_widths(report["after"])[1], chart, pruning.name())
     return chart

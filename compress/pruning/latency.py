@@ -56,7 +56,7 @@ def cache_folder() -> str:
     return os.path.join(base, "vgg-prune-distill", "latency")
 
 
-def layers_of(architecture: dict, image_size: int) -> list[dict]:
+def layers_of(architecture: vgg.Architecture, image_size: int) -> list[dict]:
     """Each compute layer of a VGG (conv1.., fc1..fc3): its name, group (the feature map's
     size, or "linear"), multiply-adds and outputs per picture."""
     layers, size, channels, index = [], image_size, 3, 0
@@ -76,7 +76,7 @@ def layers_of(architecture: dict, image_size: int) -> list[dict]:
     return layers
 
 
-def with_widths(architecture: dict, widths: dict[str, int]) -> dict:
+def with_widths(architecture: vgg.Architecture, widths: dict[str, int]) -> vgg.Architecture:
     """The architecture with the widths of pruning.channels.prunable_layers() names
     (features.N, classifier.0, classifier.3) replaced."""
     features = []
@@ -88,7 +88,7 @@ def with_widths(architecture: dict, widths: dict[str, int]) -> dict:
     return dict(architecture, features=features, classifier=hidden)
 
 
-def module_index(architecture: dict, position: int) -> int:
+def module_index(architecture: vgg.Architecture, position: int) -> int:
     """The index in `features` (nn.Sequential) of the convolution at `position` of the
     architecture's width list (a conv is followed by batch norm, if any, and ReLU)."""
     per_conv = 3 if architecture["batch_norm"] else 2
@@ -98,7 +98,7 @@ def module_index(architecture: dict, position: int) -> int:
     return index
 
 
-def widths_of(architecture: dict) -> dict[str, int]:
+def widths_of(architecture: vgg.Architecture) -> dict[str, int]:
     """The prunable layers' widths of an architecture, by prunable_layers() names."""
     widths = {}
     for position, width in enumerate(architecture["features"]):
@@ -122,7 +122,7 @@ class LatencyModel:
     steps: list[list[float]] = dataclasses.field(default_factory=list)
     step: int = 1
 
-    def layer_ms(self, architecture: dict) -> dict[str, float]:
+    def layer_ms(self, architecture: vgg.Architecture) -> dict[str, float]:
         """Each compute layer's predicted milliseconds, and "other"'s."""
         batch, layers = self.key["batch"], layers_of(architecture, self.key["image_size"])
         times = {}
@@ -133,7 +133,7 @@ class LatencyModel:
         times["other"] = d + e * batch * sum(layer["outputs"] for layer in layers)
         return times
 
-    def predict(self, architecture: dict) -> float:
+    def predict(self, architecture: vgg.Architecture) -> float:
         """The predicted milliseconds of one forward pass of `architecture`."""
         return sum(self.layer_ms(architecture).values())
 
@@ -142,7 +142,7 @@ class LatencyModel:
         write_json(dataclasses.asdict(self), path)
 
 
-def key_of(architecture: dict, image_size: int, runtime: str, batch: int) -> dict:
+def key_of(architecture: vgg.Architecture, image_size: int, runtime: str, batch: int) -> dict:
     """What a latency model depends on: the CPU, the runtime and its version, the threads,
     the image size, the batch, and the dense architecture."""
     import onnxruntime
@@ -161,7 +161,7 @@ def cache_path(key: dict) -> str:
     return os.path.join(cache_folder(), f"{key['runtime']}-b{key['batch']}-{digest}.json")
 
 
-def cached(architecture: dict, image_size: int, runtime: str,
+def cached(architecture: vgg.Architecture, image_size: int, runtime: str,
            batch: int) -> LatencyModel | None:
     """The latency model of the dense `architecture` if the cache holds it, else None."""
     key = key_of(architecture, image_size, runtime, batch)
@@ -173,7 +173,7 @@ def cached(architecture: dict, image_size: int, runtime: str,
         return None
 
 
-def load_or_build(architecture: dict, image_size: int, runtime: str, batch: int,
+def load_or_build(architecture: vgg.Architecture, image_size: int, runtime: str, batch: int,
                   say: Callable = print) -> LatencyModel:
     """The latency model of the dense `architecture`, from the cache or built now (and kept)."""
     known = cached(architecture, image_size, runtime, batch)
@@ -189,7 +189,8 @@ def load_or_build(architecture: dict, image_size: int, runtime: str, batch: int,
     return latency
 
 
-def sample_architectures(architecture: dict, count: int, seed: int = 0) -> list[dict]:
+def sample_architectures(architecture: vgg.Architecture, count: int,
+                         seed: int = 0) -> list[vgg.Architecture]:
     """The dense architecture, uniform ones keeping UNIFORM_SHARES of every layer, then
     random widths per layer (a share from SMALLEST_SHARE to 1, log-uniform: as many thin
     layers as wide ones): the models a latency model is fitted on."""
@@ -205,14 +206,14 @@ def sample_architectures(architecture: dict, count: int, seed: int = 0) -> list[
     return samples[:count]
 
 
-def measure(architecture: dict, image_size: int, runtime: str, batch: int) -> float:
+def measure(architecture: vgg.Architecture, image_size: int, runtime: str, batch: int) -> float:
     """The measured milliseconds of a forward pass of `architecture` (random weights) as
     `runtime` runs it, at `batch`: what a prediction is checked against."""
     with tempfile.TemporaryDirectory(prefix="latency.") as folder:
         return measured_layers(architecture, image_size, runtime, batch, folder)[1]
 
 
-def measured_layers(architecture: dict, image_size: int, runtime: str, batch: int,
+def measured_layers(architecture: vgg.Architecture, image_size: int, runtime: str, batch: int,
                     folder: str) -> tuple[dict[str, float], float]:
     """({layer or "other": ms}, the pass in ms) of a randomly initialised VGG of
     `architecture`, as `runtime` runs it (int8: exported and quantised as export.py does,
@@ -234,7 +235,7 @@ def measured_layers(architecture: dict, image_size: int, runtime: str, batch: in
             profile.measured * 1000)
 
 
-def build(architecture: dict, image_size: int, runtime: str, batch: int,
+def build(architecture: vgg.Architecture, image_size: int, runtime: str, batch: int,
           count: int = FITTED_MODELS, steps: range = range(48, 81)) -> LatencyModel:
     """A latency model fitted to `count` VGGs of sampled widths (sample_architectures()),
     with the step table of `steps` widths and the step it favours."""

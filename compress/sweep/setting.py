@@ -20,7 +20,8 @@ from compress.checkpoints import (check_replaceable, load_checkpoint, model_from
                                   output_path)
 from compress.export.convert import check_onnx_replaceable
 from compress.pruning.allocation import allocate, channel_importance
-from compress.pruning.channels import METHODS, prune_checkpoint, save_pruned, taylor_batches
+from compress.pruning.channels import (METHODS, Pruning, prune_checkpoint, save_pruned,
+                                       taylor_batches)
 from compress.sweep.candidates import SweepSetup
 from compress.sweep.targets import onnx_paths
 from compress.training.distillation import distil_checkpoint, mobilenet_student
@@ -39,6 +40,11 @@ class Setting:
     sparsity: float | None = None
     steps: int = 1
     latency_ms: float | None = None
+
+    def pruning(self, setup: SweepSetup) -> Pruning:
+        """How this setting prunes, with the sweep's image size, seed and verbosity."""
+        return Pruning(self.method, self.sparsity, self.global_ranking, setup.image_size,
+                       setup.recipe.seed, setup.verbose)
 
     @property
     def name(self) -> str:
@@ -119,15 +125,13 @@ def prune_setting(setup: SweepSetup, path: str, setting: Setting,
     batches = (taylor_batches(checkpoint, source, setup.data,
                               batch_size=recipe.batch_size, seed=recipe.seed)
                if setting.method == "taylor" else [])
-    pruned, report = prune_checkpoint(checkpoint, source, method=setting.method,
-                                      sparsity=setting.sparsity,
-                                      global_ranking=setting.global_ranking,
-                                      image_size=setup.image_size, seed=recipe.seed,
-                                      batches=batches, verbose=setup.verbose, widths=widths)
+    pruning = setting.pruning(setup)
+    pruned, report = prune_checkpoint(checkpoint, source, pruning, batches=batches,
+                                      widths=widths)
     print(f"  params {report['params_before']:,} -> {report['params_after']:,}, FLOPs "
           f"{report['flops_before'] / report['flops_after']:.2f}x fewer; the sped-up model "
           f"matches the masked one ({report['difference']:.1e})", flush=True)
-    save_pruned(pruned, report, path, setting.method, setting.sparsity, setting.global_ranking)
+    save_pruned(pruned, report, path, pruning)
     return pruned
 
 

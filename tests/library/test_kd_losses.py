@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from compress.checkpoints import atomic_save, load_checkpoint, model_from_checkpoint
-from compress.pruning.channels import prune_checkpoint
+from compress.pruning.channels import Pruning, prune_checkpoint
 from compress.training import features
 from compress.training.distillation import Distillation, distil_checkpoint, distillation_loss
 from compress.training.recipe import Recipe
@@ -54,7 +54,7 @@ def folder(tmp_path_factory):
     toy_pictures(folder / "dataset" / "train", 8, seed=0)
     toy_pictures(folder / "dataset" / "val", 4, seed=1)
     teacher = str(small_checkpoint(folder / "teacher.pth", class_names=("dark", "light")))
-    pruned, _ = prune_checkpoint(load_checkpoint(teacher), teacher, sparsity=0.5)
+    pruned, _ = prune_checkpoint(load_checkpoint(teacher), teacher, Pruning(sparsity=0.5))
     atomic_save(pruned, str(folder / "student.pth"))
     return folder
 

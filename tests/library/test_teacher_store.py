@@ -14,7 +14,7 @@ import torch
 
 from compress.checkpoints import atomic_save, load_checkpoint
 from compress.cli import Interrupted
-from compress.pruning.channels import prune_checkpoint
+from compress.pruning.channels import Pruning, prune_checkpoint
 from compress.training.distillation import distil_checkpoint
 from compress.training.recipe import Recipe
 from compress.training.teacher_store import MAGIC
@@ -35,7 +35,8 @@ def folder(tmp_path_factory):
     toy_pictures(folder / "dataset" / "val", 4, seed=1)
     teacher = str(small_checkpoint(folder / "teacher.pth", class_names=("dark", "light")))
     for sparsity in (0.5, 0.7):
-        pruned, _ = prune_checkpoint(load_checkpoint(teacher), teacher, sparsity=sparsity)
+        pruned, _ = prune_checkpoint(load_checkpoint(teacher), teacher,
+                                     Pruning(sparsity=sparsity))
         atomic_save(pruned, str(folder / f"student{sparsity}.pth"))
     return folder
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from compress.checkpoints import atomic_save, load_checkpoint
-from compress.pruning.channels import prune_checkpoint
+from compress.pruning.channels import Pruning, prune_checkpoint
 from helpers import assert_clean_error, load_script, run_in_process, small_checkpoint
 
 # real models exported, timed and profiled: alone, not beside another test
@@ -23,7 +23,7 @@ test_py = load_script("test")
 def profiled(tmp_path_factory):
     folder = tmp_path_factory.mktemp("profile")
     dense = str(small_checkpoint(folder / "dense.pth", image_size=64))
-    pruned, _ = prune_checkpoint(load_checkpoint(dense), dense, sparsity=0.5)
+    pruned, _ = prune_checkpoint(load_checkpoint(dense), dense, Pruning(sparsity=0.5))
     atomic_save(pruned, str(folder / "pruned.pth"))
     proc = run_in_process(test_py, "--profile", "dense.pth", "pruned.pth", cwd=folder)
     return folder, proc

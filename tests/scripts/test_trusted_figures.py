@@ -8,7 +8,7 @@ import json
 import pytest
 
 from compress.checkpoints import atomic_save, load_checkpoint
-from compress.pruning.channels import prune_checkpoint
+from compress.pruning.channels import Pruning, prune_checkpoint
 from helpers import load_script, run_in_process, small_checkpoint, toy_pictures
 
 test_py = load_script("test")
@@ -20,7 +20,7 @@ def folder(tmp_path_factory):
     for part, count, seed in (("train", 4, 0), ("val", 3, 1), ("test", 5, 2)):
         toy_pictures(folder / "dataset" / part, count, seed=seed)
     dense = str(small_checkpoint(folder / "dense.pth", class_names=("dark", "light")))
-    pruned, _ = prune_checkpoint(load_checkpoint(dense), dense, sparsity=0.5)
+    pruned, _ = prune_checkpoint(load_checkpoint(dense), dense, Pruning(sparsity=0.5))
     atomic_save(pruned, str(folder / "pruned.pth"))
     return folder
 
