@@ -18,15 +18,16 @@
 """
 from __future__ import annotations
 
+import glob
 import json
 import os
 import time
 from collections.abc import Sequence
 
-from compress.checkpoints import load_checkpoint, model_from_checkpoint, saved_bytes, write_json
+from compress.checkpoints import (load_checkpoint, model_from_checkpoint, output_path,
+                                  saved_bytes, write_json)
 from compress.cli import Interrupted, UserError
 from compress.machine.resources import check_room
-from compress.checkpoints import output_path
 from compress.measure.intervals import describe_difference
 from compress.sweep.candidates import (SweepSetup, comparable_training, measure_candidates,
                                       paired, save_rows)
@@ -94,6 +95,8 @@ class Sweep:
             return self.rows[name]
         started = time.perf_counter()
         student = self.student(name)
+        for stale in glob.glob(glob.escape(output_path(student, "stage")) + "[0-9]*"):
+            os.remove(stale)  # (a later stage's start, kept by a run of other settings)
         print(f"\n=== {name} ({position}) ===", flush=True)
         try:
             (prune_in_steps if setting.steps > 1 else prune_and_distil)(self.setup, student,
