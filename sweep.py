@@ -107,11 +107,12 @@ def get_args_parser():
                              "--student-arch mobilenet_v2)")
     parser.add_argument("--kd-epochs", nargs="+", type=positive_int, default=[3], metavar="E",
                         help="distillation epochs of each setting; several numbers: successive "
-                             "halving -- every setting distils for the first, then those whose "
-                             "paired difference from the dense model on val can still make "
-                             "--max-drop (at most half, the fastest first) continue for the next "
-                             "number of epochs, and so on (the learning-rate schedule planned "
-                             "again over each stage, the pictures going on where they stopped)")
+                             "halving -- every setting distils for the first, then half of them "
+                             "for the next number, and so on: by their paired difference from "
+                             "the dense model on val, those within reach of --max-drop, the "
+                             "fastest first, then the most accurate (the learning-rate schedule "
+                             "planned again over each stage, the pictures going on where they "
+                             "stopped)")
     add_shared_flags(parser, "--lr", *DISTILLATION_FLAGS, lr={"default": 1e-4})
     parser.add_argument("--max-drop", type=points, metavar="POINTS",
                         help="name the fastest model within POINTS of the dense accuracy")

@@ -76,8 +76,9 @@ TEACHER = ["--image-size", str(PHOTO_SIZE), "--batch-norm", "--classifier-width"
            "--weight-decay", "0.05", "--schedule", "cosine", "--warmup-epochs", "2",
            "--label-smoothing", "0.1", "--crop-scale", "0.25", "--cache"]
 SPARSITIES = (0.7, 0.8, 0.85, 0.9)
-# successive halving: every sparsity distils for the first number of epochs, the half that
-# can still make the budget (the fastest first) for the second more
+# successive halving: every sparsity distils for the first number of epochs, then half of
+# them for the second more (those within reach of the budget, the fastest first, then the
+# most accurate: compress/sweep/halving.py)
 KD_STAGES = (5, 20)
 MIX = "mixup"  # function matching: the teacher answers the mixed picture the student sees
 SWEEP = ["--methods", "l1", "--sparsities", *map(str, SPARSITIES),
