@@ -17,12 +17,25 @@ MobileNetV2 instead, described as {"arch": "mobilenet_v2", "batch_norm": True,
 "num_classes": 2}: it has no widths to store, as it is never pruned.
 """
 import re
+import typing
 
 import torch
 import torchvision
 from torch import nn
 
 MOBILENET_V2 = "mobilenet_v2"
+
+
+class Architecture(typing.TypedDict, total=False):
+    """A model as plain data (what a checkpoint stores beside its weights): "arch" (vgg11..19
+    or mobilenet_v2), "batch_norm", "num_classes", and for a VGG its widths: "features"
+    (each convolution's output channels, "M" a max-pool) and "classifier" (the two hidden
+    Linear layers'). A plain dict, so that torch.load(weights_only=True) reads it."""
+    arch: str
+    batch_norm: bool
+    num_classes: int
+    features: list
+    classifier: list
 
 CONV_WIDTHS = {
     "vgg11": [64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"],
@@ -94,7 +107,7 @@ def build_model(arch="vgg16", num_classes=2, batch_norm=False, classifier_width=
                               "classifier": [classifier_width, classifier_width]})
 
 
-def from_architecture(architecture):
+def from_architecture(architecture: Architecture) -> nn.Module:
     if architecture["arch"] == MOBILENET_V2:
         return torchvision.models.mobilenet_v2(num_classes=architecture["num_classes"])
     return VGG(list(architecture["features"]), list(architecture["classifier"]),
