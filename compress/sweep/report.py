@@ -172,13 +172,17 @@ def label_of(row: SweepRow) -> str:
 
 
 def log_latency_axis(axis: Axes) -> None:
-    """A log latency axis labelled at 1, 2, 5 x 10^k ms only (no crowded minor labels)."""
-    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+    """A log latency axis labelled at 1, 2, 5 x 10^k ms (no crowded minor labels), and at
+    its minor ticks too where it spans less than a factor of 4 (else a single label)."""
+    from matplotlib.ticker import FuncFormatter, LogLocator
 
+    def minor(value, _):
+        low, high = axis.get_xlim()
+        return f"{value:g}" if high < 4 * low else ""
     axis.set_xscale("log")
     axis.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
     axis.xaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
-    axis.xaxis.set_minor_formatter(NullFormatter())
+    axis.xaxis.set_minor_formatter(FuncFormatter(minor))
     axis.set_xlabel("latency at batch 1 (ms, log scale)")
 
 
