@@ -16,6 +16,7 @@ import os
 from compress.checkpoints import atomic_write
 from compress.measure.intervals import describe_difference
 from compress.measure.reporting import pyplot, save_figure
+from compress.sweep.decision import may_lose_more, reaches
 from compress.sweep.report import epochs_cell
 
 
@@ -73,11 +74,11 @@ def write_result(workdir: str, photos: str, log: dict) -> str:
                f"decided on the {counts['val']} val photos "
                f"({describe_difference(chosen['budget'])}"
                + ("; its interval reaches further: it may lose more"
-                  if chosen["budget"]["low"] < -budget / 100 else "") + ")" if met else
+                  if may_lose_more(chosen["budget"], budget) else "") + ")" if met else
                f"it **missed the budget** of {budget:g} points (decided on the {counts['val']} "
                f"val photos: {describe_difference(chosen['budget'])}); no candidate met it, "
                "and this is " + ("the fastest whose interval still reaches the budget"
-                                 if chosen["budget"]["high"] >= -budget / 100 else
+                                 if reaches(chosen["budget"], budget) else
                                  "the most accurate candidate"))
     lines = [
         f"# Result: {os.path.basename(os.path.abspath(photos))}",

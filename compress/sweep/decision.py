@@ -38,6 +38,18 @@ def pareto(rows: Sequence[SweepRow], key: str) -> set[str]:
     return front
 
 
+def reaches(difference: dict, max_drop: float) -> bool:
+    """Whether a paired difference's interval (its "high" end, a fraction) reaches a budget
+    of `max_drop` points below the dense model."""
+    return round(difference["high"] + max_drop / 100, 9) >= 0
+
+
+def may_lose_more(difference: dict, max_drop: float) -> bool:
+    """Whether a paired difference's interval (its "low" end) goes further below the dense
+    model than the budget of `max_drop` points."""
+    return difference["low"] < -max_drop / 100
+
+
 def drop(row: SweepRow, dense: SweepRow) -> float:
     """The points a measured row is below the dense model in PyTorch on the pictures the
     sweep decides on: the paired difference (the same pictures, "budget"), or, for a row
@@ -71,8 +83,7 @@ def decide(rows: Sequence[SweepRow], dense: SweepRow,
     "most_accurate": the row of the best paired difference, "shipped": the pick, else the
     fastest in the noise, else the most accurate}. A run always ends with a file to ship;
     where the budget was missed it says so, and the file's name says so too."""
-    line = -max_drop / 100
-    in_noise = [row for row in rows if round(row["budget"]["high"] - line, 9) >= 0] \
+    in_noise = [row for row in rows if reaches(row["budget"], max_drop)] \
         if all("budget" in row for row in rows) else []
     decision = {"picked": pick(rows, dense, max_drop),
                 "fastest_in_noise": min(in_noise, key=lambda r: (r["latency_ms"], r["params"]),
@@ -141,7 +152,7 @@ def print_noise(rows: Sequence[SweepRow], chosen: SweepRow | None, max_drop: flo
             f"{row['name']} ({describe_difference(row['budget'])} on {SELECTION_SPLIT})"
             for row in faster) + f" left out, though their intervals reach -{max_drop:g}: "
             "more validation pictures would tell")
-    if chosen and "budget" in chosen and chosen["budget"]["low"] < line:
+    if chosen and "budget" in chosen and may_lose_more(chosen["budget"], max_drop):
         print(f"{chosen['name']}'s interval on {SELECTION_SPLIT} "
               f"({describe_difference(chosen['budget'])}) reaches below -{max_drop:g}: it may "
               "lose more than the budget")

@@ -36,7 +36,7 @@ from compress.measure.comparison import load_model, split_loader
 from compress.measure.evaluation import count_flops, evaluate
 from compress.measure.intervals import PairedDifference, paired_difference
 from compress.sweep.candidates import SweepSetup, read_evaluation
-from compress.sweep.decision import SELECTION_SPLIT
+from compress.sweep.decision import SELECTION_SPLIT, pareto, reaches
 from compress.training.distillation import distil_checkpoint
 from compress.training.recipe import Recipe
 
@@ -93,18 +93,14 @@ def survivors(standings: dict[str, dict], max_drop: float | None) -> list[str]:
     the students are still far from what more epochs bring) to the most accurate of the
     front. Without a budget, the most accurate of the front."""
     keep = math.ceil(len(standings) / 2)
-
-    def difference(name):
-        return standings[name]["vs_dense"]["difference"]
-    front = [name for name in standings if not any(
-        difference(other) >= difference(name) and standings[other]["flops"] <=
-        standings[name]["flops"] and (difference(other), -standings[other]["flops"]) !=
-        (difference(name), -standings[name]["flops"]) for other in standings)]
+    front = pareto([{"name": name, "flops": entry["flops"],
+                     "accuracy": entry["vs_dense"]["difference"]}
+                    for name, entry in standings.items()], "flops")
     kept = [] if max_drop is None else sorted(
-        (name for name in front
-         if round(100 * standings[name]["vs_dense"]["high"], 9) >= -max_drop),
+        (name for name in front if reaches(standings[name]["vs_dense"], max_drop)),
         key=lambda name: (standings[name]["flops"], name))[:keep]
-    by_accuracy = sorted(front, key=lambda name: (-difference(name), name))
+    by_accuracy = sorted(front, key=lambda name: (-standings[name]["vs_dense"]["difference"],
+                                                  name))
     return kept + [name for name in by_accuracy if name not in kept][:keep - len(kept)]
 
 
