@@ -188,7 +188,7 @@ def plot_comparison(rows: Sequence[ModelRow], path: str, show: bool = False) -> 
     """test.py --compare's bars: accuracy, parameters, file size, latency, throughput."""
     plt = pyplot(show)
     names = [row["name"] for row in rows]
-    panels = [("val accuracy (%)", [100 * r["accuracy"] for r in rows]),
+    panels = [(f"{rows[0].get('split', 'val')} accuracy (%)", [100 * r["accuracy"] for r in rows]),
               ("parameters (M)", [r["params"] / 1e6 for r in rows]),
               ("file size (MB)", [r["file_bytes"] / 2**20 for r in rows]),
               ("latency, batch 1 (ms)", [r["latency_ms"] for r in rows]),
