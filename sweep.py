@@ -240,14 +240,14 @@ def latency_targets(args, setup):
     model = setup.latency_model()
     architecture = setup.teacher.checkpoint["architecture"]
     dense = widths_of(architecture)
-    least = reachable_ms(model, architecture, model.step)
+    least = reachable_ms(model, architecture)
     given = [(f"--latencies {ms:g}", ms) for ms in args.latencies]
     given += [(f"--speedups {x:g}", model.predict(architecture) / x) for x in args.speedups]
     for flag, target in given:  # (refused before any work, not after the settings before it)
         if target < least:
             raise UserError(f"{flag}: {target:.2f} ms is below what an allocation reaches here "
                             f"({least:.2f} ms predicted with every layer at its narrowest: "
-                            f"{FLOOR:.0%} of its channels, in steps of {model.step})")
+                            f"{FLOOR:.0%} of its channels)")
     targets = [target for _, target in given]
     if args.match_latency:
         for sparsity in args.sparsities:
@@ -255,8 +255,8 @@ def latency_targets(args, setup):
             if target < least:  # (the uniform cut is narrower than an allocation may go)
                 print(f"--match-latency: no latency setting for sparsity {sparsity:g}: its "
                       f"predicted {target:.2f} ms is below what an allocation reaches here "
-                      f"({least:.2f} ms, every layer at {FLOOR:.0%} of its channels in steps "
-                      f"of {model.step})", flush=True)
+                      f"({least:.2f} ms, every layer at {FLOOR:.0%} of its channels)",
+                      flush=True)
             else:
                 targets.append(target)
     return [round(target, 3) for target in targets]

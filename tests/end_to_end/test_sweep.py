@@ -534,8 +534,7 @@ def test_one_loose_run_keeps_all_of_them_going_to_max_repeats(device):
 def stepped(narrow_teacher, tmp_path_factory):
     """l1 at 0.5 in one cut and in 2 steps, and l1 pruned to the latency the latency model
     predicts for uniform 0.5 (PyTorch, batch 1; the model built into a cache of its own),
-    from an untrained helpers.MEDIUM (the narrow teacher's layers are narrower than the
-    kernels' width step: no allocation could go below its uniform 0.5)."""
+    from an untrained helpers.MEDIUM."""
     folder = tmp_path_factory.mktemp("stepped")
     shutil.copytree(narrow_teacher / "dataset", folder / "dataset")
     small_checkpoint(folder / "vgg16Net.pth", architecture=MEDIUM)

@@ -70,12 +70,36 @@ def test_the_layers_that_cost_time_lose_the_most_channels():
     assert thinned and thinned <= {"features.10", "features.14", "features.17", "features.20"}
 
 
-def test_important_channels_are_kept_longer():
+def test_a_layer_that_holds_the_importance_is_kept_wider_than_a_uniform_cut_keeps_it():
     model = hand_made(costly=None)
     importance = even_importance()
-    importance["features.24"] = [100.0] * len(importance["features.24"])  # a layer that matters
-    widths, _ = allocation.allocate(model, ARCH, importance, model.predict(ARCH) / 2)
-    assert widths["features.24"] == latency.widths_of(ARCH)["features.24"]
+    importance["features.3"] = [100.0] * len(importance["features.3"])  # conv2 matters
+    target = model.predict(ARCH) / 2
+    widths, _ = allocation.allocate(model, ARCH, importance, target)
+    _, uniform, _ = allocation.uniform_for(model, ARCH, target)
+    assert widths["features.3"] > uniform["features.3"]
+    # (conv2 works on the largest feature map: with even importance it is among the first cut)
+    even, _ = allocation.allocate(model, ARCH, even_importance(), target)
+    assert widths["features.3"] > even["features.3"]
+
+
+@pytest.mark.parametrize("step", [1, 4])
+def test_the_allocation_keeps_its_bounds(step):
+    """Widths in the kernels' steps down to one step, no layer under FLOOR of its channels,
+    none under 1 / NEIGHBOUR_RATIO of a neighbour's share: even where the time sits in
+    one place and the importance in another."""
+    model = hand_made(costly="conv8", step=step)
+    importance = even_importance()
+    importance["features.0"] = [100.0] * len(importance["features.0"])
+    widths, predicted = allocation.allocate(model, ARCH, importance, model.predict(ARCH) / 4,
+                                            step=step)
+    dense = latency.widths_of(ARCH)
+    shares = [widths[name] / dense[name] for name in dense]
+    assert all(width % step == 0 for width in widths.values() if width >= step)
+    assert all(widths[name] >= max(1, round(allocation.FLOOR * dense[name])) for name in dense)
+    assert all(min(a, b) * allocation.NEIGHBOUR_RATIO >= max(a, b)
+               for a, b in zip(shares, shares[1:])), shares
+    assert predicted <= model.predict(ARCH) / 4
 
 
 def test_widths_move_in_the_step_the_kernels_favour():
@@ -87,25 +111,48 @@ def test_widths_move_in_the_step_the_kernels_favour():
 
 def test_a_target_no_allowed_widths_reach_is_one_line():
     model = hand_made()
-    with pytest.raises(UserError, match="below what any allowed widths reach"):
-        allocation.allocate(model, ARCH, even_importance(), model.predict(ARCH) / 1000)
-
-
-def test_the_narrowest_allocation_is_the_floor_in_steps_and_a_uniform_cut_can_go_below_it():
-    """ARCH's first layers have 8 channels: an allocation in steps of 16 keeps them whole,
-    a uniform 0.9 keeps 1, so its latency can be below any allocation's
-    (sweep.py --match-latency then leaves that sparsity out, in one line)."""
-    model = hand_made(step=16)
-    least = allocation.narrowest(ARCH, step=16)
+    reach = allocation.reachable_ms(model, ARCH)
+    assert reach == pytest.approx(model.predict(
+        latency.with_widths(ARCH, allocation.narrowest(ARCH))))
+    # the narrowest allocation keeps FLOOR of each layer: below a uniform cut of 0.9
     dense = latency.widths_of(ARCH)
-    assert all(least[name] == min(width, max(16, round(allocation.FLOOR * width)))
-               for name, width in dense.items())
-    reach = allocation.reachable_ms(model, ARCH, step=16)
-    assert reach == pytest.approx(model.predict(latency.with_widths(ARCH, least)))
-    uniform = latency.with_widths(ARCH, uniform_widths(dense, 0.9))
-    assert model.predict(uniform) < reach
-    with pytest.raises(UserError, match=f"at least {reach:.2f} ms predicted"):
-        allocation.allocate(model, ARCH, even_importance(), model.predict(uniform), step=16)
+    assert reach < model.predict(latency.with_widths(ARCH, uniform_widths(dense, 0.9)))
+    with pytest.raises(UserError, match=f"below what any allowed widths reach here "
+                                        f"\\(at least {reach:.2f} ms predicted"):
+        allocation.allocate(model, ARCH, even_importance(), reach * 0.9)
+
+
+def test_taylor_importance_is_the_loss_change_a_channel_would_cause():
+    """A channel whose batch-norm scale and shift are zero changes nothing when it goes:
+    importance 0; the others, some. One list per prunable layer, a value per channel."""
+    torch.manual_seed(0)
+    network = vgg.from_architecture(ARCH)
+    norm = network.features[1]  # after the first convolution
+    with torch.no_grad():
+        norm.weight[0], norm.bias[0] = 0.0, 0.0
+    batches = [(torch.randn(4, 3, SIZE, SIZE), torch.tensor([0, 1, 0, 1])) for _ in range(2)]
+    importance = allocation.channel_importance(network, "taylor", batches)
+    assert {name: len(scores) for name, scores in importance.items()} \
+        == latency.widths_of(ARCH)
+    first = importance["features.0"]
+    assert first[0] == 0.0 and first[1] > 0.0  # (least first: the silenced channel)
+    assert all(parameter.grad is None for parameter in network.parameters())
+
+
+def test_the_report_shows_each_layers_width_importance_kept_and_time():
+    model = hand_made(costly="conv8")
+    target = model.predict(ARCH) / 2
+    widths, predicted = allocation.allocate(model, ARCH, even_importance(), target)
+    _, uniform, uniform_ms = allocation.uniform_for(model, ARCH, target)
+    report = allocation.describe_allocation(model, ARCH, even_importance(),
+                                            ("allocated", widths), ("uniform", uniform))
+    rows = {line.split()[0]: line.split()[1:] for line in report.splitlines()[2:]}
+    assert rows["conv1"][0] == str(widths["features.0"])
+    assert rows["conv1"][3] == str(uniform["features.0"])
+    kept = widths["features.0"] / latency.widths_of(ARCH)["features.0"]
+    assert rows["conv1"][1] == f"{kept:.0%}"  # even importance: the share of channels kept
+    assert [float(ms) for ms in rows["total"]] == pytest.approx([predicted, uniform_ms],
+                                                                abs=0.01)
 
 
 def test_a_target_above_the_dense_models_time_is_one_line():

@@ -52,10 +52,13 @@ def test_latency_gives_per_layer_widths_within_the_target(tmp_path, cached_model
     pruned = torch.load(tmp_path / "pruned_vgg16_net.pth", weights_only=True)
     widths = latency.widths_of(pruned["architecture"])
     assert cached_model.predict(pruned["architecture"]) <= target
-    # the time sits in the 8x8 convolutions: the channels were taken there, not elsewhere
+    # the time sits in the 8x8 convolutions (conv5-7): channels are taken there, and from
+    # the layer that feeds them (what it saves includes conv5's time); where little time
+    # sits (the 4x4 and 2x2 maps, the hidden layers) every channel stays
     dense = latency.widths_of(NARROW)
     thinned = {name for name in dense if widths[name] < dense[name]}
-    assert thinned and thinned <= {"features.8", "features.10", "features.12", "features.14"}
+    assert thinned & {"features.10", "features.12", "features.14"}
+    assert thinned <= {"features.7", "features.10", "features.12", "features.14"}
     # the report: widths beside the uniform sparsity of the same latency, both measured
     assert "allocated" in proc.stdout and "uniform 0." in proc.stdout
     assert len(measured) == 2 and "ms measured" in proc.stdout
