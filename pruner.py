@@ -36,16 +36,15 @@ measured latency.
 """
 import os
 
-from compress.checkpoints import (atomic_save, check_replaceable, load_checkpoint,
-                                  model_from_checkpoint)
+from compress.checkpoints import (atomic_save, check_replaceable, load_checkpoint)
 from compress.cli import (UserError, add_shared_flags, add_verbose_arg, fraction, make_parser,
                           positive_float, positive_int, run_cli)
 from compress.machine.resources import check_writable
-from compress.pruning.allocation import (allocate, channel_importance, describe_allocation,
+from compress.pruning.allocation import (allocate, channel_values, describe_allocation,
                                          target_of, uniform_for)
 from compress.pruning.channels import (METHODS, MOST_REMOVED, Pruning, layer_widths,
                                        prune_checkpoint, save_pruned, taylor_batches)
-from compress.pruning.latency import RUNTIMES, load_or_build, measure, with_widths
+from compress.pruning.latency import RUNTIMES, load_or_build, measure, widths_of, with_widths
 from compress.pruning.weights import UNSTRUCTURED, compressed_bytes, prune_weights_checkpoint
 
 
@@ -123,9 +122,9 @@ def main(args):
                                           seed=args.seed)
         save_unstructured(pruned, args.output)
         return
+    widths = allocated_widths(args, checkpoint) if timed else None
     batches = (taylor_batches(checkpoint, args.weights, args.data, args.taylor_batches,
                               args.batch_size, args.seed) if args.method == "taylor" else [])
-    widths = allocated_widths(args, checkpoint, batches) if timed else None
     pruning = Pruning.from_args(args, sparsity=sparsity)
     pruned, report = prune_checkpoint(checkpoint, args.weights, pruning, batches=batches,
                                       widths=widths)
@@ -172,19 +171,19 @@ def print_zeros(pruned, output):
           "test.py --compare measures it")
 
 
-def allocated_widths(args, checkpoint, batches):
-    """The widths --latency or --speedup asks for on this CPU (--method's importance;
-    taylor's from `batches`), with their report: each layer beside the uniform sparsity of
-    the same predicted latency; both models' predicted and measured latency."""
+def allocated_widths(args, checkpoint):
+    """The widths --latency or --speedup asks for on this CPU, with their report: each
+    layer beside the uniform sparsity of the same predicted latency; both models'
+    predicted and measured latency."""
     architecture = checkpoint["architecture"]
     image_size = args.image_size or checkpoint["image_size"]
     latency = load_or_build(architecture, image_size, args.runtime, args.batch)
     target = target_of(latency, architecture, args.latency, args.speedup)
-    importance = channel_importance(model_from_checkpoint(checkpoint, args.weights),
-                                    args.method, batches)
+    importance = channel_values(architecture)
     widths, predicted = allocate(latency, architecture, importance, target, latency.step)
     sparsity, uniform, uniform_ms = uniform_for(latency, architecture, target)
-    print(describe_allocation(latency, architecture, importance, ("allocated", widths),
+    print(describe_allocation(latency, architecture, importance,
+                              ("dense", widths_of(architecture)), ("allocated", widths),
                               (f"uniform {sparsity:.2f}", uniform)))
     dense_ms = latency.predict(architecture)
     print(f"{args.runtime}, batch {args.batch}, {image_size} px, {latency.key['cpu']}: dense "

@@ -2,37 +2,31 @@
 
 HALP's idea (Shen et al., NeurIPS 2022) with a greedy in place of its knapsack: start
 from the dense widths and, while the latency model (latency.py) predicts more than the
-target, take away the group of channels whose importance is least per millisecond its
+target, take away the group of channels whose value is least per millisecond its
 removal saves, anywhere in the network. The time saved is the whole model's predicted
 time before and after, so what a layer's width does to the next layer's time counts. A
-layer whose channels cost time and matter little thins fast; one that costs little keeps
-its channels.
+layer whose channels cost much time thins first, each channel it loses worth more than
+the last; one whose channels cost little keeps them.
 
 Bounds: widths move in multiples of the step the kernels favour
 (latency.favoured_step()) down to one step, then a channel at a time; no layer keeps
 fewer than FLOOR of its channels; and no layer keeps less than 1/NEIGHBOUR_RATIO of the
-share its neighbours keep. Without that last bound, on flowers, the greedy kept wide
-layers fed by 16-channel ones (a layer fed by few channels costs little at any width)
-and the student lost 3.5 points to the uniform cut of the same latency (docs/latency.md).
+share its neighbours keep (a layer fed by few channels costs little at any width: on
+flowers, an allocation without it kept 512-channel layers fed by 16-channel ones).
 
-- `channel_importance()`: each prunable layer's channels by importance, comparable
-  across layers: taylor, the first-order Taylor estimate of the loss change when a
-  channel goes (HALP's, on the batch norm's scale and shift, or a Linear's row), summed
-  over batches; the norms, divided by their layer's mean (a weight norm grows with the
-  layer's inputs); slim's batch-norm scales as they are.
+- `channel_values()`: what each layer's channels are worth to the allocation: a layer
+  of w channels about log(w) (its k-th channel 1/k); which channels of a layer go is the
+  pruning method's choice.
 - `allocate()`: the widths for a target, and the predicted latency they reach.
 - `uniform_for()`: the uniform sparsity whose widths the model predicts at a target
   (what the allocation is held against).
-- `describe_allocation()`: each layer's width, the share of its importance kept and its
+- `describe_allocation()`: each layer's width, the share of its value kept and its
   predicted time, a column each for the allocated and the uniform widths.
 """
 from __future__ import annotations
 
-import torch
-from torch import nn
-
 from compress.cli import UserError
-from compress.pruning.channels import HIDDEN_LINEAR, prunable_layers, uniform_widths
+from compress.pruning.channels import uniform_widths
 from compress.pruning.latency import LatencyModel, layers_of, widths_of, with_widths
 from model import Architecture
 
@@ -40,59 +34,15 @@ FLOOR = 0.05  # a layer keeps at least this share of its channels
 NEIGHBOUR_RATIO = 2.0  # and at least 1 / this of the share each neighbour keeps
 
 
-def channel_importance(model: nn.Module, method: str = "l1",
-                       batches: list | None = None) -> dict[str, list[float]]:
-    """{layer: its channels' importances, least first}, for prunable_layers(). taylor:
-    taylor_importance() on `batches`; l2: the L2 norm of each output channel's weights,
-    slim: the batch-norm scale |gamma| (as it is), l1 and the others: the L1 norm; norms
-    divided by their layer's mean."""
-    if method == "taylor":
-        return taylor_importance(model, batches or [])
-    scores = {}
-    for name in prunable_layers(model):
-        module = model.get_submodule(name)
-        weights = module.weight.detach().flatten(1)
-        if method == "slim" and not name.startswith(tuple(HIDDEN_LINEAR)):
-            norm = following_norm(model, name).weight.detach().abs()
-        else:
-            norm = weights.norm(p=2 if method == "l2" else 1, dim=1)
-            norm = norm / norm.mean().clamp(min=1e-12)
-        scores[name] = sorted(norm.tolist())
-    return scores
-
-
-def following_norm(model: nn.Module, name: str) -> nn.Module | None:
-    """The BatchNorm2d right after the convolution `name` (features.N), if there is one."""
-    if name.startswith(tuple(HIDDEN_LINEAR)):
-        return None
-    parent, index = name.rsplit(".", 1)
-    following = model.get_submodule(parent)[int(index) + 1]
-    return following if isinstance(following, nn.BatchNorm2d) else None
-
-
-def taylor_importance(model: nn.Module, batches: list) -> dict[str, list[float]]:
-    """{layer: importances, least first}: for each output channel, (sum of parameter x
-    gradient of the cross-entropy)^2 over its batch-norm scale and shift (or its own
-    weights and bias where no batch norm follows), summed over `batches` of (images,
-    labels): the first-order estimate of the loss change when the channel goes. One
-    scale for every layer: the loss."""
-    if not batches:
-        raise ValueError("taylor importance needs batches of training pictures")
-    model = model.eval()
-    owners = {name: following_norm(model, name) or model.get_submodule(name)
-              for name in prunable_layers(model)}
-    totals = {name: torch.zeros(owner.weight.shape[0]) for name, owner in owners.items()}
-    for images, labels in batches:
-        model.zero_grad(set_to_none=True)
-        nn.functional.cross_entropy(model(images), labels).backward()
-        for name, owner in owners.items():
-            channels = len(totals[name])
-            change = (owner.weight * owner.weight.grad).detach().reshape(channels, -1).sum(1)
-            if owner.bias is not None:
-                change = change + (owner.bias * owner.bias.grad).detach()
-            totals[name] += change ** 2
-    model.zero_grad(set_to_none=True)
-    return {name: sorted(total.tolist()) for name, total in totals.items()}
+def channel_values(architecture: Architecture) -> dict[str, list[float]]:
+    """{layer: its channels' values, least first}: the k-th channel of a layer (most
+    important first, by the pruning method's own ranking) is worth 1/k, so a layer of w
+    channels is worth about log(w). Thinning a layer costs more the thinner it already is,
+    and no layer is given up for the others. (Measured against the methods' own scores
+    made comparable across layers, Taylor's loss change and norms over their layer's
+    mean: docs/latency.md.)"""
+    return {name: [1.0 / rank for rank in range(width, 0, -1)]
+            for name, width in widths_of(architecture).items()}
 
 
 def narrower(width: int, step: int, least: int) -> int | None:
@@ -104,10 +54,10 @@ def narrower(width: int, step: int, least: int) -> int | None:
 
 def allocate(latency: LatencyModel, architecture: Architecture, importance: dict[str, list[float]],
              target_ms: float, step: int = 1) -> tuple[dict[str, int], float]:
-    """(widths, predicted ms): the dense `architecture` thinned, least important channels
-    per millisecond saved first (see the module: steps, FLOOR, NEIGHBOUR_RATIO), until
-    `latency` predicts at most `target_ms`. UserError if even the narrowest widths
-    allowed stay above it."""
+    """(widths, predicted ms): the dense `architecture` thinned, the channels of least
+    `importance` (channel_values()) per millisecond saved first (see the module: steps,
+    FLOOR, NEIGHBOUR_RATIO), until `latency` predicts at most `target_ms`. UserError if
+    even the narrowest widths allowed stay above it."""
     dense = widths_of(architecture)
     names = list(dense)
     widths = {name: width - width % step if width > step else width
@@ -182,8 +132,8 @@ def describe_allocation(latency: LatencyModel, architecture: Architecture,
                         importance: dict[str, list[float]],
                         *columns: tuple[str, dict[str, int]]) -> str:
     """A table of layers (conv1.., fc1, fc2, and the time outside them): for each column
-    (a title and widths), each layer's width, the share of its importance the widths keep
-    (its most important channels) and its predicted ms."""
+    (a title and widths), each layer's width, the share of its `importance` the widths
+    keep (its most important channels) and its predicted ms."""
     keys = list(widths_of(architecture))
     names = [layer["name"] for layer in layers_of(architecture, latency.key["image_size"])]
     header = f"{'layer':<8}" + "".join(f"{title:>26}" for title, _ in columns)

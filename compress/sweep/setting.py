@@ -16,13 +16,13 @@ from collections.abc import Callable
 
 import torch
 
-from compress.checkpoints import (check_replaceable, load_checkpoint, model_from_checkpoint,
-                                  output_path)
+from compress.checkpoints import check_replaceable, load_checkpoint, output_path
 from compress.export.convert import check_onnx_replaceable
-from compress.pruning.allocation import (allocate, channel_importance,
-                                         describe_allocation, uniform_for)
+from compress.pruning.allocation import (allocate, channel_values, describe_allocation,
+                                         uniform_for)
 from compress.pruning.channels import (METHODS, Pruning, prune_checkpoint, save_pruned,
                                        taylor_batches)
+from compress.pruning.latency import widths_of
 from compress.sweep.candidates import SweepSetup
 from compress.sweep.targets import onnx_paths
 from compress.training.distillation import distil_checkpoint, mobilenet_student
@@ -121,11 +121,11 @@ def prune_setting(setup: SweepSetup, path: str, setting: Setting,
     says (to `widths`, if given), saved to `path` (as pruner.py saves it)."""
     teacher, recipe = setup.teacher, setup.recipe
     checkpoint, source = start or (teacher.checkpoint, teacher.path)
+    if setting.latency_ms is not None:
+        widths = allocated(setup, setting)
     batches = (taylor_batches(checkpoint, source, setup.data,
                               batch_size=recipe.batch_size, seed=recipe.seed)
                if setting.method == "taylor" else [])
-    if setting.latency_ms is not None:
-        widths = allocated(setup, setting, batches)
     pruning = setting.pruning(setup)
     pruned, report = prune_checkpoint(checkpoint, source, pruning, batches=batches,
                                       widths=widths)
@@ -136,20 +136,20 @@ def prune_setting(setup: SweepSetup, path: str, setting: Setting,
     return pruned
 
 
-def allocated(setup: SweepSetup, setting: Setting, batches: list) -> dict[str, int]:
+def allocated(setup: SweepSetup, setting: Setting) -> dict[str, int]:
     """The widths of the teacher allocated for `setting.latency_ms` on this CPU, in the
-    sweep's target runtime at batch 1 (pruning.allocation; taylor ranks on `batches`),
-    printed layer by layer beside the uniform cut of the same predicted latency."""
+    sweep's target runtime at batch 1 (pruning.allocation), printed layer by layer
+    beside the uniform cut of the same predicted latency."""
     teacher = setup.teacher
     architecture = teacher.checkpoint["architecture"]
     latency = setup.latency_model()
-    importance = channel_importance(model_from_checkpoint(teacher.checkpoint, teacher.path),
-                                    setting.method, batches)
+    importance = channel_values(architecture)
     widths, predicted = allocate(latency, architecture, importance, setting.latency_ms,
                                  latency.step)
     sparsity, uniform, _ = uniform_for(latency, architecture, setting.latency_ms)
     print(f"  widths allocated for {setting.latency_ms:.3g} ms ({latency.key['runtime']}, "
           f"batch 1): {predicted:.2f} ms predicted", flush=True)
-    print(describe_allocation(latency, architecture, importance, ("allocated", widths),
+    print(describe_allocation(latency, architecture, importance,
+                              ("dense", widths_of(architecture)), ("allocated", widths),
                               (f"uniform {sparsity:.2f}", uniform)), flush=True)
     return widths

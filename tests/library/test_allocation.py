@@ -83,6 +83,22 @@ def test_a_layer_that_holds_the_importance_is_kept_wider_than_a_uniform_cut_keep
     assert widths["features.3"] > even["features.3"]
 
 
+@pytest.mark.parametrize("costly", ["conv32", "conv8"])
+def test_a_layer_is_valued_by_the_log_of_its_width_and_none_is_given_up(costly):
+    """A layer's k-th channel is worth 1/k, so thinning a layer costs more the thinner it
+    is, and at the time of a uniform cut of half the channels no layer is given up to its
+    floor, wherever the time sits."""
+    importance = allocation.channel_values(ARCH)
+    assert importance["features.0"] == [1 / rank for rank in range(8, 0, -1)]
+    model = hand_made(costly=costly)
+    dense = latency.widths_of(ARCH)
+    target = model.predict(latency.with_widths(ARCH, uniform_widths(dense, 0.5)))
+    widths, predicted = allocation.allocate(model, ARCH, importance, target)
+    least = allocation.narrowest(ARCH)
+    assert predicted <= target
+    assert all(widths[name] > least[name] for name in dense), widths
+
+
 @pytest.mark.parametrize("step", [1, 4])
 def test_the_allocation_keeps_its_bounds(step):
     """Widths in the kernels' steps down to one step, no layer under FLOOR of its channels,
@@ -120,23 +136,6 @@ def test_a_target_no_allowed_widths_reach_is_one_line():
     with pytest.raises(UserError, match=f"below what any allowed widths reach here "
                                         f"\\(at least {reach:.2f} ms predicted"):
         allocation.allocate(model, ARCH, even_importance(), reach * 0.9)
-
-
-def test_taylor_importance_is_the_loss_change_a_channel_would_cause():
-    """A channel whose batch-norm scale and shift are zero changes nothing when it goes:
-    importance 0; the others, some. One list per prunable layer, a value per channel."""
-    torch.manual_seed(0)
-    network = vgg.from_architecture(ARCH)
-    norm = network.features[1]  # after the first convolution
-    with torch.no_grad():
-        norm.weight[0], norm.bias[0] = 0.0, 0.0
-    batches = [(torch.randn(4, 3, SIZE, SIZE), torch.tensor([0, 1, 0, 1])) for _ in range(2)]
-    importance = allocation.channel_importance(network, "taylor", batches)
-    assert {name: len(scores) for name, scores in importance.items()} \
-        == latency.widths_of(ARCH)
-    first = importance["features.0"]
-    assert first[0] == 0.0 and first[1] > 0.0  # (least first: the silenced channel)
-    assert all(parameter.grad is None for parameter in network.parameters())
 
 
 def test_the_report_shows_each_layers_width_importance_kept_and_time():
