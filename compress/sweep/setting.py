@@ -80,7 +80,7 @@ def prune_and_distil(setup: SweepSetup, student: str, setting: Setting,
                      on_epoch: Callable[[EpochRecord], None] | None = None) -> list[EpochRecord]:
     """One setting: the student is written to `student` (NAME.pth; the pruned model beside
     it as NAME.pruned.pth, its widths as NAME.pruned.channels.png). A distillation stopped
-    by Ctrl-C continues from its state file. `on_epoch(record)` is told each distillation
+    by Ctrl-C or killed continues from its state file. `on_epoch(record)` is told each distillation
     epoch. Returns the distillation's history (every epoch, those before a resume too)."""
     teacher, recipe = setup.teacher, setup.recipe
     state = output_path(student, "state.pth")

@@ -177,7 +177,8 @@ def fit(model: torch.nn.Module, optimizer: torch.optim.Optimizer, compute_loss: 
     """Train for `epochs`, validating after each, and call `on_best(metrics)` on a new best.
 
     `train_loader` takes its order from a data.EpochSampler; `settings` are what a
-    resumed run must keep. Ctrl-C saves <output>.state.pth and raises Interrupted;
+    resumed run must keep. Ctrl-C saves <output>.state.pth and raises Interrupted (and
+    each finished epoch saves it: save_epoch_state());
     `resume` continues from such a file exactly as if never stopped. Under torchrun
     the model is wrapped in DistributedDataParallel and rank 0 alone writes files.
     `epoch_metrics()`, if given, returns more figures (a dict) for each epoch's record;
@@ -247,6 +248,9 @@ def fit(model: torch.nn.Module, optimizer: torch.optim.Optimizer, compute_loss: 
                       + "".join(f"{name} {value:g}, " for name, value in more.items()) +
                       f"{(record['images_per_second'] or 0):.1f} img/s, {record['seconds']:.0f}s",
                       flush=True)
+                if epoch + 1 < epochs:
+                    save_epoch_state(state_path, model, optimizer, scaler, device, progress,
+                                     settings, scheduler)
                 with said_on_full_disk(output, progress.history, epoch + 1):
                     save_history(progress.history, output_path(output, "history.json"), title)
                 if on_epoch:
@@ -257,6 +261,23 @@ def fit(model: torch.nn.Module, optimizer: torch.optim.Optimizer, compute_loss: 
     if rank == 0 and os.path.exists(state_path):
         os.remove(state_path)
     return progress.history
+
+
+def save_epoch_state(path: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                     scaler: torch.amp.GradScaler | None, device: torch.device,
+                     progress: Progress, settings: dict,
+                     scheduler: torch.optim.lr_scheduler.LRScheduler | None) -> None:
+    """After each epoch, the state --resume continues from at the next one's start: a run
+    killed without Ctrl-C (a lost machine, the OOM killer) loses at most the epoch it was
+    in. On a full disk the run goes on without it, saying so (its checkpoints are saved
+    apart)."""
+    at_next = Progress(epoch=progress.epoch + 1, history=progress.history, best=progress.best)
+    try:
+        save_training_state(path, model, optimizer, scaler, device, at_next, settings,
+                            scheduler)
+    except DiskFull as error:
+        print(f"{error}: the state after epoch {progress.epoch + 1} was not saved; a killed "
+              "run would start over", file=sys.stderr, flush=True)
 
 
 @contextlib.contextmanager

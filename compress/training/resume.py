@@ -135,5 +135,5 @@ def refuse_pending_state(path: str, device: torch.device) -> None:
     """A fresh run must not overwrite the state an interrupted one left for --resume."""
     # rank 0 writes the state: every process must agree to refuse, or the others would hang
     if all_reduce_sum([float(distributed()[0] == 0 and os.path.exists(path))], device)[0]:
-        raise UserError(f"{path}: an interrupted run left this; add --resume {path} "
+        raise UserError(f"{path}: an interrupted or killed run left this; add --resume {path} "
                         "to continue it, or delete it to start over")

@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+import types
 
 import pytest
 import torch
@@ -126,6 +127,54 @@ def test_resumed_run_ends_exactly_where_an_uninterrupted_run_ends(runs):
     resumed = json.loads((runs["stopped_dir"] / "vgg16Net.history.json").read_text())
     assert len(straight) == len(resumed) == 2
     assert without_timing(resumed) == without_timing(straight)
+
+
+@pytest.fixture(scope="module")
+def killed(runs, tmp_path_factory):
+    """A run killed (SIGKILL: no Ctrl-C handler runs) during its second epoch, then the
+    same command again, then with --resume."""
+    folder = tmp_path_factory.mktemp("killed")
+    shutil.copytree(runs["stopped_dir"].parent / "dataset", folder / "dataset")
+    (folder / "run").mkdir()
+    proc = subprocess.Popen(train_command(), cwd=folder / "run", stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    history = folder / "run" / "vgg16Net.history.json"
+    deadline = time.monotonic() + 300
+    while not history.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    epochs_done = len(json.loads(history.read_text())) if history.exists() else None
+    proc.kill()
+    proc.communicate(timeout=60)
+    state_path = folder / "run" / "vgg16Net.state.pth"
+    state = torch.load(state_path, weights_only=True) if state_path.exists() else None
+    again = subprocess.run(train_command(), cwd=folder / "run", capture_output=True, text=True,
+                           timeout=600)
+    resumed = subprocess.run(train_command("--resume", "vgg16Net.state.pth"),
+                             cwd=folder / "run", capture_output=True, text=True, timeout=600)
+    return types.SimpleNamespace(folder=folder / "run", epochs_done=epochs_done, state=state,
+                                 again=again, resumed=resumed)
+
+
+def test_a_killed_run_loses_only_the_epoch_it_was_in(runs, killed):
+    assert killed.epochs_done == 1
+    assert killed.state is not None, "no state was left after the first epoch"
+    assert killed.state["epoch"] == 1 and killed.state["samples_done"] == 0
+    assert len(killed.state["history"]) == 1
+    # the same command again is refused in one line, the file named
+    assert_clean_error(killed.again, "vgg16Net.state.pth", "--resume vgg16Net.state.pth")
+    proc = killed.resumed
+    assert proc.returncode == 0, proc.stderr
+    assert "Resuming from vgg16Net.state.pth: epoch 2, 0 images done" in proc.stdout
+    assert "train epoch 1/2" not in proc.stdout
+    assert not (killed.folder / "vgg16Net.state.pth").exists()
+    straight = json.loads((runs["straight_dir"] / "vgg16Net.history.json").read_text())
+    resumed = json.loads((killed.folder / "vgg16Net.history.json").read_text())
+    assert without_timing(resumed) == without_timing(straight)
+
+
+def test_a_finished_run_leaves_no_state(runs):
+    assert runs["straight"].returncode == 0
+    assert not (runs["straight_dir"] / "vgg16Net.state.pth").exists()
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
