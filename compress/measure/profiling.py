@@ -5,7 +5,8 @@
   MatMulInteger, uint8 x int8): what each layer's speed is held against.
 - `profile_model()`: one forward pass of a model split into its compute layers (each
   convolution with the batch norm and activation after it, each Linear layer) and
-  the rest ("other": pools, reorders, quantisation steps), with the time of each
+  the rest ("other": pools, reorders, quantisation steps and the runtime's time between
+  operators), with the time of each
   (PyTorch's profiler for a checkpoint, onnxruntime's profiling for an .onnx file),
   its multiply-adds and GMAC/s; the pass itself timed as test.py times it.
 
@@ -196,6 +197,9 @@ def profile_model(name: str, path: str, checkpoint: Checkpoint, network: nn.Modu
     measured = measure_latency(network, inputs, CPU, warmup, runs)
     seconds, profiled = (onnx_layer_seconds(path, plan, inputs, runs, warmup) if onnx else
                          torch_layer_seconds(network, plan, inputs, runs, warmup, verbose))
+    # "other" is what no compute layer took: its operators and the runtime's time between
+    # them (both profiled as means per pass, so the layers add up to the pass)
+    seconds[-1] = max(0.0, profiled - sum(seconds[:-1]))
     scale = measured / profiled  # the profiler's slowing, spread over the layers
     layers = [Layer(label, kind, time_taken * scale,
                     sum(macs.get(module, 0) for module in modules))
@@ -262,10 +266,10 @@ def torch_layer_seconds(network: nn.Module, plan: list, inputs: torch.Tensor, ru
 
 def onnx_layer_seconds(path: str, plan: list, inputs: torch.Tensor, runs: int,
                        warmup: int) -> tuple[list[float], float]:
-    """(seconds per pass of each layer of `plan`, seconds of a profiled pass), by
-    onnxruntime's profiling: its convolutions and matrix products in the order they ran
-    are the plan's compute layers in order; every other operator's time is "other".
-    UserError if they do not match."""
+    """(seconds per pass of each compute layer of `plan`, and 0 for "other"; the mean
+    seconds of a profiled pass), by onnxruntime's profiling: its convolutions and matrix
+    products in the order they ran are the plan's compute layers in order. UserError if
+    they do not match."""
     with tempfile.TemporaryDirectory(prefix="profile.") as folder:
         runner = session(path, profile_prefix=os.path.join(folder, "run"))
         feed = {runner.get_inputs()[0].name: inputs.contiguous().numpy()}
@@ -288,5 +292,4 @@ def onnx_layer_seconds(path: str, plan: list, inputs: torch.Tensor, runs: int,
                             "its time cannot be told layer by layer")
         for index, event in zip(computing, compute):
             totals[index] += event["dur"] / 1e6 / len(passes)
-        totals[-1] += sum(e["dur"] for e in ran if e not in compute) / 1e6 / len(passes)
-    return totals, statistics.median(end - start for start, end in passes) / 1e6
+    return totals, statistics.mean(end - start for start, end in passes) / 1e6

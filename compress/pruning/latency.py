@@ -47,7 +47,7 @@ FITTED_MODELS = 8  # the dense one, three uniform ones, and random widths
 UNIFORM_SHARES = (0.5, 0.2, 0.08)  # the uniform models fitted on keep these shares
 SMALLEST_SHARE = 0.05  # a random layer keeps at least this share of its channels
 CPU = torch.device("cpu")
-FORM = "vgg-prune-distill-latency/1"  # the model's form and sampling: a new one, a new cache
+FORM = "vgg-prune-distill-latency/2"  # the model's form and sampling: a new one, a new cache
 
 
 def cache_folder() -> str:
