@@ -36,15 +36,14 @@ measured latency.
 """
 import os
 
-from compress.checkpoints import (atomic_save, check_replaceable, load_checkpoint)
+from compress.checkpoints import atomic_save, check_replaceable, load_checkpoint
 from compress.cli import (UserError, add_shared_flags, add_verbose_arg, fraction, make_parser,
                           positive_float, positive_int, run_cli)
 from compress.machine.resources import check_writable
-from compress.pruning.allocation import (allocate, channel_values, describe_allocation,
-                                         target_of, uniform_for)
+from compress.pruning.allocation import allocation_for, target_of
 from compress.pruning.channels import (METHODS, MOST_REMOVED, Pruning, layer_widths,
                                        prune_checkpoint, save_pruned, taylor_batches)
-from compress.pruning.latency import RUNTIMES, load_or_build, measure, widths_of, with_widths
+from compress.pruning.latency import RUNTIMES, load_or_build, measure, with_widths
 from compress.pruning.weights import UNSTRUCTURED, compressed_bytes, prune_weights_checkpoint
 
 
@@ -179,24 +178,21 @@ def allocated_widths(args, checkpoint):
     image_size = args.image_size or checkpoint["image_size"]
     latency = load_or_build(architecture, image_size, args.runtime, args.batch)
     target = target_of(latency, architecture, args.latency, args.speedup)
-    importance = channel_values(architecture)
-    widths, predicted = allocate(latency, architecture, importance, target, latency.step)
-    sparsity, uniform, uniform_ms = uniform_for(latency, architecture, target)
-    print(describe_allocation(latency, architecture, importance,
-                              ("dense", widths_of(architecture)), ("allocated", widths),
-                              (f"uniform {sparsity:.2f}", uniform)))
+    chosen = allocation_for(latency, architecture, target)
+    print(chosen.report)
     dense_ms = latency.predict(architecture)
     print(f"{args.runtime}, batch {args.batch}, {image_size} px, {latency.key['cpu']}: dense "
           f"{dense_ms:.2f} ms predicted; target {target:.2f} ms; widths in steps of "
           f"{latency.step} (the kernels' time, one 3x3 layer: "
           + ", ".join(f"{width:.0f}: {ms:.3f}" for width, ms in latency.steps[::4]) + " ms)")
-    for name, chosen, ms in (("allocated", widths, predicted),
-                             (f"uniform {sparsity:.2f}", uniform, uniform_ms)):
-        measured = measure(with_widths(architecture, chosen), image_size, args.runtime,
+    for name, widths, ms in (("allocated", chosen.widths, chosen.predicted),
+                             (f"uniform {chosen.sparsity:.2f}", chosen.uniform,
+                              chosen.uniform_ms)):
+        measured = measure(with_widths(architecture, widths), image_size, args.runtime,
                            args.batch)
         print(f"  {name}: {ms:.2f} ms predicted, {measured:.2f} ms measured "
               f"({(ms - measured) / measured:+.0%} off)", flush=True)
-    return widths
+    return chosen.widths
 
 
 if __name__ == "__main__":

@@ -227,13 +227,13 @@ def quiet_stderr(verbose: bool) -> Iterator[None]:
 
 def torch_layer_seconds(network: nn.Module, plan: list, inputs: torch.Tensor, runs: int,
                         warmup: int, verbose: bool) -> tuple[list[float], float]:
-    """(seconds per pass of each layer of `plan`, seconds of a profiled pass), by
-    PyTorch's profiler: each layer's modules run inside a range labelled with its
-    position, which holds all they compute."""
+    """(seconds per pass of each compute layer of `plan`, and 0 for "other"; the mean
+    seconds of a profiled pass), by PyTorch's profiler: each compute layer's modules run
+    inside a range labelled with its position, which holds all they compute."""
     from torch.profiler import ProfilerActivity, profile, record_function
 
-    labels = {module: f"layer {index}" for index, (*_, modules) in enumerate(plan)
-              for module in modules}
+    labels = {module: f"layer {index}" for index, (_, kind, modules) in enumerate(plan)
+              if kind != "other" for module in modules}  # ("other": the rest of the pass)
     ranges, handles = {}, []
 
     def enter(module, args):

@@ -22,8 +22,12 @@ flowers, an allocation without it kept 512-channel layers fed by 16-channel ones
   (what the allocation is held against).
 - `describe_allocation()`: each layer's width, the share of its value kept and its
   predicted time, a column each for the allocated and the uniform widths.
+- `allocation_for()`: what pruner.py and the sweep run: the allocation for a target,
+  the uniform cut of the same predicted latency, and the table of both.
 """
 from __future__ import annotations
+
+import typing
 
 from compress.cli import UserError
 from compress.pruning.channels import uniform_widths
@@ -151,3 +155,28 @@ def describe_allocation(latency: LatencyModel, architecture: Architecture,
     lines.append(f"{'outside':<8}" + "".join(outside))
     lines.append(f"{'total':<8}" + "".join(totals))
     return "\n".join(lines)
+
+
+class Allocation(typing.NamedTuple):
+    """allocation_for()'s answer: the allocated widths and their predicted ms; the uniform
+    sparsity of the same predicted latency, its widths and predicted ms; the table."""
+    widths: dict[str, int]
+    predicted: float
+    sparsity: float
+    uniform: dict[str, int]
+    uniform_ms: float
+    report: str
+
+
+def allocation_for(latency: LatencyModel, architecture: Architecture,
+                   target_ms: float) -> Allocation:
+    """The widths allocated for `target_ms` (channel_values(), in the kernels' step
+    `latency.step`) beside the uniform cut of the same predicted latency, and the table
+    of the dense, allocated and uniform widths (describe_allocation())."""
+    values = channel_values(architecture)
+    widths, predicted = allocate(latency, architecture, values, target_ms, latency.step)
+    sparsity, uniform, uniform_ms = uniform_for(latency, architecture, target_ms)
+    report = describe_allocation(latency, architecture, values,
+                                 ("dense", widths_of(architecture)), ("allocated", widths),
+                                 (f"uniform {sparsity:.2f}", uniform))
+    return Allocation(widths, predicted, sparsity, uniform, uniform_ms, report)

@@ -18,11 +18,9 @@ import torch
 
 from compress.checkpoints import check_replaceable, load_checkpoint, output_path
 from compress.export.convert import check_onnx_replaceable
-from compress.pruning.allocation import (allocate, channel_values, describe_allocation,
-                                         uniform_for)
+from compress.pruning.allocation import allocation_for
 from compress.pruning.channels import (METHODS, Pruning, prune_checkpoint, save_pruned,
                                        taylor_batches)
-from compress.pruning.latency import widths_of
 from compress.sweep.candidates import SweepSetup
 from compress.sweep.targets import onnx_paths
 from compress.training.distillation import distil_checkpoint, mobilenet_student
@@ -80,8 +78,9 @@ def prune_and_distil(setup: SweepSetup, student: str, setting: Setting,
                      on_epoch: Callable[[EpochRecord], None] | None = None) -> list[EpochRecord]:
     """One setting: the student is written to `student` (NAME.pth; the pruned model beside
     it as NAME.pruned.pth, its widths as NAME.pruned.channels.png). A distillation stopped
-    by Ctrl-C or killed continues from its state file. `on_epoch(record)` is told each distillation
-    epoch. Returns the distillation's history (every epoch, those before a resume too)."""
+    by Ctrl-C or killed continues from its state file. `on_epoch(record)` is told each
+    distillation epoch. Returns the distillation's history (every epoch, those before a
+    resume too)."""
     teacher, recipe = setup.teacher, setup.recipe
     state = output_path(student, "state.pth")
     resume = state if os.path.isfile(state) else None
@@ -140,16 +139,10 @@ def allocated(setup: SweepSetup, setting: Setting) -> dict[str, int]:
     """The widths of the teacher allocated for `setting.latency_ms` on this CPU, in the
     sweep's target runtime at batch 1 (pruning.allocation), printed layer by layer
     beside the uniform cut of the same predicted latency."""
-    teacher = setup.teacher
-    architecture = teacher.checkpoint["architecture"]
     latency = setup.latency_model()
-    importance = channel_values(architecture)
-    widths, predicted = allocate(latency, architecture, importance, setting.latency_ms,
-                                 latency.step)
-    sparsity, uniform, _ = uniform_for(latency, architecture, setting.latency_ms)
+    chosen = allocation_for(latency, setup.teacher.checkpoint["architecture"],
+                            setting.latency_ms)
     print(f"  widths allocated for {setting.latency_ms:.3g} ms ({latency.key['runtime']}, "
-          f"batch 1): {predicted:.2f} ms predicted", flush=True)
-    print(describe_allocation(latency, architecture, importance,
-                              ("dense", widths_of(architecture)), ("allocated", widths),
-                              (f"uniform {sparsity:.2f}", uniform)), flush=True)
-    return widths
+          f"batch 1): {chosen.predicted:.2f} ms predicted", flush=True)
+    print(chosen.report, flush=True)
+    return chosen.widths
