@@ -41,7 +41,10 @@ budget. --engine nni runs the search as an NNI experiment instead (a TPE tuner
 proposes settings, a Medianstop assessor stops trials that fall behind, trials
 run --concurrency at a time, on this machine or on NNI's other training services
 through --nni-config); its results land in the same sweep.json and sweep.png.
-(The library: compress/sweep/, plain.py, experiment.py and trial.py.)
+With several --kd-epochs, the experiment runs the plain sweep's successive halving
+of --methods x --sparsities instead (an advisor of ours in place of the tuner and
+the assessor, each stage of a setting a trial).
+(The library: compress/sweep/, plain.py, experiment.py, trial.py, nni_halving.py.)
 
     python sweep.py                                   # l1 at 0.5, 0.7, 0.9; 3 KD epochs
     python sweep.py --methods l1 slim:global --sparsities 0.5 0.7 --mobilenet-v2
@@ -149,13 +152,18 @@ def get_args_parser():
         "it is over the budget. Trials write OUTPUT_DIR/trials/TRIAL_ID/; NNI keeps its "
         "files in OUTPUT_DIR/nni/. The finished students are then measured together as in "
         "the plain sweep (sweep.json, sweep.png), the picked one copied to "
-        "OUTPUT_DIR/NAME.pth. Run the same command again to resume a stopped experiment.",
+        "OUTPUT_DIR/NAME.pth. Run the same command again to resume a stopped experiment. "
+        "With several --kd-epochs: successive halving as the plain sweep runs it, of "
+        "--methods x --sparsities as listed, each stage of a setting a trial that continues "
+        "the student of its last; an advisor of ours decides which continue, in place of the "
+        "tuner and the assessor.",
         width=76))
     engine.add_argument("--engine", choices=["plain", "nni"], default="plain",
                         help="plain: every setting in turn, in this process; nni: an NNI "
                              "experiment")
     engine.add_argument("--trials", type=positive_int, default=8,
-                        help="trials of the experiment (its maxTrialNumber)")
+                        help="trials of the experiment (its maxTrialNumber; with several "
+                             "--kd-epochs, as many as the halving runs)")
     engine.add_argument("--concurrency", type=positive_int, default=2,
                         help="trials run at once (each with cores / concurrency threads)")
     engine.add_argument("--port", type=int_within(1, "a port number (1 to 65535)", 65535),
@@ -270,7 +278,6 @@ def sweep(args):
             raise UserError("--engine nni: needs --max-drop (the budget of the objective)")
         for given, flag in ((args.search, "--search"), (args.mobilenet_v2, "--mobilenet-v2"),
                             (args.prune_steps != [1], "--prune-steps"),
-                            (len(args.kd_epochs) > 1, "several --kd-epochs (successive halving)"),
                             (args.latencies or args.speedups or args.match_latency,
                              "--latencies, --speedups and --match-latency")):
             if given:

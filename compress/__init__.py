@@ -37,6 +37,7 @@ every module).
     training.teacher_store the teacher's logits of each training picture, computed once
     training.features      feature distillation: block outputs matched through 1x1 adapters
     training.distillation  a student learns from the dense teacher
+    sweep.rules            the rules a sweep's choices follow: the budget, the front, halving
     sweep.targets          what a sweep decides by: a candidate as the file that would ship
     sweep.report           a sweep's table and figure, against the dense model
     sweep.decision         what a sweep decides: the pick within the budget, or what ships
@@ -44,6 +45,7 @@ every module).
     sweep.setting          one setting of a sweep, pruned and distilled from the teacher
     sweep.stepwise         iterative pruning: a sparsity reached in prune-then-distil steps
     sweep.halving          successive halving: every setting briefly, the promising for longer
+    sweep.nni_halving      successive halving in an NNI experiment: the advisor that decides
     sweep.plain            the plain sweep: settings pruned, distilled, shipped, measured
     sweep.nni_config       the NNI experiment's configuration: the user's YAML, tuner, assessor
     sweep.nni_engine       NNI 3.0's experiment engine, and four mends of it

@@ -16,7 +16,7 @@ import os
 from compress.checkpoints import atomic_write
 from compress.measure.intervals import describe_difference
 from compress.measure.reporting import pyplot, save_figure
-from compress.sweep.decision import may_lose_more, reaches
+from compress.sweep.rules import may_lose_more, reaches
 from compress.sweep.report import epochs_cell
 
 

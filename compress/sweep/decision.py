@@ -1,8 +1,8 @@
 """What a sweep decides: which candidate ships, by the budget, on the split that chooses.
 
-- `pick()` / `within_budget()` / `pareto()`: the decisions, on the target's numbers;
-  the accuracy budget counts from the dense model's accuracy in PyTorch (the model the
-  user has), by the paired difference on val.
+- `pick()`: the decision, on the target's numbers (by rules.py's budget and front); the
+  accuracy budget counts from the dense model's accuracy in PyTorch (the model the user
+  has), by the paired difference on val.
 - `decide()`: the pick, or when none is within the budget what ships instead (the
   fastest whose interval still reaches the budget, else the most accurate): a run
   always ends with a file, and says when it missed.
@@ -14,40 +14,13 @@ import os
 from collections.abc import Sequence
 
 from compress.measure.intervals import describe_difference
+from compress.sweep.rules import may_lose_more, pareto, reaches
 from compress.sweep.report import (SweepRow, in_pytorch, plot_sweep, print_sweep,
                                    reference_accuracy)
 
 # a sweep decides on val (where the students were chosen epoch by epoch too) and reports
 # on test where the split holds one: the figures a user reads were never chosen on
 SELECTION_SPLIT = "val"
-
-
-def within_budget(accuracy: float, dense_accuracy: float, max_drop: float) -> bool:
-    """Whether `accuracy` is at most `max_drop` points below the dense model's (a student
-    exactly at the budget is within it, whatever the floating-point rounding)."""
-    return round(100 * (dense_accuracy - accuracy), 9) <= max_drop
-
-
-def pareto(rows: Sequence[SweepRow], key: str) -> set[str]:
-    """Names of the rows no other row beats in both `key` (lower) and accuracy (higher)."""
-    front, best = set(), -1.0
-    for row in sorted(rows, key=lambda r: (r[key], -r["accuracy"])):
-        if row["accuracy"] > best:
-            front.add(row["name"])
-            best = row["accuracy"]
-    return front
-
-
-def reaches(difference: dict, max_drop: float) -> bool:
-    """Whether a paired difference's interval (its "high" end, a fraction) reaches a budget
-    of `max_drop` points below the dense model."""
-    return round(difference["high"] + max_drop / 100, 9) >= 0
-
-
-def may_lose_more(difference: dict, max_drop: float) -> bool:
-    """Whether a paired difference's interval (its "low" end) goes further below the dense
-    model than the budget of `max_drop` points."""
-    return difference["low"] < -max_drop / 100
 
 
 def drop(row: SweepRow, dense: SweepRow) -> float:

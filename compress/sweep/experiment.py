@@ -13,6 +13,10 @@ the plain sweep measures (candidates.measure_candidates), and the pick is copied
   `experiment.json` records it so that the same command resumes it.
 - `search_space()` / `objective()`: what the tuner searches and maximises.
 
+With several --kd-epochs, successive halving instead (nni_halving.py's advisor in place of
+the tuner and the assessor) of --methods x --sparsities as listed, as the plain sweep
+runs them; `halving_rows()`: each setting's row from its stages' trials.
+
 (NNI's own mechanics, and the mends of NNI 3.0: nni_engine.py.)
 """
 from __future__ import annotations
@@ -30,12 +34,15 @@ from compress.checkpoints import atomic_write, is_checkpoint_file, write_json
 from compress.cli import CheckFailed, Interrupted, UserError, quiet_nni
 from compress.export.onnx_files import written_by_export
 from compress.machine import processes
+from compress.measure.intervals import describe_difference
 from compress.sweep import nni_config, nni_engine
 from compress.sweep.candidates import (SweepSetup, comparable_training, measure_candidates,
                                        save_rows)
-from compress.sweep.decision import present, within_budget
-from compress.sweep.plain import read_report
+from compress.sweep.decision import SELECTION_SPLIT, present
+from compress.sweep.halving import most_trials
+from compress.sweep.plain import epochs_of, read_report
 from compress.sweep.report import SweepRow
+from compress.sweep.rules import within_budget
 from compress.sweep.setting import method_setting, setting_name
 from compress.sweep.targets import onnx_paths
 
@@ -69,6 +76,14 @@ def search_space(methods: Sequence[tuple[str, bool]], sparsities: Sequence[float
             "sparsity": {"_type": "quniform", "_value": [low, high, SPARSITY_STEP]}}
 
 
+def halving_settings(methods: Sequence[tuple[str, bool]],
+                     sparsities: Sequence[float]) -> list[dict]:
+    """The settings successive halving starts with: --methods x --sparsities as listed, as
+    the advisor's parameters name them."""
+    return [{"method": method + (":global" if global_ranking else ""), "sparsity": sparsity}
+            for method, global_ranking in methods for sparsity in sparsities]
+
+
 def objective(accuracy: float, dense_accuracy: float, speedup: float, max_drop: float) -> float:
     """What an NNI trial reports to the tuner (maximised): `speedup` within the budget; minus
     the points over it outside, so every student within the budget beats every one outside,
@@ -78,14 +93,24 @@ def objective(accuracy: float, dense_accuracy: float, speedup: float, max_drop: 
     return -round(100 * (dense_accuracy - accuracy) - max_drop, 9)
 
 
-def describe_trial(trial: nni_engine.Trial, epochs: int) -> str:
-    """One line on a trial's news (a trial's setting: from the parameters NNI gave it)."""
+def describe_trial(trial: nni_engine.Trial, stages: Sequence[int]) -> str:
+    """One line on a trial's news (a trial's setting: from the parameters NNI gave it; its
+    epochs those of its stage)."""
+    stage = (trial.parameters or {}).get("stage")
+    epochs = stages[stage or 0]
     if trial.parameters:
         method, global_ranking = method_setting(trial.parameters["method"])
         setting = setting_name(method, global_ranking, round(trial.parameters["sparsity"], 4))
+        if stage is not None:
+            setting += f" (stage {stage + 1} of {len(stages)})"
     else:
         setting = "(setting known at its first epoch)"
     line = f"trial {trial.id} {setting}: "
+    if trial.succeeded and stage is not None:
+        final = trial.final
+        return line + (f"finished: {final['accuracy']:.1%} on {SELECTION_SPLIT} after "
+                       f"{final['epochs']} epochs, {describe_difference(final['vs_dense'])} "
+                       "from the dense model")
     if trial.succeeded:
         final = trial.final
         return line + (f"finished: {final['accuracy']:.1%} (dense {final['dense_accuracy']:.1%}), "
@@ -105,18 +130,24 @@ def describe_trial(trial: nni_engine.Trial, epochs: int) -> str:
     return line + trial.status.lower()
 
 
-def reported_rows(trials: Sequence[nni_engine.Trial], training: dict) -> list[SweepRow]:
-    """sweep.json's rows of the trials that finished: the setting and numbers each trial
-    reported, checked against the parameters NNI gave it."""
-    rows = []
+def finished(trials: Sequence[nni_engine.Trial]) -> list[nni_engine.Trial]:
+    """The trials that finished, each result checked against the parameters NNI gave it."""
     for trial in trials:
-        if not trial.succeeded:
-            continue
         final = trial.final
-        if final["trial"] != trial.id or final["parameters"] != trial.parameters:
+        if trial.succeeded and (final["trial"] != trial.id
+                                or final["parameters"] != trial.parameters):
             raise CheckFailed(f"trial {trial.id}: its result (trial {final['trial']}, "
                               f"{final['parameters']}) is not of the parameters the tuner "
                               f"gave it ({trial.parameters})")
+    return [trial for trial in trials if trial.succeeded]
+
+
+def reported_rows(trials: Sequence[nni_engine.Trial], training: dict) -> list[SweepRow]:
+    """sweep.json's rows of the trials that finished: the setting and numbers each trial
+    reported."""
+    rows = []
+    for trial in finished(trials):
+        final = trial.final
         rows.append({"name": f"{final['name']} [{trial.id}]", "engine": "nni",
                      "trial": trial.id, "method": final["method"], "global": final["global"],
                      "sparsity": final["sparsity"], "path": final["path"],
@@ -126,11 +157,43 @@ def reported_rows(trials: Sequence[nni_engine.Trial], training: dict) -> list[Sw
     return rows
 
 
+def halving_rows(trials: Sequence[nni_engine.Trial], training: dict,
+                 stages: Sequence[int]) -> list[SweepRow]:
+    """sweep.json's rows of a successive halving: one per setting, its student that of its
+    last finished stage, its "stages" as the plain sweep records them (each one's epochs,
+    trial, and the standing after it: val accuracy, paired difference from the dense model,
+    multiply-adds, whether it continued)."""
+    by_setting = {}
+    for trial in sorted(finished(trials), key=lambda trial: trial.start or 0):
+        by_setting.setdefault(trial.final["name"], {})[trial.final["stage"]] = trial
+    rows = []
+    for name, runs in by_setting.items():
+        runs = [runs[stage] for stage in sorted(runs)]
+        last = runs[-1].final
+        rows.append({"name": name, "engine": "nni", "trial": runs[-1].id,
+                     "method": last["method"], "global": last["global"],
+                     "sparsity": last["sparsity"], "path": last["path"],
+                     "accuracy": last["accuracy"], "params": last["params"],
+                     "training": training, "reported": last, "epochs": last["epochs"],
+                     "stages": [{"epochs": stages[run.final["stage"]], "trial": run.id,
+                                 **{key: run.final[key] for key in ("val_accuracy", "vs_dense",
+                                                                    "flops")},
+                                 "continued": run is not runs[-1]} for run in runs],
+                     "minutes": round(sum(run.end - run.start for run in runs) / 60000, 2)})
+    return rows
+
+
 def experiment_settings(setup: SweepSetup, plan: ExperimentPlan,
                         output_dir: str) -> tuple[dict, dict]:
     """(search space, settings) of the experiment `plan` would run, after refusing what it
-    cannot run; the settings are what experiment.json records to resume by."""
-    space = search_space(plan.methods, plan.sparsities)
+    cannot run; the settings are what experiment.json records to resume by (with successive
+    halving, its stages: the space then only names the settings, for NNI's portal)."""
+    if len(setup.stages) > 1:
+        names = [setting_name(*method_setting(entry["method"]), entry["sparsity"])
+                 for entry in halving_settings(plan.methods, plan.sparsities)]
+        space = {"setting": {"_type": "choice", "_value": names}}
+    else:
+        space = search_space(plan.methods, plan.sparsities)
     if plan.nni_config and not os.path.isfile(plan.nni_config):
         raise UserError(f"--nni-config {plan.nni_config}: no such file")
     report = os.path.join(output_dir, "sweep.json")
@@ -141,10 +204,13 @@ def experiment_settings(setup: SweepSetup, plan: ExperimentPlan,
     except OSError as error:
         raise UserError(f"--output-dir {output_dir}: cannot write there "
                         f"({error.strerror})") from None
-    return space, {"training": setup.training_settings(), "search_space": space,
-                   "max_drop": plan.max_drop, "trials": plan.trials,
-                   "concurrency": plan.concurrency,
-                   "nni_config": plan.nni_config and os.path.abspath(plan.nni_config)}
+    settings = {"training": setup.training_settings(), "search_space": space,
+                "max_drop": plan.max_drop, "trials": plan.trials,
+                "concurrency": plan.concurrency,
+                "nni_config": plan.nni_config and os.path.abspath(plan.nni_config)}
+    if len(setup.stages) > 1:
+        settings["stages"] = list(setup.stages)
+    return space, settings
 
 
 def read_state(state_path: str, settings: dict, output_dir: str) -> dict:
@@ -191,7 +257,8 @@ def collect(setup: SweepSetup, trials: Sequence[nni_engine.Trial], record: dict,
     and sweep.png, as the plain sweep does; the pick copied to OUTPUT_DIR/SETTING.pth, its
     path in record["picked_copy"] in place of an earlier run's pick (that copy removed)."""
     earlier_copy = record.get("picked_copy")
-    done = reported_rows(trials, record["settings"]["training"])
+    training, stages = record["settings"]["training"], record["settings"].get("stages")
+    done = halving_rows(trials, training, stages) if stages else reported_rows(trials, training)
     if not done:
         raise CheckFailed(f"no trial of the experiment {record['id']} finished; see "
                           f"{os.path.join(output_dir, 'experiment.json')}")
@@ -207,6 +274,9 @@ def collect(setup: SweepSetup, trials: Sequence[nni_engine.Trial], record: dict,
         if os.path.exists(path) and not written_here(path):
             raise UserError(f"{path}: the earlier pick was copied there, but it now holds a "
                             "file this pipeline did not write; move it first")
+    if setup.target != "pytorch":  # (halving's trials do not ship their students)
+        for row in done:
+            setup.ship_student(row["path"])
     rows, dense = measure_candidates(setup, done, os.path.join(output_dir, "compare.json"),
                                      output_dir)
     chosen = present(rows, dense, max_drop, output_dir)
@@ -218,7 +288,8 @@ def collect(setup: SweepSetup, trials: Sequence[nni_engine.Trial], record: dict,
     if chosen:
         record["picked_copy"] = copies[chosen["name"]]
         copy_pick(setup, chosen["path"], record["picked_copy"])
-        print(f"Copied the picked trial's student to {record['picked_copy']}, ready to ship "
+        which = "picked" if chosen.get("picked") else "shipped (over the budget)"
+        print(f"Copied the {which} trial's student to {record['picked_copy']}, ready to ship "
               "(.onnx and .int8.onnx beside it)")
 
 
@@ -258,12 +329,17 @@ def run_experiment(setup: SweepSetup, plan: ExperimentPlan, output_dir: str,
     state_path = os.path.join(output_dir, "experiment.json")
     state = read_state(state_path, settings, output_dir)
     experiment_id = state.get("id") or nni_engine.new_id()
-    epochs = setup.recipe.epochs
+    epochs, stages = setup.recipe.epochs, list(setup.stages)
+    settings_run = halving_settings(plan.methods, plan.sparsities)
+    halving = {"settings": settings_run, "stages": stages,
+               "max_drop": plan.max_drop} if len(stages) > 1 else None
     with quiet_nni(setup.verbose):
         config = nni_config.make_config(
-            plan.nni_config, trial_command_for, code_directory, space, plan.trials,
+            plan.nni_config, trial_command_for, code_directory, space,
+            most_trials(len(settings_run), len(stages)) if halving else plan.trials,
             plan.concurrency, assessor_start=max(1, epochs // 2), seed=setup.recipe.seed,
-            working_directory=os.path.abspath(os.path.join(output_dir, "nni")))
+            working_directory=os.path.abspath(os.path.join(output_dir, "nni")),
+            halving=halving)
     nni_config.check_port(plan.host, plan.port)  # (before the dense model is exported)
     setup.ship_dense(output_dir)  # before the trials, which time their students against it
     run = nni_engine.NniExperiment(config, experiment_id, plan.host, plan.port, setup.verbose)
@@ -273,17 +349,22 @@ def run_experiment(setup: SweepSetup, plan: ExperimentPlan, output_dir: str,
         how = run.start()
         write_json({"id": experiment_id, "settings": settings, **{
             key: state[key] for key in ("picked_copy",) if key in state}}, state_path)
-        print(f"NNI experiment {experiment_id} {how}: {total} trials of "
-              f"{' / '.join(space['method']['_value'])} at sparsity {min(plan.sparsities):g}.."
-              f"{max(plan.sparsities):g}, {config.trial_concurrency} at a time, "
-              f"{epochs} distillation epochs each\nWeb portal: "
+        searched = (f"successive halving of {len(settings_run)} settings "
+                    f"({', '.join(space['setting']['_value'])}): {epochs_of(epochs)} of "
+                    "distillation each, then " + " and ".join(map(str, stages[1:]))
+                    + f" more for half of those before, at most {total} trials" if halving else
+                    f"{total} trials of {' / '.join(space['method']['_value'])} at sparsity "
+                    f"{min(plan.sparsities):g}..{max(plan.sparsities):g}, {epochs} "
+                    "distillation epochs each")
+        print(f"NNI experiment {experiment_id} {how}: {searched}, {config.trial_concurrency} "
+              f"at a time\nWeb portal: "
               f"http://{plan.host}:{plan.port}  (trials' files: "
               f"{os.path.join(output_dir, 'trials')}/)", flush=True)
         with tqdm(total=total, desc="trials finished", unit="trial") as bar, \
                 processes.interrupting_signals():
             try:
                 for trial in run.follow():
-                    bar.write(describe_trial(trial, epochs))
+                    bar.write(describe_trial(trial, stages))
                     bar.n = sum(t.status in nni_engine.FINISHED for t in run.latest)
                     bar.refresh()
             except nni_engine.TunerStopped as error:  # the finished trials are still measured

@@ -18,7 +18,9 @@ against one planned at the full length from the start.
 
 - `stage_recipe()`: the recipe of a stage.
 - `standing()`: a student's paired difference on val from the dense model, and its cost.
-- `survivors()`: which settings continue.
+- `most_trials()`: how many settings' stages run at most (an NNI experiment's trials).
+(Which settings continue: rules.survivors(), which NNI's advisor, nni_halving.py,
+applies too.)
 - `continue_setting()`: one setting's next stage: its student so far kept as
   NAME.stageK.pth (and its history beside it), the next stage's written to NAME.pth.
 """
@@ -28,6 +30,7 @@ import dataclasses
 import math
 import os
 import shutil
+from collections.abc import Callable
 
 import torch
 
@@ -36,8 +39,9 @@ from compress.measure.comparison import load_model, split_loader
 from compress.measure.evaluation import count_flops, evaluate
 from compress.measure.intervals import PairedDifference, paired_difference
 from compress.sweep.candidates import SweepSetup, read_evaluation
-from compress.sweep.decision import SELECTION_SPLIT, pareto, reaches
+from compress.sweep.decision import SELECTION_SPLIT
 from compress.training.distillation import distil_checkpoint
+from compress.training.loop import EpochRecord
 from compress.training.recipe import Recipe
 
 
@@ -85,30 +89,22 @@ def standing(setup: SweepSetup, student: str, reference: list[int]) -> dict:
             "flops": count_flops(model.cpu(), checkpoint["image_size"], setup.verbose)[0]}
 
 
-def survivors(standings: dict[str, dict], max_drop: float | None) -> list[str]:
-    """The names (of {name: standing()}) that continue: half of them, rounded up, all from
-    the front of accuracy against cost (a setting less accurate than another that costs no
-    more never continues). First those whose interval reaches the budget, the cheapest
-    first; the places left (all of them, where none reaches it yet: after a short stage
-    the students are still far from what more epochs bring) to the most accurate of the
-    front. Without a budget, the most accurate of the front."""
-    keep = math.ceil(len(standings) / 2)
-    front = pareto([{"name": name, "flops": entry["flops"],
-                     "accuracy": entry["vs_dense"]["difference"]}
-                    for name, entry in standings.items()], "flops")
-    kept = [] if max_drop is None else sorted(
-        (name for name in front if reaches(standings[name]["vs_dense"], max_drop)),
-        key=lambda name: (standings[name]["flops"], name))[:keep]
-    by_accuracy = sorted(front, key=lambda name: (-standings[name]["vs_dense"]["difference"],
-                                                  name))
-    return kept + [name for name in by_accuracy if name not in kept][:keep - len(kept)]
+def most_trials(settings: int, stages: int) -> int:
+    """The most trials halving `settings` over `stages` runs (half continue, rounded up)."""
+    total, running = 0, settings
+    for _ in range(stages):
+        total += running
+        running = math.ceil(running / 2)
+    return total
 
 
-def continue_setting(setup: SweepSetup, student: str, stages: list[int], stage: int) -> None:
+def continue_setting(setup: SweepSetup, student: str, stages: list[int], stage: int,
+                     on_epoch: Callable[[EpochRecord], None] | None = None) -> None:
     """Distil the student at `student` (NAME.pth, after `stage` stages) for the epochs of
     stage `stage` (from 0): it is kept first as NAME.stageK.pth (K = `stage`, its history
     as NAME.stageK.history.json), the new stage's best student written to NAME.pth. A stage
-    stopped by Ctrl-C continues from its state file."""
+    stopped by Ctrl-C continues from its state file. `on_epoch(record)` is told each
+    epoch."""
     teacher = setup.teacher
     before = output_path(student, f"stage{stage}.pth")
     state = output_path(student, "state.pth")
@@ -126,4 +122,4 @@ def continue_setting(setup: SweepSetup, student: str, stages: list[int], stage: 
                       output=student, recipe=recipe, distillation=setup.distillation,
                       device=setup.device, teacher_sha256=teacher.sha256, resume=resume,
                       teacher_cache=setup.teacher_cache(checkpoint["image_size"]),
-                      tensorboard=setup.tensorboard)
+                      tensorboard=setup.tensorboard, on_epoch=on_epoch)

@@ -2,8 +2,9 @@
 
 - `make_config()`: NNI's ExperimentConfig -- the user's --nni-config YAML (any of NNI's
   training services: local, remote machines, a cluster) or this machine, completed with
-  our trial command, search space, TPE tuner and Medianstop assessor; NNI 3.0's TPE is
-  kept from its numpy-2 failure (MIN_STARTUP_JOBS).
+  our trial command, search space, TPE tuner and Medianstop assessor (or, for successive
+  halving, the advisor of nni_halving.py in their place); NNI 3.0's TPE is kept from its
+  numpy-2 failure (MIN_STARTUP_JOBS).
 - `check_port()`: the manager's port is free, said before any work.
 
 Imports nothing of the pipeline's stages.
@@ -20,6 +21,7 @@ if TYPE_CHECKING:
     from nni.experiment import ExperimentConfig
 
 TUNER, ASSESSOR = "TPE", "Medianstop"
+ADVISOR = "compress.sweep.nni_halving.SuccessiveHalving"  # (of successive halving)
 # NNI 3.0's TPE fails as soon as it models a parameter from one result: that result is
 # all "below", the empty "above" becomes a float array, and numpy 2's np.bincount refuses
 # it (TypeError: Cannot cast ... float64 to int64). Its thread dies, its process lives on,
@@ -31,15 +33,18 @@ MIN_STARTUP_JOBS = 2
 
 def make_config(nni_config: str | None, trial_command_for: Callable[[int], str],
                 code_directory: str, search_space: dict, trials: int, concurrency: int,
-                assessor_start: int, seed: int, working_directory: str) -> ExperimentConfig:
+                assessor_start: int, seed: int, working_directory: str,
+                halving: dict | None = None) -> ExperimentConfig:
     """The experiment's config: --nni-config's YAML (its settings win) or the local machine,
-    and what sweep.py sets; `trial_command_for(concurrency)` is the trial command."""
+    and what sweep.py sets; `trial_command_for(concurrency)` is the trial command. With
+    `halving` (the class arguments of nni_halving.SuccessiveHalving), that advisor runs in
+    place of the tuner and the assessor (refused if the YAML sets either)."""
     from nni.experiment import ExperimentConfig
 
     if not nni_config:
         return complete(ExperimentConfig("local"), trial_command_for, code_directory,
                         search_space, trials, concurrency, assessor_start, seed,
-                        working_directory)
+                        working_directory, halving)
     try:
         config = ExperimentConfig.load(nni_config)
         services = config.training_service
@@ -52,8 +57,14 @@ def make_config(nni_config: str | None, trial_command_for: Callable[[int], str],
         if ours:
             raise UserError(f"--nni-config {nni_config}: sets {', '.join(ours)}, which "
                             "sweep.py sets itself (from its flags)")
+        replaced = [name for name in ("tuner", "assessor")
+                    if not unset(getattr(config, name))]
+        if halving and replaced:
+            raise UserError(f"--nni-config {nni_config}: sets {' and '.join(replaced)}, which "
+                            "successive halving (several --kd-epochs) replaces with its own "
+                            "advisor; drop it, or give one --kd-epochs")
         return complete(config, trial_command_for, code_directory, search_space, trials,
-                        concurrency, assessor_start, seed, working_directory)
+                        concurrency, assessor_start, seed, working_directory, halving)
     except UserError:
         raise
     except Exception as error:  # NNI's config classes raise anything from yaml to asserts
@@ -63,9 +74,10 @@ def make_config(nni_config: str | None, trial_command_for: Callable[[int], str],
 
 def complete(config: ExperimentConfig, trial_command_for: Callable[[int], str],
              code_directory: str, search_space: dict, trials: int, concurrency: int,
-             assessor_start: int, seed: int, working_directory: str) -> ExperimentConfig:
+             assessor_start: int, seed: int, working_directory: str,
+             halving: dict | None = None) -> ExperimentConfig:
     """`config` with what it leaves unset filled in, and what sweep.py sets, validated."""
-    from nni.experiment.config import AlgorithmConfig, utils
+    from nni.experiment.config import AlgorithmConfig, CustomAlgorithmConfig, utils
 
     if utils.is_missing(config.trial_concurrency):
         config.trial_concurrency = concurrency
@@ -75,7 +87,11 @@ def complete(config: ExperimentConfig, trial_command_for: Callable[[int], str],
     config.trial_code_directory = code_directory
     config.search_space = search_space
     config.experiment_working_directory = working_directory
-    if unset(config.tuner):
+    if halving:
+        config.tuner = CustomAlgorithmConfig(class_name=ADVISOR, code_directory=code_directory,
+                                             class_args=halving)
+        config.assessor = None
+    elif unset(config.tuner):
         # NNI's TPE draws its first 20 trials at random: a small experiment would be only that
         config.tuner = AlgorithmConfig(name=TUNER, class_args={
             "optimize_mode": "maximize", "seed": seed, "tpe_args": {
@@ -83,7 +99,7 @@ def complete(config: ExperimentConfig, trial_command_for: Callable[[int], str],
                                       config.max_trial_number // 2)}})
     else:
         check_tuner(config.tuner)
-    if unset(config.assessor):
+    if not halving and unset(config.assessor):
         # (Medianstop's default judges from the first epoch, when a student's accuracy
         # says little yet)
         config.assessor = AlgorithmConfig(name=ASSESSOR, class_args={

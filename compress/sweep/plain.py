@@ -31,9 +31,10 @@ from compress.machine.resources import check_room
 from compress.measure.intervals import describe_difference
 from compress.sweep.candidates import (SweepSetup, comparable_training, measure_candidates,
                                       paired, save_rows)
-from compress.sweep.decision import SELECTION_SPLIT, mark_pareto, present, within_budget
-from compress.sweep.halving import continue_setting, dense_hits, standing, survivors
+from compress.sweep.decision import SELECTION_SPLIT, mark_pareto, present
+from compress.sweep.halving import continue_setting, dense_hits, standing
 from compress.sweep.report import SweepRow, in_pytorch
+from compress.sweep.rules import survivors, within_budget
 from compress.sweep.setting import Setting, check_outputs, prune_and_distil
 from compress.sweep.stepwise import prune_in_steps
 from compress.sweep.targets import TARGETS, ship, target_accuracy

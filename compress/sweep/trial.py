@@ -6,20 +6,35 @@ the assessor, then the student is shipped (unless the target is PyTorch) and tim
 beside the dense model in the target runtime, and the trial's final result reported:
 the objective (experiment.objective) and every figure the launcher needs, the
 parameters it ran among them.
+
+Under successive halving (nni_halving.py: the parameters name a stage), a trial distils
+its setting for that stage's epochs -- stage 1 pruned and distilled as above, a later
+stage continuing the student of the trial named in its parameters, copied into its own
+folder (halving.continue_setting) -- and reports its standing (halving.standing(): the
+paired difference from the dense model on val, in PyTorch, and the multiply-adds) for the
+advisor to decide by; nothing is exported or timed: the students the halving leaves are
+measured together when the experiment ends.
 """
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
 import signal
+from collections.abc import Iterator
 
 import torch
 
+from compress.checkpoints import load_checkpoint, model_from_checkpoint, output_path
 from compress.cli import Interrupted, UserError
+from compress.sweep import halving
 from compress.sweep.candidates import SweepSetup, measure_candidates
-from compress.sweep.decision import SELECTION_SPLIT, within_budget
+from compress.sweep.decision import SELECTION_SPLIT
 from compress.sweep.experiment import objective
 from compress.sweep.setting import Setting, method_setting, prune_and_distil
 from compress.sweep.report import reference_accuracy
+from compress.sweep.rules import within_budget
+from model import count_parameters
 
 
 def check_run_by_nni() -> None:
@@ -43,6 +58,9 @@ def run_trial(setup: SweepSetup, output_dir: str, max_drop: float, concurrency: 
     folder = os.path.join(output_dir, "trials", trial)
     os.makedirs(folder, exist_ok=True)
     student = os.path.join(folder, f"{setting.name}.pth")
+    if "stage" in parameters:
+        with stopped_as_nni_means():
+            return run_stage(setup, output_dir, parameters, setting, student)
     epochs = setup.recipe.epochs
 
     def report_epoch(record):
@@ -51,17 +69,12 @@ def run_trial(setup: SweepSetup, output_dir: str, max_drop: float, concurrency: 
         if record["epoch"] < epochs:
             nni.report_intermediate_result(record["val_accuracy"])
 
-    try:
+    with stopped_as_nni_means():
         history = prune_and_distil(setup, student, setting, on_epoch=report_epoch)
         if setup.target != "pytorch":  # measured as it would ship
             setup.ship_student(student)
         (row,), dense = measure_candidates(setup, [{"name": setting.name, "path": student}],
                                 os.path.join(folder, "compare.json"), output_dir)
-    except (Interrupted, KeyboardInterrupt):
-        # NNI's assessor stops a trial with SIGINT (a distillation saves its state first);
-        # ending by that signal tells NNI the trial was stopped, not that it failed
-        signal.signal(signal.SIGINT, signal.SIG_DFL)
-        os.kill(os.getpid(), signal.SIGINT)
     speedup = dense["latency_ms"] / row["latency_ms"]
     # decided on val: the tuner must never see the test split
     accuracy = row["by_split"][SELECTION_SPLIT]["accuracy"]
@@ -76,3 +89,48 @@ def run_trial(setup: SweepSetup, output_dir: str, max_drop: float, concurrency: 
         "dense_latency_ms": dense["latency_ms"], "params": row["params"],
         "flops": row["flops"], "file_bytes": row["file_bytes"],
         "epochs": [record["val_accuracy"] for record in history]})
+
+
+@contextlib.contextmanager
+def stopped_as_nni_means() -> Iterator[None]:
+    """A trial stopped by SIGINT (NNI's assessor, or the experiment stopping; a
+    distillation saves its state first) ends by that signal: that tells NNI the trial was
+    stopped, not that it failed."""
+    try:
+        yield
+    except (Interrupted, KeyboardInterrupt):
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGINT)
+
+
+def run_stage(setup: SweepSetup, output_dir: str, parameters: dict, setting: Setting,
+              student: str) -> None:
+    """A trial of successive halving: `setting` distilled for its stage's epochs into
+    `student` (in the trial's folder), its standing reported (see the module's doc)."""
+    import nni
+
+    stage, stages = parameters["stage"], list(setup.stages)
+
+    def report_epoch(record):  # (for the portal: the advisor decides after the stage)
+        nni.report_intermediate_result(record["val_accuracy"])
+
+    if stage == 0:
+        prune_and_distil(setup, student, setting, on_epoch=report_epoch)
+    else:
+        started = output_path(student, f"stage{stage}.pth")  # (by this trial, run again)
+        if not (os.path.isfile(student) or os.path.isfile(started)):
+            before = os.path.join(output_dir, "trials", parameters["continues"],
+                                  os.path.basename(student))
+            for path, copy in ((output_path(before, "history.json"),
+                                output_path(student, "history.json")), (before, student)):
+                shutil.copy2(path, copy + ".part")
+                os.replace(copy + ".part", copy)
+        halving.continue_setting(setup, student, stages, stage, on_epoch=report_epoch)
+    standing = halving.standing(setup, student, halving.dense_hits(setup))
+    checkpoint = load_checkpoint(student, kinds=("finetuned",))
+    nni.report_final_result({
+        "default": 100 * standing["vs_dense"]["difference"], "trial": nni.get_trial_id(),
+        "parameters": parameters, "name": setting.name, "method": setting.method,
+        "global": setting.global_ranking, "sparsity": setting.sparsity, "path": student,
+        "stage": stage, "epochs": sum(stages[:stage + 1]), "accuracy": standing["val_accuracy"],
+        "params": count_parameters(model_from_checkpoint(checkpoint, student)), **standing})

@@ -6,6 +6,10 @@
   per finished trial, each equal to what that trial reported to NNI (its
   parameters included), its student in OUTPUT_DIR/trials/ID/, the picked one copied.
 - Run again, it resumes the finished experiment (NNI's resume) and trains nothing.
+- With several --kd-epochs, successive halving: three sparsities, the settings the plain
+  sweep's rule keeps continued as new trials from their first trial's students; run
+  again, it distils nothing. (The advisor's decisions, resume and failures:
+  tests/library/test_nni_halving.py.)
 - (Ctrl-C, a crashing trial, a tuner that fails or runs out of settings:
   test_experiment_failures.py.)
 - Bad values (no budget, one-point search space, port taken, a YAML setting what
@@ -24,7 +28,7 @@ from pathlib import Path
 import pytest
 
 from compress.cli import CheckFailed, UserError
-from compress.sweep import experiment, nni_config, nni_engine, plain, setting
+from compress.sweep import experiment, nni_config, nni_engine, plain, rules, setting
 from helpers import (NNI_TINY, assert_clean_error, free_port, load_script, local_config,
                      nni_env, port_is_free, processes_of, run_in_process, run_script,
                      small_checkpoint)
@@ -193,6 +197,69 @@ def test_the_earlier_picks_copy_replaced_by_a_file_of_the_users_is_refused_not_r
     last = refused.stderr.strip().splitlines()[-1]
     assert copy.name in last and "did not write" in last
     assert kept == "the user's own file, where the pick's copy was"
+
+
+# --- successive halving as an NNI experiment (several --kd-epochs) ---
+
+HALVING = ["--engine", "nni", "--kd-epochs", 1, 1, "--sparsities", 0.5, 0.8, 0.9,
+           "--concurrency", 2, "--batch-size", 8, "--workers", 0, "--repeats", 2,
+           "--max-repeats", 3, "--max-drop", 100, "--target", "pytorch"]
+
+
+@pytest.fixture(scope="module")
+def halved_experiment(narrow_teacher, tmp_path_factory):
+    """Successive halving of three sparsities in an NNI experiment: 1 epoch each, then 1
+    more for those the advisor continues (nni_halving.py), two trials at a time."""
+    folder = tmp_path_factory.mktemp("nni_halving")
+    os.symlink(narrow_teacher / "dataset", folder / "dataset")
+    os.symlink(narrow_teacher / "vgg16Net.pth", folder / "vgg16Net.pth")
+    (folder / "local.yml").write_text("trainingService:\n  platform: local\n")
+    port = free_port()
+    command = ["sweep.py", *HALVING, "--port", port, "--nni-config", folder / "local.yml"]
+    proc = run_script(*command, cwd=folder, env=nni_env(folder / "home"))
+    assert proc.returncode == 0, f"{proc.stdout}\n{proc.stderr}"
+    return types.SimpleNamespace(folder=folder, out=folder / "sweep", port=port, proc=proc,
+                                 command=command,
+                                 rows=json.loads((folder / "sweep" / "sweep.json").read_text()))
+
+
+def test_an_nni_halving_continues_the_settings_the_plain_sweeps_rule_picks(halved_experiment):
+    out, rows = halved_experiment.out, halved_experiment.rows[1:]
+    assert sorted(row["name"] for row in rows) == ["l1-0.5", "l1-0.8", "l1-0.9"]
+    standings = {row["name"]: row["stages"][0] for row in rows}
+    kept = rules.survivors(standings, 100)
+    assert kept  # (the rule's own cases: tests/end_to_end/test_halving.py)
+    parameters = job_parameters(out)
+    for row in rows:
+        continued = row["name"] in kept
+        assert [stage["epochs"] for stage in row["stages"]] == ([1, 1] if continued else [1])
+        assert row["stages"][0]["continued"] is continued and row["epochs"] == len(row["stages"])
+        first, last = row["stages"][0]["trial"], row["stages"][-1]["trial"]
+        assert parameters[first]["stage"] == 0 and parameters[first]["continues"] is None
+        assert Path(row["path"]).parent == out.resolve() / "trials" / last
+        if continued:  # a new trial, that started from the first one's student
+            assert parameters[last] == {"method": "l1", "sparsity": row["sparsity"], "stage": 1,
+                                        "continues": first}
+            started = out / "trials" / last / f"{row['name']}.stage1.pth"
+            assert started.read_bytes() == (out / "trials" / first / f"{row['name']}.pth"
+                                            ).read_bytes()
+    assert len(parameters) == 3 + len(kept)
+    assert "successive halving of 3 settings" in halved_experiment.proc.stdout
+    picked, = [row for row in rows if row["picked"]]
+    assert (out / f"{picked['name']}.pth").read_bytes() == Path(picked["path"]).read_bytes()
+
+
+def test_an_nni_halving_run_again_resumes_and_distils_nothing(halved_experiment):
+    folder, out = halved_experiment.folder, halved_experiment.out
+    students = {row["path"]: os.stat(row["path"]).st_mtime_ns
+                for row in halved_experiment.rows[1:]}
+    proc = run_script(*halved_experiment.command, cwd=folder, env=nni_env(folder / "home"))
+    assert proc.returncode == 0, proc.stderr
+    assert " resumed:" in proc.stdout
+    assert len(job_parameters(out)) == len(halved_experiment.rows[1:]) + sum(
+        row["stages"][0]["continued"] for row in halved_experiment.rows[1:])
+    assert {path: os.stat(path).st_mtime_ns for path in students} == students
+    assert processes_of(out) == []
 
 
 # --- refusals: one line, nothing started ---

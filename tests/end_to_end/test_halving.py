@@ -11,7 +11,7 @@ import torch
 
 from compress.cli import Interrupted
 from compress.data.images import training_loaders
-from compress.sweep import decision, halving, plain
+from compress.sweep import decision, halving, plain, rules
 from compress.training import distillation
 from compress.training.recipe import Recipe
 from helpers import IMAGE_SIZE, generate_demo, load_script, run_in_process
@@ -33,35 +33,35 @@ def test_the_cheapest_half_of_those_that_can_still_make_the_budget_continue():
                  "l1-0.8": standing(-0.04, -0.005, 100), "l1-0.9": standing(-0.12, -0.06, 50)}
     # a 1-point budget: 0.9's interval stops at -6, out of reach; of the other three, the
     # two cheapest (half of four) continue
-    assert halving.survivors(standings, max_drop=1) == ["l1-0.8", "l1-0.7"]
-    assert halving.survivors(standings, max_drop=10) == ["l1-0.9", "l1-0.8"]
+    assert rules.survivors(standings, max_drop=1) == ["l1-0.8", "l1-0.7"]
+    assert rules.survivors(standings, max_drop=10) == ["l1-0.9", "l1-0.8"]
 
 
 def test_when_none_can_make_the_budget_yet_the_most_accurate_half_continues():
     """(After a short stage every student is still far below the dense model.)"""
     standings = {"a": standing(-0.10, -0.05, 10), "b": standing(-0.08, -0.04, 20),
                  "c": standing(-0.20, -0.10, 5)}
-    assert halving.survivors(standings, max_drop=1) == ["b", "a"]
+    assert rules.survivors(standings, max_drop=1) == ["b", "a"]
 
 
 def test_one_within_reach_continues_with_the_most_accurate_beside_it():
     standings = {"l1-0.7": standing(-0.03, -0.01, 200), "l1-0.8": standing(-0.05, -0.02, 100),
                  "l1-0.9": standing(-0.04, 0.00, 50), "l1-0.95": standing(-0.3, -0.2, 10)}
     # 0.8 is beaten by 0.9 (more accurate, cheaper); 0.9 reaches the 1-point budget
-    assert halving.survivors(standings, max_drop=1) == ["l1-0.9", "l1-0.7"]
+    assert rules.survivors(standings, max_drop=1) == ["l1-0.9", "l1-0.7"]
 
 
 def test_a_setting_another_beats_in_accuracy_and_cost_never_continues():
     standings = {"l1-0.8": standing(-0.11, -0.08, 100), "l1-0.85": standing(-0.09, -0.06, 60),
                  "l1-0.7": standing(-0.08, -0.05, 200), "l1-0.9": standing(-0.20, -0.16, 30)}
-    assert halving.survivors(standings, max_drop=1) == ["l1-0.7", "l1-0.85"]
-    assert "l1-0.8" not in halving.survivors(standings, max_drop=None)
+    assert rules.survivors(standings, max_drop=1) == ["l1-0.7", "l1-0.85"]
+    assert "l1-0.8" not in rules.survivors(standings, max_drop=None)
 
 
 def test_without_a_budget_the_more_accurate_half_of_the_front_continues():
     standings = {"a": standing(-0.10, 0, 10), "b": standing(-0.02, 0, 20),
                  "c": standing(-0.05, 0, 5)}
-    assert halving.survivors(standings, max_drop=None) == ["b", "c"]
+    assert rules.survivors(standings, max_drop=None) == ["b", "c"]
 
 
 def test_a_stage_continues_the_pictures_where_the_stage_before_stopped():

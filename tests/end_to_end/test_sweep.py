@@ -31,7 +31,7 @@ import torchvision
 from compress.export import onnx_files
 from compress.measure import timing
 from compress.measure.evaluation import count_flops
-from compress.sweep import decision, plain
+from compress.sweep import decision, plain, rules
 from helpers import (MEDIUM, assert_clean_error, files_under, load_script, run_in_process,
                      run_script, small_checkpoint)
 
@@ -345,8 +345,8 @@ def test_the_budget_counts_from_the_dense_models_accuracy_in_pytorch():
 
 def test_pareto_keeps_the_rows_no_other_row_beats_in_both_measures():
     # beaten: slower and worse than mid; fast: bigger than beaten
-    assert decision.pareto(ROWS, "latency_ms") == {"fast", "mid", "slow"}
-    assert decision.pareto(ROWS, "params") == {"beaten", "mid", "slow"}
+    assert rules.pareto(ROWS, "latency_ms") == {"fast", "mid", "slow"}
+    assert rules.pareto(ROWS, "params") == {"beaten", "mid", "slow"}
 
 
 class Prober:
