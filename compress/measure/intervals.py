@@ -96,6 +96,11 @@ def points(value: float) -> str:
     return f"{100 * value:+.1f}"
 
 
+def budget_points(max_drop: float) -> str:
+    """A budget of `max_drop` points, as a sentence says it: '1 point', '2.5 points'."""
+    return f"{max_drop:g} point{'' if max_drop == 1 else 's'}"
+
+
 def describe_difference(difference: PairedDifference) -> str:
     """'-0.8 points [-1.9, +0.2]': a paired difference and its 95% interval."""
     return (f"{points(difference['difference'])} points "

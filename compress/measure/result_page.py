@@ -14,7 +14,7 @@ import json
 import os
 
 from compress.checkpoints import atomic_write
-from compress.measure.intervals import describe_difference
+from compress.measure.intervals import budget_points, describe_difference
 from compress.measure.reporting import pyplot, save_figure
 from compress.sweep.rules import may_lose_more, reaches
 from compress.sweep.report import epochs_cell
@@ -70,16 +70,16 @@ def write_result(workdir: str, photos: str, log: dict) -> str:
     total = sum(minutes.values())
     pictures = os.path.join("dataset", "test", sorted(split["classes"])[0])
     example = os.path.join(pictures, sorted(os.listdir(os.path.join(workdir, pictures)))[0])
-    verdict = (f"it **met the budget**: at most {budget:g} points below the dense model, "
+    verdict = (f"it **met the budget**: at most {budget_points(budget)} below the dense model, "
                f"decided on the {counts['val']} val photos "
                f"({describe_difference(chosen['budget'])}"
                + ("; its interval reaches further: it may lose more"
                   if may_lose_more(chosen["budget"], budget) else "") + ")" if met else
-               f"it **missed the budget** of {budget:g} points (decided on the {counts['val']} "
-               f"val photos: {describe_difference(chosen['budget'])}); no candidate met it, "
-               "and this is " + ("the fastest whose interval still reaches the budget"
-                                 if reaches(chosen["budget"], budget) else
-                                 "the most accurate candidate"))
+               f"it **missed the budget** of {budget_points(budget)} (decided on the "
+               f"{counts['val']} val photos: {describe_difference(chosen['budget'])}); no "
+               "candidate met it, and this is "
+               + ("the fastest whose interval still reaches the budget"
+                  if reaches(chosen["budget"], budget) else "the most accurate candidate"))
     lines = [
         f"# Result: {os.path.basename(os.path.abspath(photos))}",
         "",

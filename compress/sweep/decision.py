@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 
-from compress.measure.intervals import describe_difference
+from compress.measure.intervals import budget_points, describe_difference
 from compress.sweep.rules import may_lose_more, pareto, reaches
 from compress.sweep.report import (SweepRow, in_pytorch, plot_sweep, print_sweep,
                                    reference_accuracy)
@@ -103,7 +103,7 @@ def present(rows: list[SweepRow], dense: SweepRow, max_drop: float | None,
     else:
         fastest, best = decision["fastest_in_noise"], decision["most_accurate"]
         print(f"--max-drop {max_drop:g} (decided on {SELECTION_SPLIT}): no setting is within "
-              f"{max_drop:g} points of the dense model. "
+              f"{budget_points(max_drop)} of the dense model. "
               + (f"The fastest whose interval reaches the budget: {fastest['name']} "
                  f"({describe_difference(fastest['budget'])}); " if fastest else
                  "No interval reaches the budget; ")

@@ -28,7 +28,7 @@ from compress.checkpoints import (load_checkpoint, model_from_checkpoint, output
                                   saved_bytes, write_json)
 from compress.cli import Interrupted, UserError
 from compress.machine.resources import check_room
-from compress.measure.intervals import describe_difference
+from compress.measure.intervals import budget_points, describe_difference
 from compress.sweep.candidates import (SweepSetup, comparable_training, measure_candidates,
                                       paired, save_rows)
 from compress.sweep.decision import SELECTION_SPLIT, mark_pareto, present
@@ -300,7 +300,7 @@ def run_sweep(setup: SweepSetup, settings: Sequence[Setting], output_dir: str, *
     if bisect:
         dense_accuracy = setup.teacher.checkpoint["metrics"]["val_accuracy"]
         found = bisect_sparsity(sweep, *bisect, dense_accuracy, max_drop, bisect_steps)
-        print(f"search: the largest {bisect[0]} sparsity within {max_drop:g} points is "
+        print(f"search: the largest {bisect[0]} sparsity within {budget_points(max_drop)} is "
               f"{found:g}" if found else "search: no sparsity tried stays within the budget")
 
     left_out = [name for name in sweep.rows if not sweep.done(name)]
