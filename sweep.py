@@ -284,7 +284,8 @@ def sweep(args):
                 raise UserError(f"{flag}: not with --engine nni (the plain sweep runs it)")
         plan = ExperimentPlan(methods, args.sparsities, args.max_drop, args.trials,
                               args.concurrency, args.host, args.port, args.nni_config)
-        search_space(plan.methods, plan.sparsities)  # one setting is refused before any work
+        if len(args.kd_epochs) == 1:  # (a search of one setting is refused before any work)
+            search_space(plan.methods, plan.sparsities)
         check_data(args.data)
         setup = setup_of(args, [method for method, _ in methods])
         return run_experiment(setup, plan, args.output_dir,

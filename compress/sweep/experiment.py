@@ -15,7 +15,7 @@ the plain sweep measures (candidates.measure_candidates), and the pick is copied
 
 With several --kd-epochs, successive halving instead (nni_halving.py's advisor in place of
 the tuner and the assessor) of --methods x --sparsities as listed, as the plain sweep
-runs them; `halving_rows()`: each setting's row from its stages' trials.
+runs them (their rows: halving.experiment_rows()).
 
 (NNI's own mechanics, and the mends of NNI 3.0: nni_engine.py.)
 """
@@ -39,7 +39,7 @@ from compress.sweep import nni_config, nni_engine
 from compress.sweep.candidates import (SweepSetup, comparable_training, measure_candidates,
                                        save_rows)
 from compress.sweep.decision import SELECTION_SPLIT, present
-from compress.sweep.halving import most_trials
+from compress.sweep.halving import experiment_rows, halving_settings, most_trials
 from compress.sweep.plain import epochs_of, read_report
 from compress.sweep.report import SweepRow
 from compress.sweep.rules import within_budget
@@ -74,14 +74,6 @@ def search_space(methods: Sequence[tuple[str, bool]], sparsities: Sequence[float
                         f"{low:g}); give --sparsities a range (e.g. 0.5 0.9) or more --methods")
     return {"method": {"_type": "choice", "_value": sorted(set(names), key=names.index)},
             "sparsity": {"_type": "quniform", "_value": [low, high, SPARSITY_STEP]}}
-
-
-def halving_settings(methods: Sequence[tuple[str, bool]],
-                     sparsities: Sequence[float]) -> list[dict]:
-    """The settings successive halving starts with: --methods x --sparsities as listed, as
-    the advisor's parameters name them."""
-    return [{"method": method + (":global" if global_ranking else ""), "sparsity": sparsity}
-            for method, global_ranking in methods for sparsity in sparsities]
 
 
 def objective(accuracy: float, dense_accuracy: float, speedup: float, max_drop: float) -> float:
@@ -157,32 +149,6 @@ def reported_rows(trials: Sequence[nni_engine.Trial], training: dict) -> list[Sw
     return rows
 
 
-def halving_rows(trials: Sequence[nni_engine.Trial], training: dict,
-                 stages: Sequence[int]) -> list[SweepRow]:
-    """sweep.json's rows of a successive halving: one per setting, its student that of its
-    last finished stage, its "stages" as the plain sweep records them (each one's epochs,
-    trial, and the standing after it: val accuracy, paired difference from the dense model,
-    multiply-adds, whether it continued)."""
-    by_setting = {}
-    for trial in sorted(finished(trials), key=lambda trial: trial.start or 0):
-        by_setting.setdefault(trial.final["name"], {})[trial.final["stage"]] = trial
-    rows = []
-    for name, runs in by_setting.items():
-        runs = [runs[stage] for stage in sorted(runs)]
-        last = runs[-1].final
-        rows.append({"name": name, "engine": "nni", "trial": runs[-1].id,
-                     "method": last["method"], "global": last["global"],
-                     "sparsity": last["sparsity"], "path": last["path"],
-                     "accuracy": last["accuracy"], "params": last["params"],
-                     "training": training, "reported": last, "epochs": last["epochs"],
-                     "stages": [{"epochs": stages[run.final["stage"]], "trial": run.id,
-                                 **{key: run.final[key] for key in ("val_accuracy", "vs_dense",
-                                                                    "flops")},
-                                 "continued": run is not runs[-1]} for run in runs],
-                     "minutes": round(sum(run.end - run.start for run in runs) / 60000, 2)})
-    return rows
-
-
 def experiment_settings(setup: SweepSetup, plan: ExperimentPlan,
                         output_dir: str) -> tuple[dict, dict]:
     """(search space, settings) of the experiment `plan` would run, after refusing what it
@@ -208,8 +174,9 @@ def experiment_settings(setup: SweepSetup, plan: ExperimentPlan,
                 "max_drop": plan.max_drop, "trials": plan.trials,
                 "concurrency": plan.concurrency,
                 "nni_config": plan.nni_config and os.path.abspath(plan.nni_config)}
-    if len(setup.stages) > 1:
+    if len(setup.stages) > 1:  # (--trials is not used: the halving's count is)
         settings["stages"] = list(setup.stages)
+        del settings["trials"]
     return space, settings
 
 
@@ -243,8 +210,9 @@ def summarise_experiment(trials: Sequence[nni_engine.Trial], experiment_id: str,
     savings; its summary printed as one line."""
     stopped, saved = nni_engine.assessor_savings(trials, epochs)
     finished, failed = sum(t.succeeded for t in trials), sum(t.failed for t in trials)
-    summary = (f"{len(trials)} trials: {finished} finished, {stopped} stopped early "
-               f"by the assessor (~{saved / 60:.1f} min of distillation saved), {failed} failed")
+    assessed = ("" if "stages" in settings else f"{stopped} stopped early by the assessor "
+                f"(~{saved / 60:.1f} min of distillation saved), ")
+    summary = f"{len(trials)} trials: {finished} finished, {assessed}{failed} failed"
     print(summary, flush=True)
     return {"id": experiment_id, "settings": settings, "summary": summary,
             "assessor_stopped": stopped, "assessor_saved_seconds": round(saved, 1),
@@ -258,7 +226,8 @@ def collect(setup: SweepSetup, trials: Sequence[nni_engine.Trial], record: dict,
     path in record["picked_copy"] in place of an earlier run's pick (that copy removed)."""
     earlier_copy = record.get("picked_copy")
     training, stages = record["settings"]["training"], record["settings"].get("stages")
-    done = halving_rows(trials, training, stages) if stages else reported_rows(trials, training)
+    done = (experiment_rows(trials, finished(trials), training, stages) if stages
+            else reported_rows(trials, training))
     if not done:
         raise CheckFailed(f"no trial of the experiment {record['id']} finished; see "
                           f"{os.path.join(output_dir, 'experiment.json')}")

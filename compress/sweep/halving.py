@@ -18,7 +18,8 @@ against one planned at the full length from the start.
 
 - `stage_recipe()`: the recipe of a stage.
 - `standing()`: a student's paired difference on val from the dense model, and its cost.
-- `most_trials()`: how many settings' stages run at most (an NNI experiment's trials).
+- `halving_settings()`, `most_trials()`, `experiment_rows()`: the settings, the most
+  trials, and sweep.json's rows of halving run as an NNI experiment (nni_halving.py).
 (Which settings continue: rules.survivors(), which NNI's advisor, nni_halving.py,
 applies too.)
 - `continue_setting()`: one setting's next stage: its student so far kept as
@@ -30,7 +31,7 @@ import dataclasses
 import math
 import os
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -96,6 +97,49 @@ def most_trials(settings: int, stages: int) -> int:
         total += running
         running = math.ceil(running / 2)
     return total
+
+
+def halving_settings(methods: Sequence[tuple[str, bool]],
+                     sparsities: Sequence[float]) -> list[dict]:
+    """The settings successive halving starts with: --methods x --sparsities as listed, as
+    the advisor's parameters name them."""
+    return [{"method": method + (":global" if global_ranking else ""), "sparsity": sparsity}
+            for method, global_ranking in dict.fromkeys(methods)
+            for sparsity in dict.fromkeys(sparsities)]
+
+
+def experiment_rows(trials: Sequence, done: Sequence, training: dict,
+                    stages: Sequence[int]) -> list[dict]:
+    """sweep.json's rows of successive halving run as an NNI experiment (nni_halving.py):
+    of its `trials` (nni_engine.Trial), those `done` (finished, checked), one row per
+    setting, its student that of its last finished stage, its "stages" as the plain sweep
+    records them (each one's epochs, trial, and the standing after it: val accuracy,
+    paired difference from the dense model, multiply-adds, and before the last stage
+    whether it continued: a later stage began, whether or not it finished)."""
+    by_setting = {}
+    for trial in sorted(done, key=lambda trial: trial.start or 0):
+        by_setting.setdefault(trial.final["name"], {})[trial.final["stage"]] = trial
+    began = {(trial.parameters["method"], trial.parameters["sparsity"],
+              trial.parameters["stage"]) for trial in trials if trial.parameters}
+    rows = []
+    for name, runs in by_setting.items():
+        runs = [runs[stage] for stage in sorted(runs)]
+        last = runs[-1].final
+        rows.append({"name": name, "engine": "nni", "trial": runs[-1].id,
+                     "method": last["method"], "global": last["global"],
+                     "sparsity": last["sparsity"], "path": last["path"],
+                     "accuracy": last["accuracy"], "params": last["params"],
+                     "training": training, "reported": last, "epochs": last["epochs"],
+                     "stages": [{"epochs": stages[run.final["stage"]], "trial": run.id,
+                                 **{key: run.final[key] for key in ("val_accuracy", "vs_dense",
+                                                                    "flops")},
+                                 **({"continued": (run.parameters["method"],
+                                                   run.parameters["sparsity"],
+                                                   run.final["stage"] + 1) in began}
+                                    if run.final["stage"] < len(stages) - 1 else {})}
+                                for run in runs],
+                     "minutes": round(sum(run.end - run.start for run in runs) / 60000, 2)})
+    return rows
 
 
 def continue_setting(setup: SweepSetup, student: str, stages: list[int], stage: int,

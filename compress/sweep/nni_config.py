@@ -59,9 +59,10 @@ def make_config(nni_config: str | None, trial_command_for: Callable[[int], str],
                             "sweep.py sets itself (from its flags)")
         replaced = [name for name in ("tuner", "assessor")
                     if not unset(getattr(config, name))]
+        replaced += ["maxTrialNumber"] if config.max_trial_number is not None else []
         if halving and replaced:
             raise UserError(f"--nni-config {nni_config}: sets {' and '.join(replaced)}, which "
-                            "successive halving (several --kd-epochs) replaces with its own "
+                            "successive halving (several --kd-epochs) decides with its own "
                             "advisor; drop it, or give one --kd-epochs")
         return complete(config, trial_command_for, code_directory, search_space, trials,
                         concurrency, assessor_start, seed, working_directory, halving)

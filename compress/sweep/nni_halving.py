@@ -62,6 +62,7 @@ class SuccessiveHalving(MsgDispatcherBase):
         self.results = {}  # (stage, index) -> the final result its trial reported
         self.trials = {}  # (stage, index) -> the trial ID that reported it
         self.failed = set()  # (stage, index) whose trial ended without a result
+        self.kept = {}  # stage -> the indices that run it, once decided (never decided again)
         self.finished = False
 
     # --- NNI's commands ------------------------------------------------------------------
@@ -82,15 +83,18 @@ class SuccessiveHalving(MsgDispatcherBase):
                 if isinstance(parameters, dict) and "stage" in parameters and value:
                     key = self.key_of(parameters)
                     self.issued.add(key)
-                    self.results[key] = value
-                    self.trials[key] = entry.get("trialJobId")
+                    self.record(key, value, entry.get("trialJobId"))
 
     def handle_add_customized_trial(self, data: list) -> None:
         """A resumed experiment's running trials, which NNI starts again with their
-        parameters: they are issued already."""
+        parameters: they are issued already, and a result one had reported before the stop
+        is forgotten (it distils again, and the next stage must copy what it ends with)."""
         with self.lock:
             for entry in data if isinstance(data, list) else [data]:
-                self.issued.add(self.key_of(entry["parameters"]))
+                key = self.key_of(entry["parameters"])
+                self.issued.add(key)
+                self.results.pop(key, None)
+                self.failed.discard(key)
 
     def handle_request_trial_jobs(self, data: int) -> None:
         """NNI asks for `data` more trials: given as the stages allow."""
@@ -103,10 +107,8 @@ class SuccessiveHalving(MsgDispatcherBase):
         if data["type"] != "FINAL":
             return
         with self.lock:
-            key = self.key_of_id(data["parameter_id"])
-            self.results[key] = decoded(data["value"])
-            self.trials[key] = data["trial_job_id"]
-            self.failed.discard(key)
+            self.record(self.key_of_id(data["parameter_id"]), decoded(data["value"]),
+                        data["trial_job_id"])
             self.advance()
 
     def handle_trial_end(self, data: dict) -> None:
@@ -118,6 +120,15 @@ class SuccessiveHalving(MsgDispatcherBase):
             self.advance()
 
     # --- the halving -----------------------------------------------------------------------
+
+    def record(self, key: tuple[int, int], value: dict, trial: str | None) -> None:
+        """A trial's final result: its standing, or {"failed": ...} (run_stage reports that
+        when its distillation raises, so that a resumed experiment knows it too)."""
+        if value.get("failed"):
+            self.failed.add(key)
+        else:
+            self.results[key] = value
+            self.trials[key] = trial
 
     def key_of(self, parameters: dict) -> tuple[int, int]:
         """(stage, setting index) of a trial's parameters."""
@@ -132,13 +143,15 @@ class SuccessiveHalving(MsgDispatcherBase):
         """The indices of the settings that run `stage`; None while the stage before runs."""
         if stage == 0:
             return list(range(len(self.settings)))
+        if stage in self.kept:
+            return self.kept[stage]
         before = self.stage_settings(stage - 1)
-        if before is None or not all((stage - 1, index) in self.results
-                                     or (stage - 1, index) in self.failed for index in before):
+        if before is None or not all(self.ended((stage - 1, index)) for index in before):
             return None
         standings = {index: self.results[stage - 1, index] for index in before
                      if (stage - 1, index) in self.results}
-        return sorted(survivors(standings, self.max_drop))
+        self.kept[stage] = sorted(survivors(standings, self.max_drop))
+        return self.kept[stage]
 
     def ended(self, key: tuple[int, int]) -> bool:
         """Whether the trial of `key` (stage, setting index) has ended, its result known."""

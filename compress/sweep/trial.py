@@ -60,7 +60,12 @@ def run_trial(setup: SweepSetup, output_dir: str, max_drop: float, concurrency: 
     student = os.path.join(folder, f"{setting.name}.pth")
     if "stage" in parameters:
         with stopped_as_nni_means():
-            return run_stage(setup, output_dir, parameters, setting, student)
+            try:
+                return run_stage(setup, output_dir, parameters, setting, student)
+            except Exception:  # (the advisor learns it, also after a resume; then it raises)
+                nni.report_final_result({"default": None, "failed": True, "trial": trial,
+                                         "parameters": parameters})
+                raise
     epochs = setup.recipe.epochs
 
     def report_epoch(record):

@@ -44,13 +44,16 @@ class Manager:
         return any(command == "NO" for command, _ in self.sent)
 
     def report(self, parameters, event="SUCCEEDED", result=True, end=True):
-        """A trial's result (its standing) then its end."""
+        """A trial's result (its standing; {"failed": True} for a FAILED one, as
+        trial.run_stage reports when it raises) then its end."""
         trial = self.trials[parameters["parameter_id"]]
         sparsity = parameters["parameters"]["sparsity"]
         difference, flops = STANDINGS[sparsity]
         if result:
             value = {"vs_dense": {"difference": difference, "low": difference - 0.04,
                                   "high": difference + 0.04}, "flops": flops}
+            if event == "FAILED":
+                value = {"default": None, "failed": True}
             self.advisor.handle_report_metric_data({
                 "parameter_id": parameters["parameter_id"], "trial_job_id": trial,
                 "type": "FINAL", "sequence": 0, "value": nni.dump(value)})
@@ -117,14 +120,30 @@ def test_a_trials_end_before_its_result_waits_for_the_result():
     assert sparsities([d for c, d in manager.sent[before:] if c == "TR"]) == [0.5, 0.6]
 
 
-def test_a_failed_trial_stops_its_setting_and_the_others_go_on():
+@pytest.mark.parametrize("reported", [True, False], ids=["failure reported", "killed"])
+def test_a_failed_trial_stops_its_setting_and_the_others_go_on(reported):
     manager = Manager()
     first = manager.ask(4)
-    manager.report(first[0], event="FAILED", result=False)
+    manager.report(first[0], event="FAILED", result=reported)
     for parameters in first[1:]:
         manager.report(parameters)
     given = manager.ask(4)
     assert sparsities(given) == [0.6, 0.7]  # of the three with a result, two (half, up)
+
+
+def test_a_result_after_its_trials_failed_end_decides_nothing_again():
+    """A trial that reported its standing, then ended FAILED (its end handled first): the
+    stage was decided without it, and stays decided."""
+    manager = Manager()
+    first = manager.ask(4)
+    for parameters in first[1:]:
+        manager.report(parameters)
+    manager.end(first[0], event="FAILED")
+    manager.report(first[0], end=False)
+    manager.ask(4)
+    stage_two = [p for command, p in manager.sent if command == "TR"
+                 and p["parameters"]["stage"] == 1]
+    assert sparsities(stage_two) == [0.6, 0.7]
 
 
 def test_a_resumed_experiment_decides_again_as_the_first_run_did():
@@ -152,6 +171,32 @@ def test_a_resumed_experiment_decides_again_as_the_first_run_did():
         given[0]["parameters"]["continues"]
 
 
+def test_a_resumed_experiment_runs_no_failed_trial_again_and_reruns_a_restarted_one():
+    """NNI's resume hands back the results of finished trials (a failed one's {"failed"}
+    among them) and starts those it found running again, even one that had reported."""
+    run = Manager()
+    first = run.ask(4)
+    run.report(first[0], event="FAILED")
+    run.report(first[1])
+    run.report(first[2])
+    run.report(first[3], end=False)  # reported, then the experiment stopped
+
+    resumed = Manager()
+    resumed.trials = dict(run.trials)
+    resumed.advisor.handle_import_data([
+        {"parameter": p["parameters"], "trialJobId": run.trials[p["parameter_id"]],
+         "value": nni.dump(value)} for p in first
+        for value in [{"failed": True} if p is first[0] else
+                      {"vs_dense": {"difference": STANDINGS[p["parameters"]["sparsity"]][0],
+                                    "low": 0, "high": 0},
+                       "flops": STANDINGS[p["parameters"]["sparsity"]][1]}]])
+    resumed.advisor.handle_add_customized_trial([dict(first[3], parameter_source="resumed")])
+    assert resumed.ask(4) == []  # 0.5 is not run again; 0.8 runs again, stage 2 waits
+    resumed.report(first[3])
+    given = [data for command, data in resumed.sent if command == "TR"]
+    assert sparsities(given) == [0.6, 0.7]
+
+
 def test_three_stages_halve_twice_and_the_trials_are_counted():
     manager = Manager(stages=(1, 1, 1))
     for stage in range(3):
@@ -175,9 +220,10 @@ def test_nni_config_runs_the_advisor_by_its_name_in_place_of_tuner_and_assessor(
     assert config.tuner.class_name == nni_config.ADVISOR
     assert config.tuner.class_args == halving_args and config.assessor is None
     assert config.max_trial_number == 7
-    (tmp_path / "own.yml").write_text("trainingService:\n  platform: local\nassessor:\n"
-                                      "  name: Medianstop\n")
-    with pytest.raises(UserError, match="own.yml: sets assessor, which successive halving"):
-        nni_config.make_config(str(tmp_path / "own.yml"), lambda c: "python3 sweep.py", ".",
-                               {}, trials=7, concurrency=2, assessor_start=1, seed=0,
-                               working_directory=str(tmp_path), halving=halving_args)
+    for line, named in (("assessor:\n  name: Medianstop\n", "assessor"),
+                        ("maxTrialNumber: 16\n", "maxTrialNumber")):
+        (tmp_path / "own.yml").write_text("trainingService:\n  platform: local\n" + line)
+        with pytest.raises(UserError, match=f"own.yml: sets {named}, which successive halving"):
+            nni_config.make_config(str(tmp_path / "own.yml"), lambda c: "python3 sweep.py",
+                                   ".", {}, trials=7, concurrency=2, assessor_start=1, seed=0,
+                                   working_directory=str(tmp_path), halving=halving_args)
