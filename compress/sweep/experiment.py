@@ -243,7 +243,7 @@ def collect(setup: SweepSetup, trials: Sequence[nni_engine.Trial], record: dict,
         if os.path.exists(path) and not written_here(path):
             raise UserError(f"{path}: the earlier pick was copied there, but it now holds a "
                             "file this pipeline did not write; move it first")
-    if setup.target != "pytorch":  # (halving's trials do not ship their students)
+    if stages and setup.target != "pytorch":  # (halving's trials do not ship their students)
         for row in done:
             setup.ship_student(row["path"])
     rows, dense = measure_candidates(setup, done, os.path.join(output_dir, "compare.json"),

@@ -22,6 +22,7 @@ against one planned at the full length from the start.
   trials, and sweep.json's rows of halving run as an NNI experiment (nni_halving.py).
 (Which settings continue: rules.survivors(), which NNI's advisor, nni_halving.py,
 applies too.)
+- `copy_student()`: a student and its history copied.
 - `continue_setting()`: one setting's next stage: its student so far kept as
   NAME.stageK.pth (and its history beside it), the next stage's written to NAME.pth.
 """
@@ -142,6 +143,16 @@ def experiment_rows(trials: Sequence, done: Sequence, training: dict,
     return rows
 
 
+def copy_student(student: str, copy: str) -> None:
+    """The student at `student` copied to `copy`, its history beside it (each whole or not
+    at all: a copy is renamed into place)."""
+    for path, destination in ((output_path(student, "history.json"),
+                               output_path(copy, "history.json")), (student, copy)):
+        if os.path.isfile(path):
+            shutil.copy2(path, destination + ".part")
+            os.replace(destination + ".part", destination)
+
+
 def continue_setting(setup: SweepSetup, student: str, stages: list[int], stage: int,
                      on_epoch: Callable[[EpochRecord], None] | None = None) -> None:
     """Distil the student at `student` (NAME.pth, after `stage` stages) for the epochs of
@@ -154,11 +165,7 @@ def continue_setting(setup: SweepSetup, student: str, stages: list[int], stage: 
     state = output_path(student, "state.pth")
     resume = state if os.path.isfile(state) else None
     if not os.path.isfile(before):  # (once: NAME.pth is then the new stage's)
-        for path, copy in ((output_path(student, "history.json"),
-                            output_path(before, "history.json")), (student, before)):
-            if os.path.isfile(path):
-                shutil.copy2(path, copy + ".part")
-                os.replace(copy + ".part", copy)
+        copy_student(student, before)
     checkpoint = load_checkpoint(before, kinds=("finetuned",))
     recipe = stage_recipe(setup.recipe, stages, stage)
     torch.manual_seed(recipe.seed)  # dropout's draws, as knowledge_distillation.py seeds them

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 import signal
 from collections.abc import Iterator
 
@@ -124,12 +123,8 @@ def run_stage(setup: SweepSetup, output_dir: str, parameters: dict, setting: Set
     else:
         started = output_path(student, f"stage{stage}.pth")  # (by this trial, run again)
         if not (os.path.isfile(student) or os.path.isfile(started)):
-            before = os.path.join(output_dir, "trials", parameters["continues"],
-                                  os.path.basename(student))
-            for path, copy in ((output_path(before, "history.json"),
-                                output_path(student, "history.json")), (before, student)):
-                shutil.copy2(path, copy + ".part")
-                os.replace(copy + ".part", copy)
+            halving.copy_student(os.path.join(output_dir, "trials", parameters["continues"],
+                                              os.path.basename(student)), student)
         halving.continue_setting(setup, student, stages, stage, on_epoch=report_epoch)
     standing = halving.standing(setup, student, halving.dense_hits(setup))
     checkpoint = load_checkpoint(student, kinds=("finetuned",))
