@@ -195,7 +195,7 @@ def plot_result(candidates: list[dict], dense: dict, compared: list[dict], budge
                       (row["latency_ms"], 100 * difference["difference"]), fontsize=8,
                       textcoords="offset points", xytext=(6, 4))
     left.margins(x=0.2)  # (room for the names beside the points)
-    left.axhline(-budget, color="C3", linestyle=":", label=f"budget: -{budget:g} points")
+    left.axhline(-budget, color="C3", linestyle=":", label=f"budget: -{budget_points(budget)}")
     left.axhline(0, color="0.6", linewidth=0.8)
     left.set(xlabel="latency at batch 1, int8 file (ms)",
              ylabel="val accuracy minus the dense model's (points)",
